@@ -1,0 +1,149 @@
+"""Command line: ``medpeft <subcommand>``.
+
+Each subcommand is a small function registered in ``SUBCOMMANDS``; later families add
+theirs the same way. Bad input (config, data) is reported as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import MedpeftError
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?",
+                   help="YAML config file, or a built-in config name (e.g. quickstart)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .pipeline import run_train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_train(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _print_results(results: dict, label: str, out_dir: Path) -> None:
+    from .report import results_table
+
+    print(results_table({label: results}), end="")
+    print(f"predictions and results in {out_dir}")
+
+
+def cmd_eval(args) -> int:
+    from .config import load_config
+    from .pipeline import config_of_run, run_eval
+
+    target = Path(args.target)
+    if (target / "config.yaml").exists():
+        cfg = config_of_run(target, args.overrides)
+        out = Path(args.out) if args.out else target / "eval"
+        results = run_eval(cfg, run_dir=target, out_dir=out)
+        label = f"{cfg.method.name} ({target.name})"
+    else:  # a bare base model: hub id, local folder or 'tiny'
+        cfg = load_config(args.config or "quickstart", [f"model.name={args.target}", *args.overrides])
+        out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval-base"
+        results = run_eval(cfg, run_dir=None, out_dir=out)
+        label = f"base ({args.target})"
+    _print_results(results, label, out)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .pipeline import run_eval, run_train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_train(cfg, resume=args.resume)
+    run_dir = Path(cfg.output_dir)
+    results = run_eval(cfg, run_dir=run_dir)
+    print(f"trained {summary['method']}: {summary['trainable_params']:,} trainable parameters, "
+          f"{summary['steps']} steps, {summary['train_time_s']:.1f}s")
+    _print_results(results, f"{cfg.method.name} ({run_dir.name})", run_dir / "eval")
+    return 0
+
+
+def cmd_tag(args) -> int:
+    from .data import load_benchmark
+    from .io import write_jsonl
+    from .tags import tag_record
+
+    result = load_benchmark(args.benchmark, args.file, skip_invalid=args.skip_invalid,
+                            answer_file=args.answer_file, cop_base=args.cop_base)
+    rows = [tag_record(r, text_only=args.text_only).to_json(r.id) for r in result.records]
+    if args.out:
+        write_jsonl(args.out, rows)
+        print(f"wrote {len(rows)} tags to {args.out}", file=sys.stderr)
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} invalid records: {result.skip_summary()}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medpeft", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an adapter from a config")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder, or a bare base model")
+    p.add_argument("target", help="run folder, or a base model (hub id, local folder, or 'tiny')")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--config", help="config naming the eval benchmarks (base-model evaluation; default quickstart)")
+    p.add_argument("--out", help="output folder (default: RUN/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="train then evaluate, from one config")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tag", help="write specialty/operation tags of a benchmark file")
+    p.add_argument("file", help="benchmark file or folder in its native format")
+    p.add_argument("--benchmark", required=True, help="medqa, medmcqa, pubmedqa, cmb, cmexam, cmmlu, mmlu, gsm8k")
+    p.add_argument("--text-only", action="store_true", help="ignore metadata; keyword rules only")
+    p.add_argument("--out", help="write JSON lines here (default: stdout)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records and report them")
+    p.add_argument("--answer-file", help="CMB answer-key file")
+    p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
+    p.set_defaults(func=cmd_tag)
+    return parser
+
+
+SUBCOMMANDS = ("train", "eval", "run", "tag")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except MedpeftError as err:
+        print(f"medpeft: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Config sources -> tagged records: loading, subsets, route balance, train/eval disjointness."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .config import RunConfig, SourceConfig, resolve_data_path
+from .data import load_benchmark, route_balanced, seeded_subset, exclude_overlap
+from .data.record import QARecord
+from .errors import ConfigError
+from .tags import Tags, tag_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaggedRecord:
+    record: QARecord
+    tags: Tags
+    set_name: str
+
+
+def load_source(src: SourceConfig) -> list[QARecord]:
+    """Read one source (local native file or hub copy) and apply its seeded subset."""
+    if src.hub:
+        from .data.hub import load_hub
+
+        result = load_hub(src.benchmark, hub_id=src.hub_id, config=src.hub_config, split=src.split,
+                          skip_invalid=src.skip_invalid)
+    else:
+        if not src.path:
+            raise ConfigError(f"source '{src.display_name}': give 'path' (a local file or folder) or set hub: true")
+        result = load_benchmark(
+            src.benchmark, resolve_data_path(src.path),
+            skip_invalid=src.skip_invalid, encoding=src.encoding,
+            answer_file=resolve_data_path(src.answer_file) if src.answer_file else None,
+            ground_truth=resolve_data_path(src.ground_truth) if src.ground_truth else None,
+            cop_base=1 if src.cop_base is None else src.cop_base,
+        )
+    if result.skipped:
+        log.warning("%s: skipped %d invalid records: %s", src.display_name, len(result.skipped), result.skip_summary())
+    records = result.records
+    if src.limit is not None and src.per_route is None:
+        records = seeded_subset(records, src.limit, src.subset_seed)
+    return records
+
+
+def tag_all(records: list[QARecord], set_name: str, text_only: bool = False) -> list[TaggedRecord]:
+    return [TaggedRecord(r, tag_record(r, text_only=text_only), set_name) for r in records]
+
+
+def load_eval_sets(sources: list[SourceConfig]) -> dict[str, list[TaggedRecord]]:
+    sets: dict[str, list[TaggedRecord]] = {}
+    for src in sources:
+        if src.display_name in sets:
+            raise ConfigError(f"eval.benchmarks: two sources named '{src.display_name}'; give them distinct 'name's")
+        sets[src.display_name] = tag_all(load_source(src), src.display_name, src.text_only_tags)
+    return sets
+
+
+def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | None = None) -> list[TaggedRecord]:
+    """All training sources, each made disjoint from the eval sets it names in ``exclude``.
+
+    Exclusion is by id and by normalized question text, so a question copied into two
+    releases cannot leak. Route balance (``per_route``) is applied after exclusion.
+    """
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train' is empty: name at least one training source")
+    eval_sets = eval_sets or {}
+    out: list[TaggedRecord] = []
+    for src in cfg.data.train:
+        records = load_source(src)
+        for name in src.exclude:
+            if name not in eval_sets:
+                raise ConfigError(f"source '{src.display_name}': exclude names '{name}', which is not an eval set "
+                                  f"({', '.join(eval_sets) or 'none'})")
+            records, dropped = exclude_overlap(records, [t.record for t in eval_sets[name]])
+            if dropped:
+                log.info("%s: dropped %d items shared with eval set %s", src.display_name, dropped, name)
+        tagged = tag_all(records, src.display_name, src.text_only_tags)
+        if src.per_route is not None:
+            by_id = {t.record.id: t for t in tagged}
+            picked = route_balanced([t.record for t in tagged], lambda r: by_id[r.id].tags.specialty,
+                                    src.per_route, src.subset_seed, src.routes)
+            tagged = [by_id[r.id] for r in picked]
+        out.extend(t for t in tagged if t.record.question_type != "open")
+    if not out:
+        raise ConfigError("the training sources hold no multiple-choice items")
+    return out

@@ -1,0 +1,238 @@
+"""Scoring: two scorers, one answer parser, the same for every method.
+
+* ``letters``: one forward pass over the prompt with logits only at the last position;
+  the prediction is the argmax of the next-token log-likelihood over the item's option
+  letters. Multi-answer items continue with *constrained greedy decoding* from that
+  point: each next token is restricted to a later option letter or the end-of-answer
+  token (the training target writes letters in alphabetical order, e.g. ``ACD``), using
+  ``generate`` with ``prefix_allowed_tokens_fn`` and the KV cache. The predicted set is
+  then compared with the gold set exactly.
+* ``generate``: greedy decoding (at most ``max_new_tokens``, batched, KV cache, stops when
+  every item has ended), then :func:`parse_answer`.
+
+Open-ended items (GSM8K) are always generated and scored by the final number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .dataset import TaggedRecord
+from .io import write_json, write_jsonl
+from .prompts import PromptFormatter
+from .stats import accuracy_summary
+
+# Patterns tried in order; the first that yields letters among the item's options wins.
+_ANSWER_PATTERNS = [
+    re.compile(r"(?:答案|正确答案|正确选项|最佳答案|应选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*[(（]?\s*([A-J](?:\s*[,，、和及]?\s*[A-J])*)"),
+    re.compile(r"(?:the\s+)?(?:correct\s+|final\s+|best\s+)?answers?\s*(?:is|are|would be|:)\s*:?\s*(?:option\s*)?[(\[]?"
+               r"([A-J](?:\s*(?:,|and|&)?\s*[A-J])*)\b", re.I),
+    re.compile(r"^\s*[(\[]?([A-J]{1,10})[)\]]?\s*(?:$|[\.．、:：,，;；)\n])"),
+    re.compile(r"^\s*([A-J]{1,10})\s*$", re.M),
+    re.compile(r"[(（]([A-J])[)）]"),
+    re.compile(r"(?:option|选项|选)\s*([A-J])\b", re.I),
+]
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def parse_answer(text: str, options: str, multi: bool) -> frozenset[str]:
+    """Answer letters in generated ``text``, restricted to the item's ``options``.
+
+    Single-answer items keep the first letter found; multi-answer items keep the set.
+    Returns an empty set when no pattern yields a valid letter (scored wrong).
+    """
+    for pattern in _ANSWER_PATTERNS:
+        for m in pattern.finditer(text):
+            letters = [c for c in m.group(1).upper() if c in options]
+            if letters:
+                return frozenset(letters) if multi else frozenset(letters[0])
+    return frozenset()
+
+
+def parse_number(text: str) -> str | None:
+    """The final number of a worked solution (after 'answer is' / '####' when present)."""
+    cue = re.search(r"(?:answer is|####|答案是)\s*:?\s*\$?\s*(-?\d[\d,]*\.?\d*)", text, re.I)
+    found = cue.group(1) if cue else (_NUMBER.findall(text) or [None])[-1]
+    if found is None:
+        return None
+    found = found.replace(",", "").rstrip(".")
+    try:
+        value = float(found)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else str(value)
+
+
+@dataclass
+class Prediction:
+    item: TaggedRecord
+    pred: frozenset[str] | str | None
+    correct: bool
+    scores: dict[str, float] | None = None
+    text: str | None = None
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Evaluator:
+    """Scores tagged records with a model; one instance per (model, tokenizer)."""
+
+    def __init__(self, model, tokenizer, *, max_length: int = 768, batch_size: int = 16,
+                 max_new_tokens: int = 10, open_max_new_tokens: int = 256, device=None):
+        self.model, self.tok = model, tokenizer
+        self.fmt = PromptFormatter(tokenizer, max_length)
+        self.batch_size, self.max_new_tokens, self.open_max_new_tokens = batch_size, max_new_tokens, open_max_new_tokens
+        self.device = device or next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id
+        self.end_id = self.fmt.end_token_id
+        self.stop_ids = sorted({i for i in (self.end_id, tokenizer.eos_token_id) if i is not None})
+
+    # -- batching -------------------------------------------------------------------------
+    def _batches(self, items: list[TaggedRecord]):
+        """Length bucketing: sort by prompt length, then cut into batches."""
+        encoded = [self.fmt.encode_prompt(t.record).input_ids for t in items]
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield idx, [encoded[i] for i in idx]
+
+    def _forward_kwargs(self):
+        return {"use_cache": False}
+
+    @torch.no_grad()
+    def _last_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        ids, mask = _left_pad(seqs, self.pad_id, self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False)
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def _generate(self, seqs: list[list[int]], max_new_tokens: int, allowed_fn=None) -> list[list[int]]:
+        ids, mask = _left_pad(seqs, self.pad_id, self.device)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, prefix_allowed_tokens_fn=allowed_fn,
+            temperature=None, top_p=None, top_k=None,
+        )
+        return [row[ids.shape[1]:].tolist() for row in out]
+
+    def _decode(self, tokens: list[int]) -> str:
+        if self.end_id in tokens:
+            tokens = tokens[: tokens.index(self.end_id)]
+        return self.tok.decode(tokens, skip_special_tokens=True)
+
+    # -- scorers --------------------------------------------------------------------------
+    def score(self, items: list[TaggedRecord], scorer: str, desc: str = "eval") -> list[Prediction]:
+        preds: list[Prediction | None] = [None] * len(items)
+        choice = [i for i, t in enumerate(items) if t.record.question_type != "open"]
+        open_ = [i for i, t in enumerate(items) if t.record.question_type == "open"]
+        total = len(items)
+        with tqdm(total=total, desc=desc, unit="q", leave=False) as bar:
+            for group, fn in ((choice, self._score_letters if scorer == "letters" else self._score_generate),
+                              (open_, self._score_open)):
+                sub = [items[i] for i in group]
+                for idx, seqs in self._batches(sub):
+                    for j, p in zip(idx, fn([sub[j] for j in idx], seqs)):
+                        preds[group[j]] = p
+                    bar.update(len(idx))
+        return preds  # type: ignore[return-value]
+
+    def _score_letters(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
+        logits = self._last_logits(seqs)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out: list[Prediction | None] = []
+        multi_rows = []
+        for row, t in enumerate(items):
+            letters = "".join(t.record.options)
+            ids = self.fmt.letter_token_ids(letters)
+            scores = {k: float(logprobs[row, v]) for k, v in ids.items()}
+            if t.record.question_type == "multi":
+                out.append(None)
+                multi_rows.append(row)
+                continue
+            pred = frozenset(max(scores, key=scores.get))
+            out.append(Prediction(t, pred, pred == t.record.answer, scores))
+        if multi_rows:
+            for row, pred in zip(multi_rows, self._constrained_sets([items[r] for r in multi_rows],
+                                                                    [seqs[r] for r in multi_rows])):
+                t = items[row]
+                scores = {k: float(logprobs[row, v]) for k, v in self.fmt.letter_token_ids("".join(t.record.options)).items()}
+                out[row] = Prediction(t, pred, pred == t.record.answer, scores)
+        return out  # type: ignore[return-value]
+
+    def _constrained_sets(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[frozenset[str]]:
+        """Greedy decoding restricted to ascending option letters, then the end token."""
+        letter_ids = [self.fmt.letter_token_ids("".join(t.record.options)) for t in items]
+        id_to_letter = [{v: k for k, v in ids.items()} for ids in letter_ids]
+        width = max(len(s) for s in seqs)
+
+        def allowed(batch_id: int, prefix: torch.Tensor) -> list[int]:
+            chosen = [id_to_letter[batch_id].get(int(x)) for x in prefix[width:]]
+            if any(c is None for c in chosen):  # ended (or padding after end)
+                return [self.pad_id if self.pad_id is not None else self.end_id]
+            last = max(chosen) if chosen else ""
+            later = [v for k, v in letter_ids[batch_id].items() if k > last]
+            return later + ([self.end_id] if chosen else [])
+
+        gen = self._generate(seqs, max_new_tokens=max(len(i) for i in letter_ids) + 1, allowed_fn=allowed)
+        return [frozenset(id_to_letter[b][x] for x in g if x in id_to_letter[b]) for b, g in enumerate(gen)]
+
+    def _score_generate(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
+        out = []
+        for t, gen in zip(items, self._generate(seqs, self.max_new_tokens)):
+            text = self._decode(gen)
+            pred = parse_answer(text, "".join(t.record.options), t.record.question_type == "multi")
+            out.append(Prediction(t, pred, pred == t.record.answer, None, text))
+        return out
+
+    def _score_open(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
+        out = []
+        for t, gen in zip(items, self._generate(seqs, self.open_max_new_tokens)):
+            text = self._decode(gen)
+            pred = parse_number(text)
+            out.append(Prediction(t, pred, pred is not None and pred == t.record.reference, None, text))
+        return out
+
+
+def prediction_row(p: Prediction) -> dict:
+    rec = p.item.record
+    pred = "".join(sorted(p.pred)) if isinstance(p.pred, frozenset) else p.pred
+    row = {"id": rec.id, "benchmark": p.item.set_name, "pred": pred, "gold": rec.answer_text,
+           "correct": bool(p.correct), "specialty": p.item.tags.specialty, "operation": p.item.tags.operation}
+    if p.scores is not None:
+        row["scores"] = {k: round(v, 5) for k, v in p.scores.items()}
+    if p.text is not None:
+        row["output"] = p.text
+    return row
+
+
+def evaluate_sets(evaluator: Evaluator, eval_sets: dict[str, list[TaggedRecord]], scorer: str,
+                  out_dir: Path, meta: dict | None = None) -> dict:
+    """Score every eval set; write ``predictions.jsonl`` and ``results.json`` to ``out_dir``."""
+    was_training = evaluator.model.training
+    evaluator.model.eval()
+    rows, flags = [], {}
+    for name, items in eval_sets.items():
+        preds = evaluator.score(items, scorer, desc=f"eval {name}")
+        rows.extend(prediction_row(p) for p in preds)
+        flags[name] = [p.correct for p in preds]
+    if was_training:
+        evaluator.model.train()
+    results = {**(meta or {}), "scorer": scorer, **accuracy_summary(flags)}
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "predictions.jsonl", rows)
+    write_json(out_dir / "results.json", results)
+    return results

@@ -1,0 +1,62 @@
+"""The jobs behind the CLI: train, eval, run (train then eval)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .adapters import load_trained
+from .config import RunConfig, load_config
+from .dataset import load_eval_sets, load_train_set
+from .errors import MedpeftError
+from .evaluate import Evaluator, evaluate_sets
+from .models import load_model
+
+log = logging.getLogger(__name__)
+
+
+def _loaded(cfg: RunConfig):
+    return load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
+                      attn_implementation=cfg.model.attn_implementation)
+
+
+def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
+    from .train import train
+
+    run_dir = Path(cfg.output_dir)
+    if resume and (run_dir / "summary.json").exists():
+        import json
+
+        log.info("%s is already trained; reusing it", run_dir)
+        return json.loads((run_dir / "summary.json").read_text())
+    eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
+    train_set = load_train_set(cfg, eval_sets)
+    summary = train(cfg, _loaded(cfg), train_set, resume=resume)
+    summary.pop("model", None)
+    return summary
+
+
+def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Evaluate the trained run in ``run_dir``, or the bare base model when ``run_dir`` is None."""
+    if not cfg.eval.benchmarks:
+        raise MedpeftError("config key 'eval.benchmarks' is empty: nothing to evaluate")
+    eval_sets = load_eval_sets(cfg.eval.benchmarks)
+    loaded = _loaded(cfg)
+    model = loaded.model
+    if run_dir is not None:
+        if not (run_dir / "adapter").exists():
+            raise MedpeftError(f"{run_dir}: no trained adapter (folder 'adapter' is missing); train it first")
+        model = load_trained(model, cfg.method, run_dir)
+    evaluator = Evaluator(model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device)
+    out = out_dir or ((run_dir / "eval") if run_dir is not None else Path(cfg.output_dir) / "eval")
+    meta = {"model": cfg.model.name, "method": cfg.method.name if run_dir is not None else "base",
+            "run_dir": str(run_dir) if run_dir is not None else None}
+    return evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
+
+
+def config_of_run(run_dir: Path, overrides: list[str]) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise MedpeftError(f"{run_dir}: not a run folder (no config.yaml)")
+    return load_config(str(path), overrides)

@@ -1,0 +1,105 @@
+"""Answer-only prompts: one template per language, the same for every method.
+
+The target is the gold option letters in alphabetical order (``"B"``, ``"ACD"``) followed
+by the end-of-turn token. With a chat template (Qwen3: thinking off) the question is the
+user turn and the letters the assistant turn; without one, a plain ``Answer:`` suffix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .data.record import MULTI, OPEN, QARecord
+
+INSTRUCTIONS = {
+    ("zh", "single"): "以下是一道医学单项选择题，请只回答正确选项的字母。",
+    ("zh", "multi"): "以下是一道医学多项选择题（可能有多个正确选项），请只回答所有正确选项的字母。",
+    ("en", "single"): "The following is a multiple-choice medical question. Answer with the letter of the correct option only.",
+    ("en", "multi"): "The following is a medical question with one or more correct options. "
+                     "Answer with the letters of all correct options only, for example ACD.",
+    ("en", "open"): "Solve the following problem. End with \"The answer is <number>\".",
+    ("zh", "open"): "请解答下面的问题，最后写出“答案是<数字>”。",
+}
+PLAIN_ANSWER_CUE = {"zh": "答案：", "en": "Answer:"}
+
+
+def user_message(record: QARecord) -> str:
+    """Instruction, stem and options, as the user turn."""
+    kind = MULTI if record.question_type == MULTI else OPEN if record.question_type == OPEN else "single"
+    lines = [INSTRUCTIONS[(record.language, kind)], "", record.question]
+    lines += [f"{letter}. {text}" for letter, text in record.options.items()]
+    return "\n".join(lines)
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    prompt_len: int  # tokens before the answer; the loss covers input_ids[prompt_len:]
+    truncated: bool
+
+
+class PromptFormatter:
+    """Turns records into token ids for training and scoring with one fixed template."""
+
+    def __init__(self, tokenizer, max_length: int = 768):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        if self.chat:
+            self.answer_prefix, self.answer_end = "", self._end_of_turn()
+        else:
+            self.answer_prefix, self.answer_end = " ", tokenizer.eos_token or ""
+
+    def _end_of_turn(self) -> str:
+        for candidate in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+            if candidate in self.tokenizer.get_vocab():
+                return candidate
+        return self.tokenizer.eos_token or ""
+
+    def prompt_text(self, record: QARecord) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user_message(record)}],
+                tokenize=False, add_generation_prompt=True, enable_thinking=False,
+            )
+        return user_message(record) + "\n" + PLAIN_ANSWER_CUE[record.language]
+
+    def target_text(self, record: QARecord) -> str:
+        return self.answer_prefix + record.answer_text + self.answer_end
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, record: QARecord, reserve: int = 0) -> EncodedExample:
+        """Prompt ids, left-truncated to ``max_length - reserve`` (the end holds the options and cue)."""
+        ids = self._ids(self.prompt_text(record))
+        bos = [self.tokenizer.bos_token_id] if not self.chat and self.tokenizer.bos_token_id is not None \
+            and getattr(self.tokenizer, "add_bos_token", False) else []
+        ids = bos + ids
+        limit = self.max_length - reserve
+        truncated = len(ids) > limit
+        if truncated:
+            ids = ids[len(ids) - limit:]
+        return EncodedExample(ids, len(ids), truncated)
+
+    def encode_train(self, record: QARecord) -> EncodedExample:
+        """Prompt + target ids; the prompt and target are tokenized apart so no token spans both."""
+        target = self._ids(self.target_text(record))
+        prompt = self.encode_prompt(record, reserve=len(target))
+        return EncodedExample(prompt.input_ids + target, prompt.prompt_len, prompt.truncated)
+
+    def letter_token_ids(self, letters: str) -> dict[str, int]:
+        """The single token that starts an answer with each letter (as in the training target)."""
+        out = {}
+        for letter in letters:
+            ids = self._ids(self.answer_prefix + letter)
+            if len(ids) != 1:
+                raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens for this tokenizer; "
+                                 "the 'letters' scorer needs single-token letters (use scorer=generate)")
+            out[letter] = ids[0]
+        return out
+
+    @property
+    def end_token_id(self) -> int | None:
+        ids = self._ids(self.answer_end) if self.answer_end else []
+        return ids[0] if len(ids) == 1 else self.tokenizer.eos_token_id

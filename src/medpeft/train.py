@@ -1,0 +1,307 @@
+"""Answer-only supervised fine-tuning under a matched budget, resumable and atomic.
+
+Budget knobs: ``steps`` optimizer steps of ``batch_size`` examples each (gradient
+accumulation over ``micro_batch_size``), ``lr`` with ``warmup_steps`` and a schedule,
+``max_length``, ``seed``.
+
+Data order is a pure function of (seed, step): epoch ``e`` is ``randperm(N)`` drawn from
+``seed + e``, and step ``s`` takes examples ``[s*B, (s+1)*B)`` of the epoch stream. So a
+resumed run needs only the step number, the trainable weights, the optimizer, scheduler
+and RNG states -- all in each checkpoint -- to continue exactly as if never stopped.
+
+Loss: cross-entropy on the answer tokens only, normalised by the number of answer
+tokens in the whole optimizer step (so the micro-batch split does not change the
+update). Logits are computed only at answer positions: the decoder's hidden states are
+gathered there before the LM head, so no full-vocabulary logits over the prompt exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapters import apply_method, count_parameters, save_trained
+from .config import RunConfig, dump_config
+from .dataset import TaggedRecord
+from .io import atomic_dir, write_json, write_text
+from .models import LoadedModel
+from .prompts import EncodedExample, PromptFormatter
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], IGNORE outside the answer
+    specialty: torch.Tensor  # [B] tag ids, for routed adapters
+    operation: torch.Tensor  # [B]
+    n_answer_tokens: int
+    n_tokens: int
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.specialty.to(device), self.operation.to(device), self.n_answer_tokens, self.n_tokens)
+
+
+def collate(examples: list[EncodedExample], tags: list, pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, e.prompt_len:n] = ids[i, e.prompt_len:n]
+    return Batch(ids, mask, labels,
+                 torch.tensor([t.specialty_id for t in tags]), torch.tensor([t.operation_id for t in tags]),
+                 int((labels != IGNORE).sum()), int(mask.sum()))
+
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` inside a ``peft`` wrapper (adapters are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum of token cross-entropies over answer tokens.
+
+    ``L = sum_{t in answer} -log p(x_t | x_<t)``; hidden states are gathered at the
+    positions that predict answer tokens and only those go through the LM head.
+    """
+    lm = causal_lm_of(model)
+    targets_mask = batch.labels[:, 1:] != IGNORE  # position t predicts token t+1
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap or not hasattr(lm, "get_decoder"):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        picked = logits[targets_mask]
+    else:
+        hidden = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        picked = lm.get_output_embeddings()(hidden[:, :-1][targets_mask])
+    targets = batch.labels[:, 1:][targets_mask]
+    return torch.nn.functional.cross_entropy(picked.float(), targets, reduction="sum")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of optimizer step ``step`` (0-based) in the seeded epoch stream."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = epoch_order(n, seed, epoch)
+        out.extend(order[offset: offset + batch_size - len(out)])
+    return out
+
+
+def micro_batches(indices: list[int], lengths: list[int], micro: int) -> list[list[int]]:
+    """Length bucketing inside a step: sort by length, then cut into micro-batches.
+
+    It reduces padding without changing the update, because the step's loss is the
+    same sum whatever the split.
+    """
+    ordered = sorted(indices, key=lambda i: lengths[i])
+    return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT_DIR = "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = run_dir / CKPT_DIR
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stats: dict) -> None:
+    from safetensors.torch import save_file
+
+    final = run_dir / CKPT_DIR / f"step-{step:07d}"
+    with atomic_dir(final) as tmp:
+        save_file({n: t.contiguous().cpu() for n, t in
+                   ((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)},
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "state.pt")
+        write_json(tmp / "state.json", {"step": step, **stats})  # written last: marks the folder complete
+    for old in (run_dir / CKPT_DIR).glob("step-*"):  # keep only the newest
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    device = next(model.parameters()).device
+    weights = load_file(str(ckpt / "trainable.safetensors"), device=str(device))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be re-logged)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            break
+    write_text(path, "".join(l + "\n" for l in keep))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def build_optimizer(model, cfg: RunConfig):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.lr_schedule if cfg.train.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.steps)
+    return optimizer, scheduler
+
+
+def train(
+    cfg: RunConfig,
+    loaded: LoadedModel,
+    train_set: list[TaggedRecord],
+    *,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Train ``cfg.method`` on ``train_set``; write the run folder; return the summary.
+
+    ``on_step(step)`` is called after each optimizer step (tests use it to interrupt).
+    """
+    tc = cfg.train
+    if tc.batch_size % tc.micro_batch_size:
+        from .errors import ConfigError
+
+        raise ConfigError(f"config key 'train.batch_size' ({tc.batch_size}) must be a multiple of "
+                          f"'train.micro_batch_size' ({tc.micro_batch_size})")
+    run_dir = Path(cfg.output_dir)
+    if not resume and (run_dir / "summary.json").exists():
+        from .errors import MedpeftError
+
+        raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    torch.manual_seed(tc.seed)
+    formatter = PromptFormatter(loaded.tokenizer, cfg.data.max_length)
+    encoded = [formatter.encode_train(t.record) for t in train_set]
+    n_truncated = sum(e.truncated for e in encoded)
+    if n_truncated:
+        log.warning("%d of %d training prompts were longer than max_length=%d and were left-truncated",
+                    n_truncated, len(encoded), cfg.data.max_length)
+    lengths = [len(e.input_ids) for e in encoded]
+    pad_id = loaded.tokenizer.pad_token_id
+
+    model = apply_method(loaded.model, cfg.method)
+    if tc.gradient_checkpointing:
+        causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg)
+    params = count_parameters(model)
+
+    start_step, tokens_seen, answer_tokens_seen, elapsed_before = 0, 0, 0, 0.0
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        answer_tokens_seen, elapsed_before = state["answer_tokens"], state["elapsed_s"]
+        _truncate_metrics(metrics_path, start_step)
+        log.info("resuming %s from step %d", run_dir, start_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    t0 = time.perf_counter()
+    progress = tqdm(total=tc.steps, initial=start_step, desc=f"train {cfg.method.name}", unit="step", leave=False)
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        for step in range(start_step, tc.steps):
+            indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
+            chunks = micro_batches(indices, lengths, tc.micro_batch_size)
+            batches = [collate([encoded[i] for i in c], [train_set[i].tags for i in c], pad_id) for c in chunks]
+            n_answer = sum(b.n_answer_tokens for b in batches)
+            loss_value = 0.0
+            for b in batches:
+                b = b.to(loaded.device)
+                loss = answer_loss_sum(model, b) / n_answer
+                loss.backward()
+                loss_value += float(loss.detach())
+                tokens_seen += b.n_tokens
+            answer_tokens_seen += n_answer
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}")
+            if done % tc.log_every == 0 or done == tc.steps or done == 1:
+                row = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                       "elapsed_s": elapsed_before + time.perf_counter() - t0}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                for key in ("loss", "lr", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", row[key], done)
+            if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
+                save_checkpoint(run_dir, done, model, optimizer, scheduler,
+                                {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
+                                 "elapsed_s": elapsed_before + time.perf_counter() - t0})
+            if on_step is not None:
+                on_step(done)
+    progress.close()
+    writer.close()
+
+    save_trained(model, cfg.method, run_dir)
+    summary = {
+        "method": cfg.method.name, "model": cfg.model.name, **params,
+        "steps": tc.steps, "batch_size": tc.batch_size, "train_examples": len(encoded),
+        "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
+        "train_time_s": round(elapsed_before + time.perf_counter() - t0, 3),
+        "resumed_from_step": start_step or None, "device": str(loaded.device),
+    }
+    write_json(run_dir / "summary.json", summary)
+    shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them
+    return {"model": model, **summary}
