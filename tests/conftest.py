@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests that need the real benchmark samples in ../shared/data skip when
+they are absent (a user's clone) -- unless MEDPEFT_REQUIRE_DATA=1 (set by .ci/run), which
+turns that skip into a failure so CI always runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDPEFT_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        msg = f"benchmark samples not found at {DATA} (set MEDPEFT_TEST_DATA)"
+        if os.environ.get("MEDPEFT_REQUIRE_DATA") == "1":
+            pytest.fail(msg + "; MEDPEFT_REQUIRE_DATA=1 requires them")
+        pytest.skip(msg)
+    return DATA
+
+
+def read_jsonl(path: Path) -> list:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh.read().split("\n") if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny model and tokenizer (fresh weights are cheap; callers must not mutate shared state)."""
+    from medpeft.models import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture
+def tiny_fresh():
+    from medpeft.models import load_model
+
+    return load_model("tiny", device="cpu")
