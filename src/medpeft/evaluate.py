@@ -32,7 +32,7 @@ _ANSWER_PATTERNS = [
     re.compile(r"(?:答案|正确答案|正确选项|最佳答案|应选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*[(（]?\s*([A-J](?:\s*[,，、和及]?\s*[A-J])*)"),
     re.compile(r"(?:the\s+)?(?:correct\s+|final\s+|best\s+)?answers?\s*(?:is|are|would be|:)\s*:?\s*(?:option\s*)?[(\[]?"
                r"([A-J](?:\s*(?:,|and|&)?\s*[A-J])*)\b", re.I),
-    re.compile(r"^\s*[(\[]?([A-J]{1,10})[)\]]?\s*(?:$|[\.．、:：,，;；)\n])"),
+    re.compile(r"^\s*[(\[]?([A-J]{1,10})[)\]]?\s*(?:$|[\.．、:：,，;；)\n<])"),
     re.compile(r"^\s*([A-J]{1,10})\s*$", re.M),
     re.compile(r"[(（]([A-J])[)）]"),
     re.compile(r"(?:option|选项|选)\s*([A-J])\b", re.I),

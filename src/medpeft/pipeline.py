@@ -31,9 +31,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
     train_set = load_train_set(cfg, eval_sets)
-    summary = train(cfg, _loaded(cfg), train_set, resume=resume)
-    summary.pop("model", None)
-    return summary
+    return train(cfg, _loaded(cfg), train_set, resume=resume).summary
 
 
 def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | None = None) -> dict:

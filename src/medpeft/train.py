@@ -40,6 +40,12 @@ IGNORE = -100
 
 
 @dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained model (adapters applied), in train mode
+    summary: dict  # what summary.json holds
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T], right-padded
     attention_mask: torch.Tensor  # [B, T]
@@ -199,8 +205,8 @@ def train(
     *,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
-) -> dict:
-    """Train ``cfg.method`` on ``train_set``; write the run folder; return the summary.
+) -> TrainResult:
+    """Train ``cfg.method`` on ``train_set``; write the run folder.
 
     ``on_step(step)`` is called after each optimizer step (tests use it to interrupt).
     """
@@ -296,7 +302,7 @@ def train(
 
     save_trained(model, cfg.method, run_dir)
     summary = {
-        "method": cfg.method.name, "model": cfg.model.name, **params,
+        "method": cfg.method.name, "base_model": cfg.model.name, **params,
         "steps": tc.steps, "batch_size": tc.batch_size, "train_examples": len(encoded),
         "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
         "train_time_s": round(elapsed_before + time.perf_counter() - t0, 3),
@@ -304,4 +310,4 @@ def train(
     }
     write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them
-    return {"model": model, **summary}
+    return TrainResult(model, summary)
