@@ -135,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
+        import warnings
+
         import transformers
 
         transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
     try:
         return args.func(args)
     except MedpeftError as err:
