@@ -109,9 +109,6 @@ class Evaluator:
             idx = order[start:start + self.batch_size]
             yield idx, [encoded[i] for i in idx]
 
-    def _forward_kwargs(self):
-        return {"use_cache": False}
-
     @torch.no_grad()
     def _last_logits(self, seqs: list[list[int]]) -> torch.Tensor:
         ids, mask = _left_pad(seqs, self.pad_id, self.device)

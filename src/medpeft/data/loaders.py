@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import DataError
-from .readers import iter_csv, iter_json_records, iter_jsonl
+from .readers import iter_csv, iter_json_records
 from .record import MULTI, OPEN, SINGLE, QARecord
 
 LETTERS = "ABCDEFGHIJ"
