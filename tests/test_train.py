@@ -183,3 +183,15 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_skip_invalid_flag_reaches_every_source(tmp_path, capsys, caplog):
+    bad = tmp_path / "medqa.jsonl"
+    good = {"question": "Q?", "options": {"A": "a", "B": "b"}, "answer_idx": "A"}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer_idx": "C"}) + "\n")
+    args = ["eval", "tiny", f"eval.benchmarks=[{{benchmark: medqa, path: {bad}}}]", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert f"{bad}: line 2: field 'answer_idx'" in capsys.readouterr().err
+    assert main(args + ["--skip-invalid"]) == 0
+    assert "medqa: skipped 1 invalid records: 1 x answer_idx: answer 'C' is not among the options AB" in caplog.text
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["benchmarks"]["medqa"]["n"] == 1

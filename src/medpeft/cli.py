@@ -17,17 +17,31 @@ from .errors import MedpeftError
 EXIT_BAD_INPUT = 2
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?",
-                   help="YAML config file, or a built-in config name (e.g. quickstart)")
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file, or a built-in config name (e.g. quickstart)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
+    _add_skip_invalid(p)
+
+
+def _add_skip_invalid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip malformed benchmark records (reported as counts per reason) instead of stopping")
+
+
+def _load(config: str, overrides: list[str], skip_invalid: bool):
+    from .config import load_config
+
+    cfg = load_config(config, overrides)
+    if skip_invalid:
+        for src in [*cfg.data.train, *cfg.eval.benchmarks]:
+            src.skip_invalid = True
+    return cfg
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
     from .pipeline import run_train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args.config, args.overrides, args.skip_invalid)
     summary = run_train(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
@@ -41,17 +55,16 @@ def _print_results(results: dict, label: str, out_dir: Path) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .config import load_config
-    from .pipeline import config_of_run, run_eval
+    from .pipeline import run_eval
 
     target = Path(args.target)
     if (target / "config.yaml").exists():
-        cfg = config_of_run(target, args.overrides)
+        cfg = _load(str(target / "config.yaml"), args.overrides, args.skip_invalid)
         out = Path(args.out) if args.out else target / "eval"
         results = run_eval(cfg, run_dir=target, out_dir=out)
         label = f"{cfg.method.name} ({target.name})"
     else:  # a bare base model: hub id, local folder or 'tiny'
-        cfg = load_config(args.config or "quickstart", [f"model.name={args.target}", *args.overrides])
+        cfg = _load(args.config or "quickstart", [f"model.name={args.target}", *args.overrides], args.skip_invalid)
         out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval-base"
         results = run_eval(cfg, run_dir=None, out_dir=out)
         label = f"base ({args.target})"
@@ -60,10 +73,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
     from .pipeline import run_eval, run_train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args.config, args.overrides, args.skip_invalid)
     summary = run_train(cfg, resume=args.resume)
     run_dir = Path(cfg.output_dir)
     results = run_eval(cfg, run_dir=run_dir)
@@ -107,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--config", help="config naming the eval benchmarks (base-model evaluation; default quickstart)")
     p.add_argument("--out", help="output folder (default: RUN/eval)")
+    _add_skip_invalid(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="train then evaluate, from one config")

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .adapters import load_trained
-from .config import RunConfig, load_config
+from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set
 from .errors import MedpeftError
 from .evaluate import Evaluator, evaluate_sets
@@ -52,9 +52,3 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
             "run_dir": str(run_dir) if run_dir is not None else None}
     return evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
 
-
-def config_of_run(run_dir: Path, overrides: list[str]) -> RunConfig:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise MedpeftError(f"{run_dir}: not a run folder (no config.yaml)")
-    return load_config(str(path), overrides)
