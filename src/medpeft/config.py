@@ -49,7 +49,51 @@ class FullMethod:
     name: str = "full"
 
 
-METHOD_SCHEMAS: dict[str, type] = {"lora": LoraMethod, "dora": LoraMethod, "full": FullMethod}
+@dataclass
+class BirgMethod:
+    """``birg`` and ``rankwise``: rank-gated LoRA (adapters/birg.py has the formulas)."""
+
+    name: str = "birg"
+    r: int = 16  # R, rank atoms per module
+    kappa: int = 4  # active atoms per question (top-k)
+    alpha: float = 32.0
+    tau: float = 0.5  # softmax temperature of the gate
+    dropout: float = 0.05
+    hidden_gate: bool = True  # a_h(h_x) branch
+    clinical_gate: bool = True  # a_s, a_o, a_so branches
+    injection: bool = True  # rho(x); false = rho fixed to 1
+    l_ent: float = 0.01
+    l_bal: float = 0.001
+    l_orth: float = 0.1
+    l_axis: float = 0.5
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+METHOD_SCHEMAS: dict[str, type] = {"lora": LoraMethod, "dora": LoraMethod, "full": FullMethod,
+                                   "birg": BirgMethod, "rankwise": BirgMethod}
+
+# Named presets: the paper's rows and ablations are settings of a few methods, not copies.
+# ``method: {preset: NAME, ...}`` starts from the preset; keys given beside it win. A method
+# ``name`` that is itself a preset (``rankwise``) implies it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lora-r4": {"name": "lora", "r": 4, "alpha": 8.0},
+    "lora-r16": {"name": "lora", "r": 16, "alpha": 32.0},
+    "lora-r24": {"name": "lora", "r": 24, "alpha": 48.0},
+    "dora-r24": {"name": "dora", "r": 24, "alpha": 48.0},
+    "full": {"name": "full"},
+    "birg": {"name": "birg"},
+    # the paper's generic rank-wise control: same rank-16/top-4 adapter, hidden branch only,
+    # no injection, no orthogonality or axis losses
+    "rankwise": {"name": "rankwise", "clinical_gate": False, "injection": False, "l_orth": 0.0, "l_axis": 0.0},
+    "birg-clinical-only": {"name": "birg", "hidden_gate": False},
+    "birg-hidden-only": {"name": "birg", "clinical_gate": False},
+    "birg-no-injection": {"name": "birg", "injection": False},
+    "birg-top2": {"name": "birg", "kappa": 2},
+    "birg-top4": {"name": "birg", "kappa": 4},
+    "birg-top8": {"name": "birg", "kappa": 8},
+    "birg-no-orth": {"name": "birg", "l_orth": 0.0},
+    "birg-no-axis": {"name": "birg", "l_axis": 0.0},
+}
 
 
 @dataclass
@@ -194,9 +238,23 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def expand_preset(data: dict) -> dict:
+    """``{preset: P, **keys}`` -> the preset's keys updated with ``keys``; the preset names the method."""
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if preset is None and data.get("name") in PRESETS:
+        preset = data["name"]
+    if preset is None:
+        return data
+    if preset not in PRESETS:
+        raise ConfigError(f"config key 'method.preset' must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return {**PRESETS[preset], **data, "name": PRESETS[preset]["name"]}
+
+
 def _method_from_dict(data: Any) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key 'method' must be a mapping, got {data!r}")
+    data = expand_preset(data)
     name = data.get("name", "lora")
     if name not in METHOD_SCHEMAS:
         raise ConfigError(f"config key 'method.name' must be one of {', '.join(METHOD_SCHEMAS)}, got {name!r}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import set_routing
 from .dataset import TaggedRecord
 from .io import write_json, write_jsonl
 from .prompts import PromptFormatter
@@ -109,16 +110,25 @@ class Evaluator:
             idx = order[start:start + self.batch_size]
             yield idx, [encoded[i] for i in idx]
 
+    def _route(self, items: list[TaggedRecord], mask: torch.Tensor, freeze: bool) -> None:
+        """Routing context of routed adapters: every non-pad token of a prompt is prompt."""
+        spec = torch.tensor([t.tags.specialty_id for t in items], device=self.device)
+        op = torch.tensor([t.tags.operation_id for t in items], device=self.device)
+        set_routing(self.model, mask.bool(), spec, op, freeze=freeze)
+
     @torch.no_grad()
-    def _last_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+    def _last_logits(self, seqs: list[list[int]], items: list[TaggedRecord]) -> torch.Tensor:
         ids, mask = _left_pad(seqs, self.pad_id, self.device)
+        self._route(items, mask, freeze=False)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False)
         return out.logits[:, -1].float()
 
     @torch.no_grad()
-    def _generate(self, seqs: list[list[int]], max_new_tokens: int, allowed_fn=None) -> list[list[int]]:
+    def _generate(self, seqs: list[list[int]], items: list[TaggedRecord], max_new_tokens: int,
+                  allowed_fn=None) -> list[list[int]]:
         ids, mask = _left_pad(seqs, self.pad_id, self.device)
+        self._route(items, mask, freeze=True)  # gates computed at prefill, held while decoding
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id, prefix_allowed_tokens_fn=allowed_fn,
@@ -148,7 +158,7 @@ class Evaluator:
         return preds  # type: ignore[return-value]
 
     def _score_letters(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
-        logits = self._last_logits(seqs)
+        logits = self._last_logits(seqs, items)
         logprobs = torch.log_softmax(logits, dim=-1)
         out: list[Prediction | None] = []
         multi_rows = []
@@ -184,12 +194,12 @@ class Evaluator:
             later = [v for k, v in letter_ids[batch_id].items() if k > last]
             return later + ([self.end_id] if chosen else [])
 
-        gen = self._generate(seqs, max_new_tokens=max(len(i) for i in letter_ids) + 1, allowed_fn=allowed)
+        gen = self._generate(seqs, items, max_new_tokens=max(len(i) for i in letter_ids) + 1, allowed_fn=allowed)
         return [frozenset(id_to_letter[b][x] for x in g if x in id_to_letter[b]) for b, g in enumerate(gen)]
 
     def _score_generate(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
         out = []
-        for t, gen in zip(items, self._generate(seqs, self.max_new_tokens)):
+        for t, gen in zip(items, self._generate(seqs, items, self.max_new_tokens)):
             text = self._decode(gen)
             pred = parse_answer(text, "".join(t.record.options), t.record.question_type == "multi")
             out.append(Prediction(t, pred, pred == t.record.answer, None, text))
@@ -197,7 +207,7 @@ class Evaluator:
 
     def _score_open(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
         out = []
-        for t, gen in zip(items, self._generate(seqs, self.open_max_new_tokens)):
+        for t, gen in zip(items, self._generate(seqs, items, self.open_max_new_tokens)):
             text = self._decode(gen)
             pred = parse_number(text)
             out.append(Prediction(t, pred, pred is not None and pred == t.record.reference, None, text))

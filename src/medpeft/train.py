@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import apply_method, count_parameters, save_trained
+from .adapters import apply_method, auxiliary_losses, count_parameters, save_trained, set_routing
 from .config import RunConfig, dump_config
 from .dataset import TaggedRecord
 from .io import atomic_dir, write_json, write_text
@@ -50,6 +50,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, T], right-padded
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], IGNORE outside the answer
+    prompt_mask: torch.Tensor  # [B, T] bool, prompt tokens only (what routed gates may read)
     specialty: torch.Tensor  # [B] tag ids, for routed adapters
     operation: torch.Tensor  # [B]
     n_answer_tokens: int
@@ -57,7 +58,8 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.specialty.to(device), self.operation.to(device), self.n_answer_tokens, self.n_tokens)
+                     self.prompt_mask.to(device), self.specialty.to(device), self.operation.to(device),
+                     self.n_answer_tokens, self.n_tokens)
 
 
 def collate(examples: list[EncodedExample], tags: list, pad_id: int) -> Batch:
@@ -65,12 +67,14 @@ def collate(examples: list[EncodedExample], tags: list, pad_id: int) -> Batch:
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    prompt = torch.zeros((len(examples), width), dtype=torch.bool)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
+        prompt[i, :e.prompt_len] = True
         labels[i, e.prompt_len:n] = ids[i, e.prompt_len:n]
-    return Batch(ids, mask, labels,
+    return Batch(ids, mask, labels, prompt,
                  torch.tensor([t.specialty_id for t in tags]), torch.tensor([t.operation_id for t in tags]),
                  int((labels != IGNORE).sum()), int(mask.sum()))
 
@@ -268,11 +272,20 @@ def train(
             batches = [collate([encoded[i] for i in c], [train_set[i].tags for i in c], pad_id) for c in chunks]
             n_answer = sum(b.n_answer_tokens for b in batches)
             loss_value = 0.0
+            aux_values: dict[str, float] = {}
             for b in batches:
                 b = b.to(loaded.device)
+                set_routing(model, b.prompt_mask, b.specialty, b.operation)
                 loss = answer_loss_sum(model, b) / n_answer
-                loss.backward()
                 loss_value += float(loss.detach())
+                # auxiliary losses are batch means: weight each micro-batch by its share of the step
+                share = b.input_ids.shape[0] / tc.batch_size
+                aux_total, aux = auxiliary_losses(model, cfg.method)
+                if aux_total is not None:
+                    loss = loss + share * aux_total
+                    for key, value in aux.items():
+                        aux_values[key] = aux_values.get(key, 0.0) + share * float(value.detach())
+                loss.backward()
                 tokens_seen += b.n_tokens
             answer_tokens_seen += n_answer
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -286,10 +299,11 @@ def train(
             if done % tc.log_every == 0 or done == tc.steps or done == 1:
                 row = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                       "elapsed_s": elapsed_before + time.perf_counter() - t0}
+                       "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                       **{f"aux_{k}": v for k, v in sorted(aux_values.items())}}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                for key in ("loss", "lr", "grad_norm"):
+                for key in ("loss", "lr", "grad_norm", *(f"aux_{k}" for k in sorted(aux_values))):
                     writer.add_scalar(f"train/{key}", row[key], done)
             if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
                 save_checkpoint(run_dir, done, model, optimizer, scheduler,

@@ -1,8 +1,4 @@
-"""Adapter methods: building, counting, saving and loading.
-
-``lora`` and ``dora`` come from HF ``peft`` (``LoraConfig(use_dora=...)``); ``full``
-trains every weight. Later method families register here with their own adapter module.
-"""
+"""``lora`` and ``dora`` through HF ``peft`` (``LoraConfig(use_dora=...)``); ``full`` fine-tuning."""
 
 from __future__ import annotations
 
@@ -10,10 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .config import FullMethod, LoraMethod
-from .io import atomic_dir, write_json
-
-ADAPTER_DIR = "adapter"
+from ..config import FullMethod, LoraMethod
 
 
 def apply_method(model: torch.nn.Module, method) -> torch.nn.Module:
@@ -34,33 +27,8 @@ def apply_method(model: torch.nn.Module, method) -> torch.nn.Module:
     raise TypeError(f"no adapter for method {method!r}")
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_params": trainable, "total_params": total}
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor by name: what a checkpoint must hold to resume."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_trained(model: torch.nn.Module, method, run_dir: Path) -> Path:
-    """Save the trained weights to ``run_dir/adapter`` atomically.
-
-    lora/dora: ``peft`` format (``adapter_model.safetensors`` + ``adapter_config.json``),
-    loadable with ``PeftModel.from_pretrained``. full: a ``save_pretrained`` model folder.
-    """
-    final = Path(run_dir) / ADAPTER_DIR
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_json(tmp / "medpeft_method.json", {"method": method.name})
-    return final
-
-
-def load_trained(base_model: torch.nn.Module, method, run_dir: Path) -> torch.nn.Module:
-    """The base model with the trained adapter of ``run_dir`` applied (eval mode)."""
-    path = Path(run_dir) / ADAPTER_DIR
+def load_trained(base_model: torch.nn.Module, method, path: Path) -> torch.nn.Module:
+    """The base model with the trained weights in ``path`` applied (eval mode)."""
     if isinstance(method, FullMethod):
         from safetensors.torch import load_file
 

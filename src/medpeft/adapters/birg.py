@@ -1,0 +1,230 @@
+"""BiRG-LoRA: a biaxial rank-gated LoRA layer (and the generic rank-wise control).
+
+For a target linear layer ``z = W0 h``, per question x::
+
+    z = W0 h + rho(x) * (alpha / R) * B diag(zeta(x)) A h
+    a(x)    = a_h(h_x) + a_s[s(x)] + a_o[o(x)] + a_so[s(x), o(x)]     (gate logits, R)
+    p(x)    = softmax(a(x) / tau)
+    zeta(x) = hard_topk(p, kappa) + p - stopgrad(p)                    (straight-through)
+    rho(x)  = sigmoid(w_rho . h_x + b_rho)
+
+``h_x`` is the mean of *this module's input* over the prompt tokens of question x (never
+the answer tokens), ``a_h`` is ``Linear(d_in -> R)``, ``a_s, a_o, a_so`` are learned
+R-vectors indexed by the specialty tag, the operation tag and their pair (tables include
+``unknown``). Everything is per module. Flags give the ablations: ``hidden_gate=False``
+(clinical-only gate), ``clinical_gate=False`` (hidden-only gate; with ``injection=False``
+and no orth/axis losses this is the ``rankwise`` control), ``injection=False``
+(``rho = 1``), ``kappa`` (top-k).
+
+Auxiliary losses, computed inside the forward pass from this batch (so they also work
+when parameters are sharded), averaged over modules by the trainer::
+
+    L_ent  = -(1/B) sum_b H(p_b) / log R                      (H = entropy; in [-1, 0])
+    L_bal  = R * sum_j f_j * P_j,  f_j = (1/(B kappa)) sum_b hard_bj,  P_j = (1/B) sum_b p_bj
+    L_orth = mean_{j != k} cos(A_j, A_k)^2 + mean_{j != k} cos(B_:j, B_:k)^2
+    L_axis = mean_{s != s'} cos(P^s, P^s') + mean_{o != o'} cos(P^o, P^o')
+
+``L_ent`` rewards spread in each question's routing distribution (against degenerate
+one-hot gates); ``L_bal`` is the Switch-Transformer load balance over rank atoms (1 when
+usage is uniform, up to R/kappa when collapsed); ``L_orth`` penalises similar rank atoms
+(rows of A, columns of B); ``L_axis`` separates the prototype rank distributions
+``P^s = mean of p over the batch's questions with specialty s`` (and likewise per
+operation) -- 0 when the batch holds fewer than two values of an axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tags import OPERATIONS, SPECIALTIES
+from .routing import RoutingState
+
+N_SPECIALTY, N_OPERATION = len(SPECIALTIES), len(OPERATIONS)
+AUX_LOSSES = ("ent", "bal", "orth", "axis")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` [B, T, d] over the positions where ``mask`` [B, T] is true."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def straight_through_topk(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard top-k mask in the forward pass, gradients of ``p`` in the backward pass."""
+    hard = torch.zeros_like(p).scatter_(-1, p.topk(k, dim=-1).indices, 1.0)
+    return hard + p - p.detach(), hard
+
+
+def _offdiag_cos2(m: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between distinct rows of ``m`` [R, d]."""
+    n = F.normalize(m.float(), dim=-1, eps=1e-8)
+    g = n @ n.T
+    r = g.shape[0]
+    return (g.pow(2).sum() - g.diagonal().pow(2).sum()) / (r * (r - 1))
+
+
+def _prototype_separation(p: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between the mean routing distributions of distinct groups."""
+    values = groups.unique()
+    if values.numel() < 2:
+        return p.new_zeros(())
+    protos = torch.stack([p[groups == v].mean(0) for v in values])
+    n = F.normalize(protos, dim=-1)
+    g = n @ n.T
+    k = g.shape[0]
+    return (g.sum() - g.diagonal().sum()) / (k * (k - 1))
+
+
+class RankGatedLoraLinear(nn.Module):
+    """``nn.Linear`` plus a rank-gated LoRA update (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear, *, r: int, kappa: int, alpha: float, tau: float, dropout: float,
+                 hidden_gate: bool, clinical_gate: bool, injection: bool, losses: tuple[str, ...],
+                 state: RoutingState, name: str = ""):
+        super().__init__()
+        if not 1 <= kappa <= r:
+            raise ValueError(f"kappa must be in 1..r, got kappa={kappa}, r={r}")
+        if not (hidden_gate or clinical_gate):
+            raise ValueError("the gate needs the hidden branch, the clinical branches, or both")
+        self.base, self.name, self.state = base, name, state
+        self.r, self.kappa, self.scaling, self.tau = r, kappa, alpha / r, tau
+        self.losses = losses
+        d_in, d_out = base.in_features, base.out_features
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate_h = nn.Linear(d_in, r, device=device, dtype=dtype) if hidden_gate else None
+        if clinical_gate:
+            self.gate_s = nn.Parameter(torch.zeros(N_SPECIALTY, r, device=device, dtype=dtype))
+            self.gate_o = nn.Parameter(torch.zeros(N_OPERATION, r, device=device, dtype=dtype))
+            self.gate_so = nn.Parameter(torch.zeros(N_SPECIALTY * N_OPERATION, r, device=device, dtype=dtype))
+        else:
+            self.gate_s = self.gate_o = self.gate_so = None
+        self.rho = nn.Linear(d_in, 1, device=device, dtype=dtype) if injection else None
+        if device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft / loralib
+        nn.init.zeros_(self.lora_B)
+        if self.rho is not None:
+            nn.init.zeros_(self.rho.weight)
+            nn.init.zeros_(self.rho.bias)  # rho = 0.5 at the start
+
+    # ------------------------------------------------------------------------- gate
+    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(zeta [B, R] with straight-through grads, hard mask [B, R], p [B, R], rho [B, 1])."""
+        st = self.state
+        if st.prompt_mask is None or st.prompt_mask.shape != x.shape[:2]:
+            raise RuntimeError(
+                f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
+                "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")
+        h_x = masked_mean(x, st.prompt_mask)
+        logits = x.new_zeros(x.shape[0], self.r)
+        if self.gate_h is not None:
+            logits = logits + self.gate_h(h_x)
+        if self.gate_s is not None:
+            s, o = st.specialty, st.operation
+            logits = logits + self.gate_s[s] + self.gate_o[o] + self.gate_so[s * N_OPERATION + o]
+        p = torch.softmax(logits.float() / self.tau, dim=-1)
+        zeta, hard = straight_through_topk(p, self.kappa)
+        rho = torch.sigmoid(self.rho(h_x).float()) if self.rho is not None else p.new_ones(x.shape[0], 1)
+        return zeta, hard, p, rho
+
+    def _aux_losses(self, p: torch.Tensor, hard: torch.Tensor) -> None:
+        st = self.state
+        if "ent" in self.losses:
+            st.add_aux("ent", (p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(self.r))
+        if "bal" in self.losses:
+            f = hard.mean(0) / self.kappa
+            st.add_aux("bal", self.r * (f * p.mean(0)).sum())
+        if "orth" in self.losses:
+            st.add_aux("orth", _offdiag_cos2(self.lora_A) + _offdiag_cos2(self.lora_B.T))
+        if "axis" in self.losses and st.specialty is not None:
+            st.add_aux("axis", _prototype_separation(p, st.specialty) + _prototype_separation(p, st.operation))
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        if st.freeze and self.name in st.frozen:
+            zeta, rho = st.frozen[self.name]  # decoding: the gate of the prefill
+        else:
+            zeta, hard, p, rho = self.gate(x)
+            if st.freeze:
+                st.frozen[self.name] = (zeta.detach(), rho.detach())
+            if self.training and self.losses:
+                self._aux_losses(p, hard)
+            if st.record:
+                st.records[self.name] = {"hard": hard.detach(), "p": p.detach(), "rho": rho.detach()}
+        scale = (zeta * rho * self.scaling).to(x.dtype).unsqueeze(1)  # [B, 1, R]
+        update = (self.dropout(x) @ self.lora_A.T) * scale @ self.lora_B.T
+        return self.base(x) + update
+
+    def active_update(self, hard_row: torch.Tensor, rho: float) -> torch.Tensor:
+        """The weight update of one question: ``rho (alpha/R) B diag(zeta) A`` [d_out, d_in]."""
+        return (self.lora_B * (hard_row * rho * self.scaling)) @ self.lora_A
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, kappa={self.kappa}, tau={self.tau}, hidden_gate={self.gate_h is not None}, "
+                f"clinical_gate={self.gate_s is not None}, injection={self.rho is not None}")
+
+
+def effective_rank(update: torch.Tensor) -> float:
+    """``exp`` of the entropy of the normalised singular values of ``update`` (1..rank)."""
+    s = torch.linalg.svdvals(update.float())
+    s = s[s > s.max() * 1e-6] if s.numel() and s.max() > 0 else s[:0]
+    if s.numel() == 0:
+        return 0.0
+    q = s / s.sum()
+    return float(torch.exp(-(q * q.log()).sum()))
+
+
+@dataclass
+class BirgLayerFactory:
+    method: object
+
+    def __call__(self, name: str, base: nn.Linear, state: RoutingState) -> RankGatedLoraLinear:
+        m = self.method
+        losses = tuple(k for k in AUX_LOSSES if getattr(m, f"l_{k}") > 0)
+        return RankGatedLoraLinear(base, r=m.r, kappa=m.kappa, alpha=m.alpha, tau=m.tau, dropout=m.dropout,
+                                   hidden_gate=m.hidden_gate, clinical_gate=m.clinical_gate,
+                                   injection=m.injection, losses=losses, state=state, name=name)
+
+
+def weighted_aux_loss(aux: dict[str, torch.Tensor], method) -> torch.Tensor | None:
+    """``l_ent L_ent + l_bal L_bal + l_orth L_orth + l_axis L_axis`` over the losses present."""
+    terms = [getattr(method, f"l_{k}") * v for k, v in aux.items()]
+    return torch.stack(terms).sum() if terms else None
+
+
+def merge_fixed_gate(model: nn.Module, specialty: int, operation: int) -> nn.Module:
+    """Fold each rank-gated layer into a plain ``nn.Linear`` for one (specialty, operation).
+
+    Exact only when the gate depends on the tags alone (no hidden branch) and rho is 1
+    (no injection); otherwise the update varies per question and merging is refused.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RankGatedLoraLinear):
+            if module.gate_h is not None or module.rho is not None:
+                raise ValueError(f"{name}: the gate depends on the input (hidden branch or injection); "
+                                 "merging is exact only for a tag-only gate without injection")
+            with torch.no_grad():
+                s = torch.tensor([specialty], device=module.lora_A.device)
+                o = torch.tensor([operation], device=module.lora_A.device)
+                logits = module.gate_s[s] + module.gate_o[o] + module.gate_so[s * N_OPERATION + o]
+                hard = straight_through_topk(torch.softmax(logits.float() / module.tau, -1), module.kappa)[1][0]
+                merged = nn.Linear(module.base.in_features, module.base.out_features,
+                                   bias=module.base.bias is not None, device=module.lora_A.device,
+                                   dtype=module.base.weight.dtype)
+                merged.weight.copy_(module.base.weight + module.active_update(hard.to(module.lora_A.dtype), 1.0))
+                if module.base.bias is not None:
+                    merged.bias.copy_(module.base.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
+    return model

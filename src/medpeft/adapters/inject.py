@@ -1,0 +1,82 @@
+"""Our own adapter injection, for methods ``peft`` has no plug-in API for.
+
+Find target ``nn.Linear`` modules by the last component of their name (like peft's
+``target_modules``), replace each with a wrapping layer, freeze everything else, and
+save/load only the adapter's trainable tensors (safetensors) with a JSON config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..io import write_json
+from .routing import ROUTING_ATTR, RoutingState
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def inject_adapters(
+    model: nn.Module,
+    target_modules: list[str],
+    make_layer: Callable[[str, nn.Linear, RoutingState], nn.Module],
+) -> list[str]:
+    """Wrap every ``nn.Linear`` whose name ends in one of ``target_modules``.
+
+    Freezes the base model first; the new layers' own parameters stay trainable. Returns
+    the wrapped module names. The model gets one shared :class:`RoutingState`.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    state = RoutingState()
+    setattr(model, ROUTING_ATTR, state)
+    targets = set(target_modules)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, make_layer(name, module, state))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"no nn.Linear module named {sorted(targets)} in {type(model).__name__}")
+    return wrapped
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors, by parameter name: exactly what the adapter adds."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, method, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
+    save_file(state, str(folder / ADAPTER_WEIGHTS))
+    write_json(folder / ADAPTER_CONFIG, {"method": dataclasses.asdict(method)})
+
+
+def load_adapter_weights(model: nn.Module, folder: Path) -> None:
+    """Load saved adapter tensors into an injected model; every tensor must match."""
+    from safetensors.torch import load_file
+
+    device = next(model.parameters()).device
+    saved = load_file(str(folder / ADAPTER_WEIGHTS), device=str(device))
+    own = dict(model.named_parameters())
+    missing = sorted(set(adapter_state_dict(model)) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"{folder}: adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for name, value in saved.items():
+            own[name].copy_(value)
+
+
+def saved_method(folder: Path) -> dict:
+    return json.loads((folder / ADAPTER_CONFIG).read_text())["method"]
