@@ -71,8 +71,10 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     own = dict(model.named_parameters())
     missing = sorted(set(adapter_state_dict(model)) - set(saved))
     unexpected = sorted(set(saved) - set(own))
-    if missing or unexpected:
-        raise RuntimeError(f"{folder}: adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong_shape = sorted(n for n in set(saved) & set(own) if saved[n].shape != own[n].shape)
+    if missing or unexpected or wrong_shape:
+        raise RuntimeError(f"{folder}: adapter does not fit this model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}, other shapes {wrong_shape[:3]})")
     with torch.no_grad():
         for name, value in saved.items():
             own[name].copy_(value)

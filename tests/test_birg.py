@@ -1,0 +1,261 @@
+"""BiRG-LoRA: equivalences, leakage, gradient checks, generation with a fixed gate, round trips."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from medpeft.adapters import apply_method, load_trained, save_trained, set_routing
+from medpeft.adapters.birg import (RankGatedLoraLinear, _offdiag_cos2, _prototype_separation, effective_rank,
+                                   merge_fixed_gate, straight_through_topk)
+from medpeft.adapters.routing import routing_state
+from medpeft.config import BirgMethod, LoraMethod, load_config
+from medpeft.dataset import load_train_set
+from medpeft.models import load_model
+from medpeft.prompts import PromptFormatter
+from medpeft.train import answer_loss_sum, collate
+
+
+def birg_model(**kw):
+    loaded = load_model("tiny", device="cpu")
+    method = BirgMethod(**kw)
+    torch.manual_seed(0)
+    model = apply_method(loaded.model, method)
+    return loaded, model, method
+
+
+def randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, RankGatedLoraLinear):
+            with torch.no_grad():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+                if m.gate_s is not None:
+                    for t in (m.gate_s, m.gate_o, m.gate_so):
+                        t.copy_(torch.randn(t.shape, generator=g))
+                if m.rho is not None:
+                    m.rho.weight.copy_(torch.randn(m.rho.weight.shape, generator=g) * 0.1)
+
+
+def train_batch(loaded, n=4, answer_shift=0):
+    cfg = load_config("quickstart", ["data.max_length=256"])
+    items = load_train_set(cfg)[:n]
+    fmt = PromptFormatter(loaded.tokenizer, 256)
+    enc = [fmt.encode_train(t.record) for t in items]
+    batch = collate(enc, [t.tags for t in items], loaded.tokenizer.pad_token_id)
+    if answer_shift:
+        batch.input_ids[~batch.prompt_mask & batch.attention_mask.bool()] += answer_shift
+    return batch
+
+
+def forward(model, batch, **kw):
+    set_routing(model, batch.prompt_mask, batch.specialty, batch.operation, **kw)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def test_all_ranks_on_without_injection_equals_peft_lora():
+    loaded, model, _ = birg_model(kappa=16, injection=False, dropout=0.0)
+    randomize_B(model)
+    peft_model = apply_method(load_model("tiny", device="cpu").model,
+                              LoraMethod(r=16, alpha=32.0, dropout=0.0))
+    ours = {n: m for n, m in model.named_modules() if isinstance(m, RankGatedLoraLinear)}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            short = name.replace("base_model.model.", "")
+            if short in ours and hasattr(module, "lora_A"):
+                module.lora_A["default"].weight.copy_(ours[short].lora_A)
+                module.lora_B["default"].weight.copy_(ours[short].lora_B)
+    batch = train_batch(loaded)
+    model.eval(), peft_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model, batch), peft_model(input_ids=batch.input_ids,
+                                   attention_mask=batch.attention_mask).logits, rtol=1e-5, atol=1e-5)
+        # and the update is not trivially zero
+        base = load_model("tiny", device="cpu").model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert not torch.allclose(forward(model, batch), base, atol=1e-3)
+
+
+def test_gate_never_sees_the_answer():
+    loaded, model, _ = birg_model()
+    randomize_B(model)
+    a, b = train_batch(loaded), train_batch(loaded, answer_shift=1)
+    assert not torch.equal(a.input_ids, b.input_ids)
+    records = []
+    model.train()  # dropout on, as in training: the same seed gives the same dropout masks
+    for batch in (a, b):
+        torch.manual_seed(0)
+        forward(model, batch, record=True)
+        records.append(copy.deepcopy(routing_state(model).records))
+    assert len(records[0]) == 14  # 7 modules x 2 layers
+    for name, rec in records[0].items():
+        for key in ("hard", "p", "rho"):
+            torch.testing.assert_close(rec[key], records[1][name][key], rtol=0, atol=0)
+
+
+def test_straight_through_gradients_reach_every_gate_parameter():
+    loaded, model, method = birg_model()
+    randomize_B(model)
+    batch = train_batch(loaded)
+    set_routing(model, batch.prompt_mask, batch.specialty, batch.operation)
+    loss = answer_loss_sum(model, batch)
+    loss.backward()
+    layer = next(m for m in model.modules() if isinstance(m, RankGatedLoraLinear))
+    for p in (layer.gate_h.weight, layer.gate_s, layer.gate_o, layer.gate_so, layer.rho.weight, layer.lora_A, layer.lora_B):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # the hard mask in the forward, the soft probabilities in the backward
+    p = torch.softmax(torch.tensor([[3.0, 1.0, 2.0, 0.0]], requires_grad=True), -1)
+    zeta, hard = straight_through_topk(p, 2)
+    assert zeta.tolist() == [[1.0, 0.0, 1.0, 0.0]] and hard.tolist() == zeta.tolist()
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    (zeta * w).sum().backward()
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        loaded, model, _ = birg_model(dropout=0.0)
+        randomize_B(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        batch = train_batch(loaded)
+        set_routing(model, batch.prompt_mask, batch.specialty, batch.operation)
+        answer_loss_sum(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_tags_in_one_batch_route_each_question_by_its_own_tags():
+    loaded, model, _ = birg_model(hidden_gate=False, injection=False)
+    randomize_B(model)
+    model.eval()
+    batch = train_batch(loaded, n=4)
+    batch.specialty = torch.tensor([0, 1, 2, 0])
+    batch.operation = torch.tensor([0, 1, 2, 0])
+    forward(model, batch, record=True)
+    rec = next(iter(routing_state(model).records.values()))
+    assert torch.equal(rec["hard"][0], rec["hard"][3])  # same tags -> same atoms (tag-only gate)
+    assert not torch.equal(rec["hard"][0], rec["hard"][1]) or not torch.equal(rec["hard"][1], rec["hard"][2])
+    # batched == one question at a time
+    full = forward(model, batch)
+    for i in range(4):
+        single = copy.copy(batch)
+        single.input_ids, single.attention_mask = batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1]
+        single.prompt_mask, single.specialty, single.operation = (batch.prompt_mask[i:i + 1], batch.specialty[i:i + 1],
+                                                                 batch.operation[i:i + 1])
+        n = int(batch.attention_mask[i].sum())
+        torch.testing.assert_close(forward(model, single)[0, :n], full[i, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_generation_holds_the_prefill_gate_and_matches_teacher_forcing():
+    from medpeft.evaluate import Evaluator
+
+    loaded, model, _ = birg_model()
+    randomize_B(model)
+    model.eval()
+    cfg = load_config("quickstart")
+    items = load_train_set(cfg)[:3]
+    ev = Evaluator(model, loaded.tokenizer, max_new_tokens=6)
+    fmt = PromptFormatter(loaded.tokenizer, 768)
+    for item in items:
+        prompt = fmt.encode_prompt(item.record).input_ids
+        gen = ev._generate([prompt], [item], 6)[0]
+        # teacher forcing on prompt + generated tokens, gate computed from the prompt positions only
+        ids = torch.tensor([prompt + gen])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, :len(prompt)] = True
+        set_routing(model, mask, torch.tensor([item.tags.specialty_id]), torch.tensor([item.tags.operation_id]))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        assert logits.argmax(-1).tolist() == gen
+
+
+def test_save_load_round_trip(tmp_path):
+    loaded, model, method = birg_model()
+    randomize_B(model)
+    save_trained(model, method, tmp_path)
+    reloaded = load_trained(load_model("tiny", device="cpu").model, method, tmp_path)
+    batch = train_batch(loaded)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model, batch), forward(reloaded, batch))
+    wrong = BirgMethod(r=8)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_trained(load_model("tiny", device="cpu").model, wrong, tmp_path)
+
+
+def test_merge_is_exact_for_a_tag_only_gate():
+    loaded, model, _ = birg_model(hidden_gate=False, injection=False, dropout=0.0)
+    randomize_B(model)
+    model.eval()
+    batch = train_batch(loaded, n=2)
+    batch.specialty, batch.operation = torch.tensor([2, 2]), torch.tensor([5, 5])
+    with torch.no_grad():
+        expected = forward(model, batch)
+        merged = merge_fixed_gate(model, 2, 5)
+        assert not any(isinstance(m, RankGatedLoraLinear) for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                   expected, rtol=1e-5, atol=1e-5)
+    _, hidden_model, _ = birg_model()
+    with pytest.raises(ValueError, match="depends on the input"):
+        merge_fixed_gate(hidden_model, 0, 0)
+
+
+def test_routing_context_is_required():
+    loaded, model, _ = birg_model()
+    with pytest.raises(RuntimeError, match="no routing context"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_auxiliary_losses_match_hand_computed_values():
+    p = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]])
+    hard = straight_through_topk(p, 1)[1]
+    layer_losses = {}
+
+    class S:  # a minimal routing state stand-in
+        specialty = torch.tensor([0, 1])
+        operation = torch.tensor([3, 3])
+
+        def add_aux(self, k, v):
+            layer_losses[k] = float(v)
+
+    layer = RankGatedLoraLinear(torch.nn.Linear(3, 2), r=4, kappa=1, alpha=4.0, tau=1.0, dropout=0.0,
+                                hidden_gate=True, clinical_gate=False, injection=False,
+                                losses=("ent", "bal", "orth", "axis"), state=S())
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]))
+        layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 1.0], [0, 1.0, 1.0, 0]]))
+    layer._aux_losses(p, hard)
+    h = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
+    assert layer_losses["ent"] == pytest.approx(-h / math.log(4))
+    # f = [0.5, 0.5, 0, 0], P = [0.4, 0.4, 0.1, 0.1] -> 4 * (0.2 + 0.2)
+    assert layer_losses["bal"] == pytest.approx(1.6)
+    # A rows: pairs (0,2), (1,2) have cos^2 = 1/2, others 0 -> 2*2*(1/2) / 12; B columns: (0,3) and (1,2) identical
+    assert layer_losses["orth"] == pytest.approx(2 / 12 + 4 / 12)
+    # two specialty prototypes p0, p1: cos = (0.07*2 + 0.01*2) / (0.49+0.03) ; one operation value -> 0
+    cos = (0.7 * 0.1 * 2 + 0.01 * 2) / (0.49 + 0.03)
+    assert layer_losses["axis"] == pytest.approx(cos, rel=1e-5)
+    assert float(_offdiag_cos2(torch.eye(3))) == 0.0
+    assert float(_prototype_separation(p, torch.tensor([1, 1]))) == 0.0
+
+
+def test_effective_rank():
+    assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
+    assert effective_rank(torch.outer(torch.ones(3), torch.arange(1.0, 4.0))) == pytest.approx(1.0)
+    assert effective_rank(torch.zeros(3, 3)) == 0.0
+
+
+def test_presets_are_flags_of_one_method():
+    assert load_config(None, ["method.preset=rankwise"]).method == BirgMethod(
+        name="rankwise", clinical_gate=False, injection=False, l_orth=0.0, l_axis=0.0)
+    assert load_config(None, ["method.name=rankwise"]).method.clinical_gate is False
+    assert load_config(None, ["method.preset=birg-top8"]).method.kappa == 8
+    assert load_config(None, ["method.preset=lora-r4"]).method == LoraMethod(r=4, alpha=8.0)
+    cfg = load_config("quickstart", ["method.preset=birg-no-axis"])  # file's LoRA keys carry over
+    assert cfg.method.name == "birg" and cfg.method.l_axis == 0.0 and cfg.method.r == 16
+    _, model, _ = birg_model(clinical_gate=False, injection=False)
+    assert not any("gate_s" in n or "rho" in n for n, _ in model.named_parameters())
