@@ -104,6 +104,24 @@ def cmd_tag(args) -> int:
     return 0
 
 
+def cmd_params(args) -> int:
+    from .adapters.accounting import DEFAULT_METHODS, count_method, params_table
+
+    counts = []
+    for name in args.methods or DEFAULT_METHODS:
+        try:
+            counts.append(count_method(args.arch, name))
+        except ValueError as err:
+            raise MedpeftError(str(err)) from None
+        except OSError as err:  # an unknown arch name that is no hub id either
+            raise MedpeftError(f"architecture {args.arch!r}: {err}") from None
+    if args.json:
+        print(json.dumps([c.to_json(args.arch) for c in counts], indent=2))
+    else:
+        print(params_table(counts, args.arch), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medpeft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -136,10 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-file", help="CMB answer-key file")
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("params", help="trainable and active parameters per method on an architecture")
+    p.add_argument("--arch", default="qwen3-8b", help="qwen3-8b, llama-3.1-8b, tiny, a config.json path or a hub id")
+    p.add_argument("--methods", nargs="+", help="method presets (default: the paper's table rows)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_params)
     return parser
 
 
-SUBCOMMANDS = ("train", "eval", "run", "tag")
+SUBCOMMANDS = ("train", "eval", "run", "tag", "params")
 
 
 def main(argv: list[str] | None = None) -> int:
