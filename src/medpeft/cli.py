@@ -122,6 +122,37 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .audit import audit
+    from .pipeline import load_run_model
+    from .dataset import load_eval_sets
+
+    run_dir = Path(args.run_dir)
+    overrides = list(args.overrides)
+    if args.data:
+        sources = []
+        for item in args.data:
+            bench, sep, path = item.partition("=")
+            if not sep:
+                raise MedpeftError(f"--data {item!r} must look like BENCHMARK=PATH (e.g. cmb=data/cmb.json)")
+            sources.append(f"{{benchmark: {bench}, name: {bench}, path: '{Path(path).resolve()}'}}")
+        overrides.append(f"eval.benchmarks=[{', '.join(sources)}]")
+    cfg = _load(str(run_dir / "config.yaml"), overrides, args.skip_invalid)
+    model, tokenizer = load_run_model(cfg, run_dir)
+    items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets if t.record.question_type != "open"]
+    out = Path(args.out) if args.out else run_dir / "audit"
+    try:
+        summary = audit(model, tokenizer, items, out, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
+    except ValueError as err:
+        raise MedpeftError(f"{run_dir}: {err}") from None
+    mi = summary["mutual_information_bits"]
+    print(f"audited {summary['n_questions']} questions x {summary['n_modules']} modules: "
+          f"mean rho {summary['mean_rho']:.3f}, mean effective rank {summary['mean_effective_rank']:.2f}, "
+          f"MI(tags; atoms) specialty {mi['specialty']:.3f} / operation {mi['operation']:.3f} / pair {mi['pair']:.3f} bits")
+    print(f"per-question routes, summary and rank_usage.png in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medpeft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -155,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
     p.set_defaults(func=cmd_tag)
 
+    p = sub.add_parser("audit", help="routing audit of a rank-gated run: atoms, rho, effective rank, MI")
+    p.add_argument("run_dir", help="a trained birg/rankwise run folder")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
+    p.add_argument("--data", action="append", help="BENCHMARK=PATH to audit (repeatable; default: the run's eval sets)")
+    p.add_argument("--out", help="output folder (default: RUN/audit)")
+    _add_skip_invalid(p)
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("params", help="trainable and active parameters per method on an architecture")
     p.add_argument("--arch", default="qwen3-8b", help="qwen3-8b, llama-3.1-8b, tiny, a config.json path or a hub id")
     p.add_argument("--methods", nargs="+", help="method presets (default: the paper's table rows)")
@@ -163,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = ("train", "eval", "run", "tag", "params")
+SUBCOMMANDS = ("train", "eval", "run", "tag", "params", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:

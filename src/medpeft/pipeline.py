@@ -34,17 +34,21 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     return train(cfg, _loaded(cfg), train_set, resume=resume).summary
 
 
+def load_run_model(cfg: RunConfig, run_dir: Path):
+    """The base model of ``cfg`` with the trained adapter of ``run_dir``, and its tokenizer."""
+    if not (run_dir / "adapter").exists():
+        raise MedpeftError(f"{run_dir}: no trained adapter (folder 'adapter' is missing); train it first")
+    loaded = _loaded(cfg)
+    return load_trained(loaded.model, cfg.method, run_dir), loaded.tokenizer
+
+
 def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
     """Evaluate the trained run in ``run_dir``, or the bare base model when ``run_dir`` is None."""
     if not cfg.eval.benchmarks:
         raise MedpeftError("config key 'eval.benchmarks' is empty: nothing to evaluate")
     eval_sets = load_eval_sets(cfg.eval.benchmarks)
     loaded = _loaded(cfg)
-    model = loaded.model
-    if run_dir is not None:
-        if not (run_dir / "adapter").exists():
-            raise MedpeftError(f"{run_dir}: no trained adapter (folder 'adapter' is missing); train it first")
-        model = load_trained(model, cfg.method, run_dir)
+    model = loaded.model if run_dir is None else load_run_model(cfg, run_dir)[0]
     evaluator = Evaluator(model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device)
     out = out_dir or ((run_dir / "eval") if run_dir is not None else Path(cfg.output_dir) / "eval")
