@@ -69,6 +69,7 @@ def test_trained_gate_routes_tags_to_different_atoms(tmp_path):
     after = audit(trained, loaded.tokenizer, items, tmp_path / "audit")
     mi_before = before["mutual_information_bits"]["specialty"]
     mi_after = after["mutual_information_bits"]["specialty"]
+    print(f"MI(specialty; atoms) before {mi_before:.3f} after {mi_after:.3f} bits")
     assert mi_after > mi_before + 0.3, (mi_before, mi_after)
     assert (tmp_path / "audit" / "rank_usage.png").stat().st_size > 1000
     rows = [json.loads(l) for l in (tmp_path / "audit" / "per_question.jsonl").read_text().splitlines()]
