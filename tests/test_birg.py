@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from medpeft.adapters import apply_method, load_trained, save_trained, set_routing
-from medpeft.adapters.birg import (RankGatedLoraLinear, _offdiag_cos2, _prototype_separation, effective_rank,
-                                   merge_fixed_gate, straight_through_topk)
+from medpeft.adapters.birg import (RankGatedLoraLinear, _offdiag_cos2, effective_rank, merge_fixed_gate,
+                                   routing_losses, straight_through_topk, tag_rows)
+from medpeft.adapters.routing import RoutingState
 from medpeft.adapters.routing import routing_state
 from medpeft.config import BirgMethod, LoraMethod, load_config
 from medpeft.dataset import load_train_set
@@ -33,11 +34,10 @@ def randomize_B(model, seed=1):
         if isinstance(m, RankGatedLoraLinear):
             with torch.no_grad():
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-                if m.gate_s is not None:
-                    for t in (m.gate_s, m.gate_o, m.gate_so):
-                        t.copy_(torch.randn(t.shape, generator=g))
-                if m.rho is not None:
-                    m.rho.weight.copy_(torch.randn(m.rho.weight.shape, generator=g) * 0.1)
+                if m.gate_tags is not None:
+                    m.gate_tags.copy_(torch.randn(m.gate_tags.shape, generator=g))
+                if m.injection:
+                    m.gate_in.weight[-1].copy_(torch.randn(m.gate_in.weight.shape[1], generator=g) * 0.1)
 
 
 def train_batch(loaded, n=4, answer_shift=0):
@@ -103,7 +103,12 @@ def test_straight_through_gradients_reach_every_gate_parameter():
     loss = answer_loss_sum(model, batch)
     loss.backward()
     layer = next(m for m in model.modules() if isinstance(m, RankGatedLoraLinear))
-    for p in (layer.gate_h.weight, layer.gate_s, layer.gate_o, layer.gate_so, layer.rho.weight, layer.lora_A, layer.lora_B):
+    w = layer.gate_in.weight.grad
+    assert w[:16].abs().sum() > 0 and w[16].abs().sum() > 0  # a_h rows and the rho row
+    rows = set(tag_rows(batch.specialty, batch.operation).flatten().tolist())
+    used = layer.gate_tags.grad.abs().sum(1) > 0
+    assert set(used.nonzero().flatten().tolist()) == rows  # exactly the specialty, operation and pair rows read
+    for p in (layer.lora_A, layer.lora_B):
         assert p.grad is not None and p.grad.abs().sum() > 0
     # the hard mask in the forward, the soft probabilities in the backward
     p = torch.softmax(torch.tensor([[3.0, 1.0, 2.0, 0.0]], requires_grad=True), -1)
@@ -214,33 +219,32 @@ def test_routing_context_is_required():
 def test_auxiliary_losses_match_hand_computed_values():
     p = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]])
     hard = straight_through_topk(p, 1)[1]
-    layer_losses = {}
-
-    class S:  # a minimal routing state stand-in
-        specialty = torch.tensor([0, 1])
-        operation = torch.tensor([3, 3])
-
-        def add_aux(self, k, v):
-            layer_losses[k] = float(v)
-
+    state = RoutingState(prompt_mask=torch.ones(2, 3, dtype=torch.bool), specialty=torch.tensor([0, 1]),
+                         operation=torch.tensor([3, 3]))
     layer = RankGatedLoraLinear(torch.nn.Linear(3, 2), r=4, kappa=1, alpha=4.0, tau=1.0, dropout=0.0,
                                 hidden_gate=True, clinical_gate=False, injection=False,
-                                losses=("ent", "bal", "orth", "axis"), state=S())
+                                losses=("ent", "bal", "orth", "axis"), state=state)
     with torch.no_grad():
         layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]))
         layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 1.0], [0, 1.0, 1.0, 0]]))
     layer._aux_losses(p, hard)
+    layer._aux_losses(p, hard)  # a second module with the same gate: module means are unchanged
+    method = BirgMethod(r=4, kappa=1)
+    losses = {**{k: float(v) for k, v in state.pop_aux().items()},
+              **{k: float(v) for k, v in routing_losses(state, method).items()}}
     h = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
-    assert layer_losses["ent"] == pytest.approx(-h / math.log(4))
+    assert losses["ent"] == pytest.approx(-h / math.log(4))
     # f = [0.5, 0.5, 0, 0], P = [0.4, 0.4, 0.1, 0.1] -> 4 * (0.2 + 0.2)
-    assert layer_losses["bal"] == pytest.approx(1.6)
+    assert losses["bal"] == pytest.approx(1.6)
     # A rows: pairs (0,2), (1,2) have cos^2 = 1/2, others 0 -> 2*2*(1/2) / 12; B columns: (0,3) and (1,2) identical
-    assert layer_losses["orth"] == pytest.approx(2 / 12 + 4 / 12)
-    # two specialty prototypes p0, p1: cos = (0.07*2 + 0.01*2) / (0.49+0.03) ; one operation value -> 0
-    cos = (0.7 * 0.1 * 2 + 0.01 * 2) / (0.49 + 0.03)
-    assert layer_losses["axis"] == pytest.approx(cos, rel=1e-5)
+    assert losses["orth"] == pytest.approx(2 / 12 + 4 / 12)
+    # two specialty prototypes p0, p1; one operation value contributes 0
+    assert losses["axis"] == pytest.approx((0.7 * 0.1 * 2 + 0.01 * 2) / (0.49 + 0.03), rel=1e-5)
     assert float(_offdiag_cos2(torch.eye(3))) == 0.0
-    assert float(_prototype_separation(p, torch.tensor([1, 1]))) == 0.0
+    # orth is skipped on micro-batches after the first of a step
+    state.parameter_losses = False
+    layer._aux_losses(p, hard)
+    assert "orth" not in state.pop_aux()
 
 
 def test_effective_rank():
@@ -258,4 +262,6 @@ def test_presets_are_flags_of_one_method():
     cfg = load_config("quickstart", ["method.preset=birg-no-axis"])  # file's LoRA keys carry over
     assert cfg.method.name == "birg" and cfg.method.l_axis == 0.0 and cfg.method.r == 16
     _, model, _ = birg_model(clinical_gate=False, injection=False)
-    assert not any("gate_s" in n or "rho" in n for n, _ in model.named_parameters())
+    assert not any("gate_tags" in n for n, _ in model.named_parameters())
+    layer = next(m for m in model.modules() if isinstance(m, RankGatedLoraLinear))
+    assert layer.gate_in.out_features == 16  # a_h only, no rho row

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .adapters import apply_method, auxiliary_losses, count_parameters, save_trained, set_routing
+from .adapters.birg import PARAMETER_LOSSES
 from .config import RunConfig, dump_config
 from .dataset import TaggedRecord
 from .io import atomic_dir, write_json, write_text
@@ -273,18 +274,19 @@ def train(
             n_answer = sum(b.n_answer_tokens for b in batches)
             loss_value = 0.0
             aux_values: dict[str, float] = {}
-            for b in batches:
+            for i, b in enumerate(batches):
                 b = b.to(loaded.device)
-                set_routing(model, b.prompt_mask, b.specialty, b.operation)
+                set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
                 loss = answer_loss_sum(model, b) / n_answer
                 loss_value += float(loss.detach())
-                # auxiliary losses are batch means: weight each micro-batch by its share of the step
+                # batch-mean auxiliary losses are weighted by the micro-batch's share of the step
                 share = b.input_ids.shape[0] / tc.batch_size
-                aux_total, aux = auxiliary_losses(model, cfg.method)
+                aux_total, aux = auxiliary_losses(model, cfg.method, share)
                 if aux_total is not None:
-                    loss = loss + share * aux_total
+                    loss = loss + aux_total
                     for key, value in aux.items():
-                        aux_values[key] = aux_values.get(key, 0.0) + share * float(value.detach())
+                        w = 1.0 if key in PARAMETER_LOSSES else share
+                        aux_values[key] = aux_values.get(key, 0.0) + w * float(value.detach())
                 loss.backward()
                 tokens_seen += b.n_tokens
             answer_tokens_seen += n_answer

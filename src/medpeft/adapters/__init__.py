@@ -15,7 +15,7 @@ from torch import nn
 from ..config import BirgMethod, FullMethod, LoraMethod
 from ..io import atomic_dir, write_json
 from . import peft_methods
-from .birg import BirgLayerFactory, weighted_aux_loss
+from .birg import BirgLayerFactory, routing_losses, weighted_aux_loss
 from .inject import inject_adapters, load_adapter_weights, save_adapter
 from .routing import routing_state, set_routing
 
@@ -38,13 +38,16 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable_params": trainable, "total_params": total}
 
 
-def auxiliary_losses(model: nn.Module, method) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The routed adapters' auxiliary losses of the last forward: (weighted sum, each term)."""
+def auxiliary_losses(model: nn.Module, method, share: float = 1.0) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The routed adapters' auxiliary losses of the last forward: (weighted sum, each term).
+
+    ``share``: this micro-batch's fraction of the optimizer step's examples.
+    """
     state = routing_state(model)
     if state is None or not isinstance(method, BirgMethod):
         return None, {}
-    aux = state.pop_aux()
-    return weighted_aux_loss(aux, method), aux
+    aux = {**state.pop_aux(), **routing_losses(state, method)}
+    return weighted_aux_loss(aux, method, share), aux
 
 
 def save_trained(model: nn.Module, method, run_dir: Path) -> Path:

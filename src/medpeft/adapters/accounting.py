@@ -93,8 +93,8 @@ def count_method(arch: str, name: str) -> MethodCount:
     for m in model.modules():
         if isinstance(m, RankGatedLoraLinear):
             inactive += (m.lora_A.numel() + m.lora_B.numel()) * (m.r - m.kappa) // m.r
-            if m.gate_s is not None:
-                inactive += m.gate_s.numel() + m.gate_o.numel() + m.gate_so.numel() - 3 * m.r
+            if m.gate_tags is not None:
+                inactive += m.gate_tags.numel() - 3 * m.r
     return MethodCount(name, trainable, trainable - inactive, method.kappa)
 
 

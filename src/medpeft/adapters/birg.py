@@ -16,6 +16,12 @@ R-vectors indexed by the specialty tag, the operation tag and their pair (tables
 and no orth/axis losses this is the ``rankwise`` control), ``injection=False``
 (``rho = 1``), ``kappa`` (top-k).
 
+Parameter layout (fused for speed, same count as separate layers): ``gate_in`` is one
+``Linear(d_in -> R + 1)`` whose first R outputs are ``a_h`` and whose last is the rho
+logit (``R`` outputs without injection, ``1`` without the hidden branch); ``gate_tags`` is
+one ``[8 + 9 + 8*9, R]`` table holding ``a_s`` (rows 0-7), ``a_o`` (8-16) and ``a_so``
+(17-88, row ``17 + 9 s + o``), so a question's clinical logits are the sum of three rows.
+
 Auxiliary losses, computed inside the forward pass from this batch (so they also work
 when parameters are sharded), averaged over modules by the trainer::
 
@@ -29,7 +35,10 @@ one-hot gates); ``L_bal`` is the Switch-Transformer load balance over rank atoms
 usage is uniform, up to R/kappa when collapsed); ``L_orth`` penalises similar rank atoms
 (rows of A, columns of B); ``L_axis`` separates the prototype rank distributions
 ``P^s = mean of p over the batch's questions with specialty s`` (and likewise per
-operation) -- 0 when the batch holds fewer than two values of an axis.
+operation) -- 0 when the batch holds fewer than two values of an axis. ``L_orth``
+depends on the parameters only, so it is computed once per optimizer step (on the
+step's first micro-batch) with weight 1, which gives the same gradient as computing it on
+every micro-batch weighted by its share.
 """
 
 from __future__ import annotations
@@ -45,13 +54,15 @@ from ..tags import OPERATIONS, SPECIALTIES
 from .routing import RoutingState
 
 N_SPECIALTY, N_OPERATION = len(SPECIALTIES), len(OPERATIONS)
+N_TAG_ROWS = N_SPECIALTY + N_OPERATION + N_SPECIALTY * N_OPERATION
 AUX_LOSSES = ("ent", "bal", "orth", "axis")
+PARAMETER_LOSSES = ("orth",)  # depend on weights only: once per optimizer step
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` [B, T, d] over the positions where ``mask`` [B, T] is true."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+def tag_rows(specialty: torch.Tensor, operation: torch.Tensor) -> torch.Tensor:
+    """Rows of ``gate_tags`` a question reads: ``[s, 8 + o, 17 + 9 s + o]`` -> ``[B, 3]``."""
+    return torch.stack([specialty, N_SPECIALTY + operation,
+                        N_SPECIALTY + N_OPERATION + specialty * N_OPERATION + operation], dim=-1)
 
 
 def straight_through_topk(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +79,15 @@ def _offdiag_cos2(m: torch.Tensor) -> torch.Tensor:
     return (g.pow(2).sum() - g.diagonal().pow(2).sum()) / (r * (r - 1))
 
 
-def _prototype_separation(p: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between the mean routing distributions of distinct groups."""
-    values = groups.unique()
-    if values.numel() < 2:
-        return p.new_zeros(())
-    protos = torch.stack([p[groups == v].mean(0) for v in values])
-    n = F.normalize(protos, dim=-1)
-    g = n @ n.T
-    k = g.shape[0]
-    return (g.sum() - g.diagonal().sum()) / (k * (k - 1))
+def _prototype_separation(p: torch.Tensor, averager: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
+    """Sum over tag axes of the mean cosine similarity between prototypes of distinct values.
+
+    ``averager`` [G, B] averages the rows of ``p`` per tag value (both axes stacked);
+    ``pair_weights`` [G, G] is 1/(number of present pairs of its axis) on distinct pairs of
+    present values of the same axis, else 0. No data-dependent shapes, so no host sync.
+    """
+    n = F.normalize(averager @ p, dim=-1)
+    return ((n @ n.T) * pair_weights).sum()
 
 
 class RankGatedLoraLinear(nn.Module):
@@ -99,23 +109,19 @@ class RankGatedLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate_h = nn.Linear(d_in, r, device=device, dtype=dtype) if hidden_gate else None
-        if clinical_gate:
-            self.gate_s = nn.Parameter(torch.zeros(N_SPECIALTY, r, device=device, dtype=dtype))
-            self.gate_o = nn.Parameter(torch.zeros(N_OPERATION, r, device=device, dtype=dtype))
-            self.gate_so = nn.Parameter(torch.zeros(N_SPECIALTY * N_OPERATION, r, device=device, dtype=dtype))
-        else:
-            self.gate_s = self.gate_o = self.gate_so = None
-        self.rho = nn.Linear(d_in, 1, device=device, dtype=dtype) if injection else None
+        self.hidden_gate, self.injection = hidden_gate, injection
+        n_in = r * hidden_gate + injection
+        self.gate_in = nn.Linear(d_in, n_in, device=device, dtype=dtype) if n_in else None
+        self.gate_tags = nn.Parameter(torch.zeros(N_TAG_ROWS, r, device=device, dtype=dtype)) if clinical_gate else None
         if device.type != "meta":
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft / loralib
         nn.init.zeros_(self.lora_B)
-        if self.rho is not None:
-            nn.init.zeros_(self.rho.weight)
-            nn.init.zeros_(self.rho.bias)  # rho = 0.5 at the start
+        if self.injection:
+            nn.init.zeros_(self.gate_in.weight[-1])
+            nn.init.zeros_(self.gate_in.bias[-1:])  # rho = 0.5 at the start
 
     # ------------------------------------------------------------------------- gate
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,29 +131,24 @@ class RankGatedLoraLinear(nn.Module):
             raise RuntimeError(
                 f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
                 "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")
-        h_x = masked_mean(x, st.prompt_mask)
-        logits = x.new_zeros(x.shape[0], self.r)
-        if self.gate_h is not None:
-            logits = logits + self.gate_h(h_x)
-        if self.gate_s is not None:
-            s, o = st.specialty, st.operation
-            logits = logits + self.gate_s[s] + self.gate_o[o] + self.gate_so[s * N_OPERATION + o]
-        p = torch.softmax(logits.float() / self.tau, dim=-1)
+        hidden = self.gate_in(st.pooled(x)).float() if self.gate_in is not None else None
+        logits = hidden[:, :self.r] if self.hidden_gate else None
+        if self.gate_tags is not None:
+            clinical = self.gate_tags[st.tag_rows()].sum(1).float()
+            logits = clinical if logits is None else logits + clinical
+        p = torch.softmax(logits / self.tau, dim=-1)
         zeta, hard = straight_through_topk(p, self.kappa)
-        rho = torch.sigmoid(self.rho(h_x).float()) if self.rho is not None else p.new_ones(x.shape[0], 1)
+        rho = torch.sigmoid(hidden[:, -1:]) if self.injection else None
         return zeta, hard, p, rho
 
     def _aux_losses(self, p: torch.Tensor, hard: torch.Tensor) -> None:
+        """Hand this forward's gate to the routing state; the batch losses of all modules are
+        computed together, vectorised over modules, by :func:`routing_losses`."""
         st = self.state
-        if "ent" in self.losses:
-            st.add_aux("ent", (p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(self.r))
-        if "bal" in self.losses:
-            f = hard.mean(0) / self.kappa
-            st.add_aux("bal", self.r * (f * p.mean(0)).sum())
-        if "orth" in self.losses:
+        if any(k in self.losses for k in ("ent", "bal", "axis")):
+            st.gates.append((p, hard))
+        if "orth" in self.losses and st.parameter_losses:
             st.add_aux("orth", _offdiag_cos2(self.lora_A) + _offdiag_cos2(self.lora_B.T))
-        if "axis" in self.losses and st.specialty is not None:
-            st.add_aux("axis", _prototype_separation(p, st.specialty) + _prototype_separation(p, st.operation))
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,8 +162,10 @@ class RankGatedLoraLinear(nn.Module):
             if self.training and self.losses:
                 self._aux_losses(p, hard)
             if st.record:
-                st.records[self.name] = {"hard": hard.detach(), "p": p.detach(), "rho": rho.detach()}
-        scale = (zeta * rho * self.scaling).to(x.dtype).unsqueeze(1)  # [B, 1, R]
+                st.records[self.name] = {"hard": hard.detach(), "p": p.detach(),
+                                         "rho": rho.detach() if rho is not None else torch.ones_like(p[:, :1])}
+        scale = zeta * self.scaling if rho is None else zeta * (rho * self.scaling)
+        scale = scale.to(x.dtype).unsqueeze(1)  # [B, 1, R]
         update = (self.dropout(x) @ self.lora_A.T) * scale @ self.lora_B.T
         return self.base(x) + update
 
@@ -171,8 +174,8 @@ class RankGatedLoraLinear(nn.Module):
         return (self.lora_B * (hard_row * rho * self.scaling)) @ self.lora_A
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, kappa={self.kappa}, tau={self.tau}, hidden_gate={self.gate_h is not None}, "
-                f"clinical_gate={self.gate_s is not None}, injection={self.rho is not None}")
+        return (f"r={self.r}, kappa={self.kappa}, tau={self.tau}, hidden_gate={self.hidden_gate}, "
+                f"clinical_gate={self.gate_tags is not None}, injection={self.injection}")
 
 
 def effective_rank(update: torch.Tensor) -> float:
@@ -197,9 +200,36 @@ class BirgLayerFactory:
                                    injection=m.injection, losses=losses, state=state, name=name)
 
 
-def weighted_aux_loss(aux: dict[str, torch.Tensor], method) -> torch.Tensor | None:
-    """``l_ent L_ent + l_bal L_bal + l_orth L_orth + l_axis L_axis`` over the losses present."""
-    terms = [getattr(method, f"l_{k}") * v for k, v in aux.items()]
+def routing_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
+    """``L_ent``, ``L_bal``, ``L_axis`` of the last forward, each averaged over modules.
+
+    The gates of every module (all of rank R) are stacked to ``P, H: [M, B, R]`` so each
+    loss costs a handful of tensor operations per forward instead of per module.
+    """
+    if not state.gates:
+        return {}
+    p = torch.stack([g[0] for g in state.gates])
+    hard = torch.stack([g[1] for g in state.gates])
+    state.gates = []
+    r, out = p.shape[-1], {}
+    if method.l_ent > 0:
+        out["ent"] = (p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(r)
+    if method.l_bal > 0:
+        out["bal"] = r * (hard.mean(1) / method.kappa * p.mean(1)).sum(-1).mean()
+    if method.l_axis > 0 and state.specialty is not None:
+        averager, pair_weights = state.tag_group_averager()
+        n = F.normalize(torch.einsum("gb,mbr->mgr", averager, p), dim=-1)
+        out["axis"] = (n @ n.transpose(1, 2) * pair_weights).sum((1, 2)).mean()
+    return out
+
+
+def weighted_aux_loss(aux: dict[str, torch.Tensor], method, share: float = 1.0) -> torch.Tensor | None:
+    """``l_ent L_ent + l_bal L_bal + l_orth L_orth + l_axis L_axis`` over the losses present.
+
+    Batch losses are weighted by the micro-batch's ``share`` of the optimizer step;
+    parameter losses (computed once per step) by 1.
+    """
+    terms = [getattr(method, f"l_{k}") * v * (1.0 if k in PARAMETER_LOSSES else share) for k, v in aux.items()]
     return torch.stack(terms).sum() if terms else None
 
 
@@ -211,13 +241,12 @@ def merge_fixed_gate(model: nn.Module, specialty: int, operation: int) -> nn.Mod
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, RankGatedLoraLinear):
-            if module.gate_h is not None or module.rho is not None:
+            if module.hidden_gate or module.injection:
                 raise ValueError(f"{name}: the gate depends on the input (hidden branch or injection); "
                                  "merging is exact only for a tag-only gate without injection")
             with torch.no_grad():
-                s = torch.tensor([specialty], device=module.lora_A.device)
-                o = torch.tensor([operation], device=module.lora_A.device)
-                logits = module.gate_s[s] + module.gate_o[o] + module.gate_so[s * N_OPERATION + o]
+                rows = tag_rows(torch.tensor([specialty]), torch.tensor([operation])).to(module.lora_A.device)
+                logits = module.gate_tags[rows].sum(1)
                 hard = straight_through_topk(torch.softmax(logits.float() / module.tau, -1), module.kappa)[1][0]
                 merged = nn.Linear(module.base.in_features, module.base.out_features,
                                    bias=module.base.bias is not None, device=module.lora_A.device,

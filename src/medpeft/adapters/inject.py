@@ -82,3 +82,15 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
 
 def saved_method(folder: Path) -> dict:
     return json.loads((folder / ADAPTER_CONFIG).read_text())["method"]
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`inject_adapters`: put each wrapped base ``nn.Linear`` back, drop the state."""
+    for name, module in list(model.named_modules()):
+        base = getattr(module, "base", None)
+        if isinstance(base, nn.Linear) and hasattr(module, "state") and hasattr(module, "lora_A"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    if hasattr(model, ROUTING_ATTR):
+        delattr(model, ROUTING_ATTR)
+    return model

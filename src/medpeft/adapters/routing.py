@@ -27,10 +27,63 @@ class RoutingState:
     specialty: torch.Tensor | None = None  # [B] long
     operation: torch.Tensor | None = None  # [B] long
     freeze: bool = False  # generation: gates computed at prefill, then held fixed
+    parameter_losses: bool = True  # compute weight-only losses (once per optimizer step)
     record: bool = False  # audit: keep each layer's gate outputs
     frozen: dict[str, tuple] = field(default_factory=dict)
     aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    gates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (p, hard) per module, for losses
+    # Per-batch quantities every routed layer needs, computed once per set_routing
+    # instead of once per module (they depend on the batch, not on the layer).
+    _cache: dict = field(default_factory=dict)
+
+    def pool_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, T]`` weights of the masked mean over prompt tokens (rows sum to 1)."""
+        key = ("pool", dtype)
+        if key not in self._cache:
+            m = self.prompt_mask.to(dtype)
+            self._cache[key] = m / m.sum(1, keepdim=True).clamp(min=1)
+        return self._cache[key]
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """``h_x``: mean of ``x`` [B, T, d] over the prompt tokens, ``[B, d]``.
+
+        Modules that read the same input tensor (q/k/v, gate/up) share one pooling: the
+        last result is kept together with the tensor it came from.
+        """
+        last = self._cache.get("pooled")
+        if last is not None and last[0] is x:
+            return last[1]
+        h = torch.bmm(self.pool_weights(x.dtype).unsqueeze(1), x).squeeze(1)
+        self._cache["pooled"] = (x, h)
+        return h
+
+    def tag_rows(self) -> torch.Tensor:
+        """``[B, 3]`` rows of a clinical gate table: specialty, operation, their pair."""
+        if "rows" not in self._cache:
+            from .birg import tag_rows
+
+            self._cache["rows"] = tag_rows(self.specialty, self.operation)
+        return self._cache["rows"]
+
+    def tag_group_averager(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both tag axes stacked: ``W [G, B]`` averaging rows per tag value (absent values:
+        zero rows) and ``[G, G]`` pair weights, ``1/n_pairs(axis)`` on distinct present
+        values of the same axis, else 0 -- so ``sum(cos * weights)`` is the sum over axes
+        of the mean prototype similarity."""
+        if "groups" not in self._cache:
+            from ..tags import OPERATIONS, SPECIALTIES
+
+            blocks, weights = [], []
+            for ids, n_values in ((self.specialty, len(SPECIALTIES)), (self.operation, len(OPERATIONS))):
+                onehot = torch.nn.functional.one_hot(ids, n_values).float().T  # [G, B]
+                counts = onehot.sum(1, keepdim=True)
+                present = (counts.squeeze(1) > 0).float()
+                pairs = present[:, None] * present[None, :] * (1 - torch.eye(n_values, device=ids.device))
+                blocks.append(onehot / counts.clamp(min=1))
+                weights.append(pairs / pairs.sum().clamp(min=1))
+            self._cache["groups"] = (torch.cat(blocks), torch.block_diag(*weights))
+        return self._cache["groups"]
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         self.aux.setdefault(name, []).append(value)
@@ -59,12 +112,17 @@ def set_routing(
     *,
     freeze: bool = False,
     record: bool = False,
+    parameter_losses: bool = True,
 ) -> None:
-    """Give the next forward pass(es) their routing context; a no-op for unrouted models."""
+    """Give the next forward pass(es) their routing context; a no-op for unrouted models.
+
+    ``parameter_losses=False`` skips weight-only auxiliary losses (the trainer computes
+    them on the first micro-batch of each optimizer step only).
+    """
     state = routing_state(model)
     if state is None:
         return
     state.prompt_mask = prompt_mask.bool()
     state.specialty, state.operation = specialty, operation
-    state.freeze, state.record = freeze, record
-    state.frozen, state.aux, state.records = {}, {}, {}
+    state.freeze, state.record, state.parameter_losses = freeze, record, parameter_losses
+    state.frozen, state.aux, state.records, state._cache, state.gates = {}, {}, {}, {}, []

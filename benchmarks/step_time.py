@@ -1,0 +1,161 @@
+"""Training-step time and peak memory of rank-gated adapters vs peft LoRA r16, in one run.
+
+    python benchmarks/step_time.py --config cpu-tiny          # the tiny model on CPU
+    python benchmarks/step_time.py --config gpu-8b            # qwen3-8b architecture, random bf16 weights
+
+Every method trains on the same base model (adapters are removed between methods), the
+same batch of random tokens (answer = the last 2 tokens of each row) and the same
+optimizer, through medpeft's own training step (routing context, answer-only loss with
+logits at answer positions only, auxiliary losses, AdamW). Prints a Markdown table with
+ratios to peft LoRA r16; ``--json PATH`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from medpeft.adapters import apply_method, auxiliary_losses, set_routing  # noqa: E402
+from medpeft.adapters.accounting import _method_config, build_meta_model  # noqa: E402
+from medpeft.adapters.inject import remove_adapters  # noqa: E402
+from medpeft.train import IGNORE, Batch, answer_loss_sum  # noqa: E402
+
+# Methods are timed in interleaved rounds (A B C A B C ...) so that drift of the machine
+# (frequency, other load) affects every method alike; the table shows medians over all
+# timed steps.
+CONFIGS = {
+    "cpu-tiny": {"arch": "tiny", "device": "cpu", "dtype": torch.float32, "seq": 256, "batch": 8, "micro": 4,
+                 "warmup": 2, "steps": 10, "rounds": 5},
+    "gpu-8b": {"arch": "qwen3-8b", "device": "cuda", "dtype": torch.bfloat16, "seq": 768, "batch": 8, "micro": 4,
+               "warmup": 2, "steps": 5, "rounds": 3},
+}
+METHODS = ["lora-r16", "birg", "rankwise"]
+
+
+def random_model(arch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture with random weights (timing does not need real ones), materialised on ``device``."""
+    model = build_meta_model(arch).to(dtype=dtype)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def make_batches(cfg: dict, vocab: int, device: str) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(cfg["batch"] // cfg["micro"]):
+        ids = torch.randint(0, vocab, (cfg["micro"], cfg["seq"]), generator=g)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, -2:] = ids[:, -2:]
+        prompt = torch.ones_like(ids, dtype=torch.bool)
+        prompt[:, -2:] = False
+        b = Batch(ids, torch.ones_like(ids), labels, prompt, torch.randint(0, 8, (cfg["micro"],), generator=g),
+                  torch.randint(0, 9, (cfg["micro"],), generator=g), 2 * cfg["micro"], ids.numel())
+        out.append(b.to(torch.device(device)))
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
+    method = _method_config(name)
+    torch.manual_seed(0)
+    model = apply_method(model, method)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    n_answer = sum(b.n_answer_tokens for b in batches)
+    device = cfg["device"]
+
+    def step():
+        for i, b in enumerate(batches):
+            set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
+            loss = answer_loss_sum(model, b) / n_answer
+            aux_total, _ = auxiliary_losses(model, method, b.input_ids.shape[0] / cfg["batch"])
+            if aux_total is not None:
+                loss = loss + aux_total
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(cfg["warmup"]):
+        step()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    trainable = sum(p.numel() for p in params)
+    del opt, params
+    # give the base model back, bare, for the next method
+    base = model.unload() if hasattr(model, "unload") else remove_adapters(model)
+    return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    cfg = CONFIGS[args.config]
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu-8b needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = random_model(cfg["arch"], cfg["device"], cfg["dtype"])
+    batches = make_batches(cfg, model.config.vocab_size, cfg["device"])
+    rows = {name: {"method": name, "times": [], "peak_gib": None} for name in args.methods}
+    for _ in range(cfg["rounds"]):
+        for name in args.methods:
+            res = time_method(model, name, batches, cfg)
+            model = res.pop("model")
+            row = rows[name]
+            row["times"] += res["times"]
+            row["trainable_params"] = res["trainable_params"]
+            if res["peak_gib"] is not None:
+                row["peak_gib"] = max(row["peak_gib"] or 0.0, res["peak_gib"])
+            gc.collect()
+            if cfg["device"] == "cuda":
+                torch.cuda.empty_cache()
+    rows = list(rows.values())
+    for r in rows:
+        r["step_s"] = statistics.median(r["times"])
+        r["step_s_iqr"] = [statistics.quantiles(r["times"], n=4)[0], statistics.quantiles(r["times"], n=4)[2]]
+    ref = next((r for r in rows if r["method"] == "lora-r16"), rows[0])
+    device_name = torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"Training step, {args.config}: {cfg['arch']}, {device_name}, {str(cfg['dtype']).replace('torch.', '')}, "
+          f"seq {cfg['seq']}, effective batch {cfg['batch']} (micro {cfg['micro']}), "
+          f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps")
+    print()
+    print("| method | trainable | step (s) | x LoRA r16 | peak mem (GiB) | x LoRA r16 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        mem_ratio = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
+        print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.4f} | "
+              f"{r['step_s'] / ref['step_s']:.3f} | {mem} | {mem_ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "device": device_name, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
