@@ -39,6 +39,7 @@ CONFIGS = {
                "warmup": 2, "steps": 5, "rounds": 3},
 }
 METHODS = ["lora-r16", "birg", "rankwise"]
+PROFILE: dict = {"path": None}
 
 
 def random_model(arch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -104,6 +105,16 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    if PROFILE["path"]:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            sync(device)
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        with open(PROFILE["path"], "a") as fh:
+            fh.write(f"\n===== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
     trainable = sum(p.numel() for p in params)
     del opt, params
     # give the base model back, bare, for the next method
@@ -116,8 +127,13 @@ def main() -> None:
     ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--rounds", type=int, help="override the config's number of interleaved rounds")
+    ap.add_argument("--profile", help="write a torch.profiler table of one step of each method to this file")
     args = ap.parse_args()
-    cfg = CONFIGS[args.config]
+    cfg = dict(CONFIGS[args.config])
+    if args.rounds:
+        cfg["rounds"] = args.rounds
+    PROFILE["path"] = args.profile
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu-8b needs a CUDA GPU")
     torch.manual_seed(0)
