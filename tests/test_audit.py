@@ -80,13 +80,13 @@ def test_trained_gate_routes_tags_to_different_atoms(tmp_path):
 
 def test_audit_cli_and_refusal_for_unrouted_runs(tmp_path, capsys):
     out = tmp_path / "birg"
-    assert main(["train", "quickstart", f"output_dir={out}", "method.preset=birg", "train.steps=2",
+    assert main(["train", "quickstart", f"output_dir={out}", "methods=[]", "method.preset=birg", "train.steps=2",
                  "data.max_length=256"]) == 0
     assert main(["audit", str(out)]) == 0
     summary = json.loads((out / "audit" / "summary.json").read_text())
     assert summary["n_questions"] == 28 and summary["n_modules"] == 14 and 0 < summary["mean_rho"] < 1
     lora = tmp_path / "lora"
-    assert main(["train", "quickstart", f"output_dir={lora}", "train.steps=1", "data.max_length=128"]) == 0
+    assert main(["train", "quickstart", f"output_dir={lora}", "methods=[]", "train.steps=1", "data.max_length=128"]) == 0
     capsys.readouterr()
     assert main(["audit", str(lora)]) == 2
     assert "no routed adapters to audit" in capsys.readouterr().err

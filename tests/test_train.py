@@ -132,7 +132,7 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_finished_run_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "quickstart", f"output_dir={out}", "train.steps=1", "data.max_length=128"]
+    args = ["train", "quickstart", f"output_dir={out}", "methods=[]", "train.steps=1", "data.max_length=128"]
     assert main(args) == 0
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(args) == 2
@@ -142,7 +142,7 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
 
 def test_run_then_eval_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "quickstart", f"output_dir={out}", "train.steps=4", "data.max_length=256"]) == 0
+    assert main(["run", "quickstart", f"output_dir={out}", "methods=[]", "train.steps=4", "data.max_length=256"]) == 0
     printed = capsys.readouterr().out
     assert "| run | cmexam-examples (n) |" in printed
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -195,3 +195,18 @@ def test_skip_invalid_flag_reaches_every_source(tmp_path, capsys, caplog):
     assert main(args + ["--skip-invalid"]) == 0
     assert "medqa: skipped 1 invalid records: 1 x answer_idx: answer 'C' is not among the options AB" in caplog.text
     assert json.loads((tmp_path / "o" / "results.json").read_text())["benchmarks"]["medqa"]["n"] == 1
+
+
+def test_quickstart_trains_lora_and_birg_side_by_side(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["run", "quickstart", f"output_dir={out}", "train.steps=3", "data.max_length=256"]) == 0
+    printed = capsys.readouterr().out
+    assert "| lora-r16 |" in printed and "| birg |" in printed
+    both = json.loads((out / "results.json").read_text())
+    assert set(both) == {"lora-r16", "birg"}
+    for name in both:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["steps"] == 3 and summary["train_examples"] == 30  # the same budget and data
+    assert json.loads((out / "birg" / "summary.json").read_text())["method"] == "birg"
+    assert (out / "lora-r16" / "adapter" / "adapter_config.json").exists()
+    assert (out / "birg" / "adapter" / "adapter.safetensors").exists()

@@ -39,11 +39,12 @@ def _load(config: str, overrides: list[str], skip_invalid: bool):
 
 
 def cmd_train(args) -> int:
+    from .config import method_variants
     from .pipeline import run_train
 
     cfg = _load(args.config, args.overrides, args.skip_invalid)
-    summary = run_train(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    summaries = [run_train(variant, resume=args.resume) for variant in method_variants(cfg)]
+    print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
     return 0
 
 
@@ -73,15 +74,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .config import method_variants
+    from .io import write_json
     from .pipeline import run_eval, run_train
+    from .report import results_table
 
     cfg = _load(args.config, args.overrides, args.skip_invalid)
-    summary = run_train(cfg, resume=args.resume)
-    run_dir = Path(cfg.output_dir)
-    results = run_eval(cfg, run_dir=run_dir)
-    print(f"trained {summary['method']}: {summary['trainable_params']:,} trainable parameters, "
-          f"{summary['steps']} steps, {summary['train_time_s']:.1f}s")
-    _print_results(results, f"{cfg.method.name} ({run_dir.name})", run_dir / "eval")
+    table = {}
+    for variant in method_variants(cfg):
+        summary = run_train(variant, resume=args.resume)
+        run_dir = Path(variant.output_dir)
+        results = run_eval(variant, run_dir=run_dir)
+        print(f"trained {run_dir.name} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
+              f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
+        table[run_dir.name] = results
+    print(results_table(table), end="")
+    if cfg.methods:
+        write_json(Path(cfg.output_dir) / "results.json", table)
+        print(f"run folders, and all results in results.json, under {cfg.output_dir}")
+    else:
+        print(f"predictions and results in {Path(cfg.output_dir) / 'eval'}")
     return 0
 
 

@@ -157,6 +157,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
+    # Presets trained side by side under the same budget and data (each in output_dir/<preset>,
+    # its method section replaced by the preset); empty = train the one 'method' below.
+    methods: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = field(default_factory=LoraMethod)
     data: DataConfig = field(default_factory=DataConfig)
@@ -331,7 +334,24 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         _resolve_paths(raw, path.parent)
     raw = apply_overrides(raw, overrides or [])
     _resolve_paths(raw, Path.cwd())  # paths given as overrides are relative to the working folder
-    return from_dict(RunConfig, raw)
+    cfg = from_dict(RunConfig, raw)
+    for preset in cfg.methods:
+        if preset not in PRESETS:
+            raise ConfigError(f"config key 'methods' names {preset!r}, not a preset ({', '.join(PRESETS)})")
+    return cfg
+
+
+def method_variants(cfg: RunConfig) -> list[RunConfig]:
+    """One config per entry of ``cfg.methods`` (or ``[cfg]``): same budget and data, preset method."""
+    if not cfg.methods:
+        return [cfg]
+    out = []
+    for preset in cfg.methods:
+        data = expand_preset({"preset": preset})
+        method = from_dict(METHOD_SCHEMAS[data["name"]], data, "method")
+        out.append(dataclasses.replace(cfg, methods=[], method=method,
+                                       output_dir=str(Path(cfg.output_dir) / preset)))
+    return out
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
