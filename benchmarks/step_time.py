@@ -125,7 +125,7 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, help="method presets to time")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--rounds", type=int, help="override the config's number of interleaved rounds")
     ap.add_argument("--profile", help="write a torch.profiler table of one step of each method to this file")

@@ -265,3 +265,19 @@ def test_presets_are_flags_of_one_method():
     assert not any("gate_tags" in n for n, _ in model.named_parameters())
     layer = next(m for m in model.modules() if isinstance(m, RankGatedLoraLinear))
     assert layer.gate_in.out_features == 16  # a_h only, no rho row
+
+
+def test_orthogonality_loss_hand_written_backward_passes_gradcheck():
+    from medpeft.adapters.birg import OffDiagonalCos2
+
+    torch.manual_seed(0)
+    a = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: OffDiagonalCos2.apply(a, b), (a, b))
+
+    def reference(m):  # the textbook form through autograd
+        n = torch.nn.functional.normalize(m, dim=-1)
+        g = n @ n.T
+        return (g.pow(2).sum() - g.diagonal().pow(2).sum()) / (m.shape[0] * (m.shape[0] - 1))
+
+    assert float(OffDiagonalCos2.apply(a, b)) == pytest.approx(float(reference(a) + reference(b)), rel=1e-12)

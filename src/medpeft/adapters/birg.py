@@ -73,10 +73,72 @@ def straight_through_topk(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 def _offdiag_cos2(m: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine similarity between distinct rows of ``m`` [R, d]."""
-    n = F.normalize(m.float(), dim=-1, eps=1e-8)
-    g = n @ n.T
-    r = g.shape[0]
-    return (g.pow(2).sum() - g.diagonal().pow(2).sum()) / (r * (r - 1))
+    return OffDiagonalCos2.apply(m)
+
+
+class OffDiagonalCos2(torch.autograd.Function):
+    """``mean_{j != k} cos(m_j, m_k)^2`` over the rows of each matrix given, summed.
+
+    With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)`` and ``Z = R (R - 1)``:
+    ``L = sum_{j != k} C_jk / Z``, ``dL/dG_jk = 2 G_jk / (n_j n_k Z)`` off the diagonal,
+    ``dL/dn_j = -2 sum_{k != j} C_jk / (n_j Z)``, and ``dL/dm = (S + S^T) m`` with ``S`` those
+    derivatives. Written out by hand because autograd's version of this small loss costs
+    ~40 kernel launches per module, which dominated a GPU step (docs/performance.md).
+    """
+
+    @staticmethod
+    def forward(ctx, *mats: torch.Tensor) -> torch.Tensor:
+        work = torch.float64 if mats[0].dtype == torch.float64 else torch.float32  # fp32 at least
+        total = mats[0].new_zeros((), dtype=work)
+        saved = []
+        for m in mats:
+            mf = m.to(work)
+            g = mf @ mf.T
+            n = g.diagonal().clamp_min(1e-12)
+            inv = 1.0 / (n[:, None] * n[None, :])
+            c = g.square() * inv
+            r = g.shape[0]
+            z = r * (r - 1)
+            total = total + (c.sum() - c.diagonal().sum()) / z
+            saved += [mf, g, n, inv, c]
+        ctx.save_for_backward(*saved)
+        ctx.dtypes = [m.dtype for m in mats]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved = ctx.saved_tensors
+        grads = []
+        for i, dtype in enumerate(ctx.dtypes):
+            mf, g, n, inv, c = saved[5 * i: 5 * i + 5]
+            r = g.shape[0]
+            z = r * (r - 1)
+            off = 1.0 - torch.eye(r, device=g.device, dtype=g.dtype)
+            s = 2.0 * g * inv * off / z
+            s = s - torch.diag_embed(2.0 * (c * off).sum(1) / (n * z))
+            grads.append(((s + s.T) @ mf * grad).to(dtype))
+        return tuple(grads)
+
+
+def gate_math(hidden: torch.Tensor | None, clinical: torch.Tensor | None, r: int, kappa: int, tau: float,
+              hidden_gate: bool, injection: bool):
+    """Gate logits -> (zeta with straight-through gradients, hard mask, p, rho or None)."""
+    logits = hidden[:, :r] if hidden_gate else None
+    if clinical is not None:
+        logits = clinical if logits is None else logits + clinical
+    p = torch.softmax(logits / tau, dim=-1)
+    hard = torch.zeros_like(p).scatter_(-1, p.topk(kappa, dim=-1).indices, 1.0)
+    zeta = hard + p - p.detach()
+    rho = torch.sigmoid(hidden[:, -1:]) if injection else None
+    return zeta, hard, p, rho
+
+
+def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``((x A^T) * scale) B^T`` with a per-question ``scale`` [B, R] over the rank atoms."""
+    return ((x @ a.T) * scale.unsqueeze(1).to(x.dtype)) @ b.T
+
+
+
 
 
 def _prototype_separation(p: torch.Tensor, averager: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
@@ -132,14 +194,9 @@ class RankGatedLoraLinear(nn.Module):
                 f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
                 "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")
         hidden = self.gate_in(st.pooled(x)).float() if self.gate_in is not None else None
-        logits = hidden[:, :self.r] if self.hidden_gate else None
-        if self.gate_tags is not None:
-            clinical = self.gate_tags[st.tag_rows()].sum(1).float()
-            logits = clinical if logits is None else logits + clinical
-        p = torch.softmax(logits / self.tau, dim=-1)
-        zeta, hard = straight_through_topk(p, self.kappa)
-        rho = torch.sigmoid(hidden[:, -1:]) if self.injection else None
-        return zeta, hard, p, rho
+        # a question's three table rows, summed, as one matmul with the batch's 3-hot tag matrix
+        clinical = (st.tag_onehot(self.gate_tags.dtype) @ self.gate_tags).float() if self.gate_tags is not None else None
+        return gate_math(hidden, clinical, self.r, self.kappa, self.tau, self.hidden_gate, self.injection)
 
     def _aux_losses(self, p: torch.Tensor, hard: torch.Tensor) -> None:
         """Hand this forward's gate to the routing state; the batch losses of all modules are
@@ -148,7 +205,7 @@ class RankGatedLoraLinear(nn.Module):
         if any(k in self.losses for k in ("ent", "bal", "axis")):
             st.gates.append((p, hard))
         if "orth" in self.losses and st.parameter_losses:
-            st.add_aux("orth", _offdiag_cos2(self.lora_A) + _offdiag_cos2(self.lora_B.T))
+            st.add_aux("orth", OffDiagonalCos2.apply(self.lora_A, self.lora_B.T))
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,9 +222,7 @@ class RankGatedLoraLinear(nn.Module):
                 st.records[self.name] = {"hard": hard.detach(), "p": p.detach(),
                                          "rho": rho.detach() if rho is not None else torch.ones_like(p[:, :1])}
         scale = zeta * self.scaling if rho is None else zeta * (rho * self.scaling)
-        scale = scale.to(x.dtype).unsqueeze(1)  # [B, 1, R]
-        update = (self.dropout(x) @ self.lora_A.T) * scale @ self.lora_B.T
-        return self.base(x) + update
+        return self.base(x) + lora_update(self.dropout(x), self.lora_A, self.lora_B, scale)
 
     def active_update(self, hard_row: torch.Tensor, rho: float) -> torch.Tensor:
         """The weight update of one question: ``rho (alpha/R) B diag(zeta) A`` [d_out, d_in]."""

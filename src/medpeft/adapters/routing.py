@@ -66,6 +66,17 @@ class RoutingState:
             self._cache["rows"] = tag_rows(self.specialty, self.operation)
         return self._cache["rows"]
 
+    def tag_onehot(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, rows]`` with a 1 at each of a question's three clinical-table rows."""
+        key = ("onehot", dtype)
+        if key not in self._cache:
+            from .birg import N_TAG_ROWS
+
+            rows = self.tag_rows()
+            self._cache[key] = torch.zeros(rows.shape[0], N_TAG_ROWS, dtype=dtype, device=rows.device).scatter_(
+                1, rows, 1.0)
+        return self._cache[key]
+
     def tag_group_averager(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Both tag axes stacked: ``W [G, B]`` averaging rows per tag value (absent values:
         zero rows) and ``[G, G]`` pair weights, ``1/n_pairs(axis)`` on distinct present
