@@ -77,47 +77,39 @@ def _offdiag_cos2(m: torch.Tensor) -> torch.Tensor:
 
 
 class OffDiagonalCos2(torch.autograd.Function):
-    """``mean_{j != k} cos(m_j, m_k)^2`` over the rows of each matrix given, summed.
+    """``sum over the given matrices of mean_{j != k} cos(m_j, m_k)^2`` over their rows.
 
-    With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)`` and ``Z = R (R - 1)``:
-    ``L = sum_{j != k} C_jk / Z``, ``dL/dG_jk = 2 G_jk / (n_j n_k Z)`` off the diagonal,
-    ``dL/dn_j = -2 sum_{k != j} C_jk / (n_j Z)``, and ``dL/dm = (S + S^T) m`` with ``S`` those
-    derivatives. Written out by hand because autograd's version of this small loss costs
-    ~40 kernel launches per module, which dominated a GPU step (docs/performance.md).
+    All matrices have R rows. With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)``
+    and ``Z = R (R - 1)``: ``L = sum_{j != k} C_jk / Z``, ``dL/dG_jk = 2 G_jk / (n_j n_k Z)`` off
+    the diagonal, ``dL/dn_j = -2 sum_{k != j} C_jk / (n_j Z)``, and ``dL/dm = (S + S^T) m``
+    with ``S`` those derivatives. The R x R algebra of every matrix runs stacked, so the
+    cost is one matrix product per matrix plus a fixed handful of kernels: written by hand
+    because autograd's version costs ~40 kernel launches per module, which dominated a GPU
+    step (docs/performance.md).
     """
 
     @staticmethod
     def forward(ctx, *mats: torch.Tensor) -> torch.Tensor:
         work = torch.float64 if mats[0].dtype == torch.float64 else torch.float32  # fp32 at least
-        total = mats[0].new_zeros((), dtype=work)
-        saved = []
-        for m in mats:
-            mf = m.to(work)
-            g = mf @ mf.T
-            n = g.diagonal().clamp_min(1e-12)
-            inv = 1.0 / (n[:, None] * n[None, :])
-            c = g.square() * inv
-            r = g.shape[0]
-            z = r * (r - 1)
-            total = total + (c.sum() - c.diagonal().sum()) / z
-            saved += [mf, g, n, inv, c]
-        ctx.save_for_backward(*saved)
+        mfs = [m.to(work) for m in mats]
+        g = torch.stack([mf @ mf.T for mf in mfs])  # [K, R, R]
+        r = g.shape[-1]
+        n = g.diagonal(dim1=1, dim2=2).clamp_min(1e-12)  # [K, R]
+        inv = 1.0 / (n.unsqueeze(2) * n.unsqueeze(1))
+        off = 1.0 - torch.eye(r, device=g.device, dtype=g.dtype)
+        c = g.square() * inv * off
+        ctx.save_for_backward(g, n, inv, c, off, *mfs)
         ctx.dtypes = [m.dtype for m in mats]
-        return total
+        return c.sum() / (r * (r - 1))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        saved = ctx.saved_tensors
-        grads = []
-        for i, dtype in enumerate(ctx.dtypes):
-            mf, g, n, inv, c = saved[5 * i: 5 * i + 5]
-            r = g.shape[0]
-            z = r * (r - 1)
-            off = 1.0 - torch.eye(r, device=g.device, dtype=g.dtype)
-            s = 2.0 * g * inv * off / z
-            s = s - torch.diag_embed(2.0 * (c * off).sum(1) / (n * z))
-            grads.append(((s + s.T) @ mf * grad).to(dtype))
-        return tuple(grads)
+        g, n, inv, c, off, *mfs = ctx.saved_tensors
+        r = g.shape[-1]
+        z = r * (r - 1)
+        s = (2.0 / z) * g * inv * off - torch.diag_embed((2.0 / z) * c.sum(2) / n)
+        s = (s + s.transpose(1, 2)) * grad
+        return tuple((s[k] @ mf).to(dtype) for k, (mf, dtype) in enumerate(zip(mfs, ctx.dtypes)))
 
 
 def gate_math(hidden: torch.Tensor | None, clinical: torch.Tensor | None, r: int, kappa: int, tau: float,
@@ -164,6 +156,8 @@ class RankGatedLoraLinear(nn.Module):
         if not (hidden_gate or clinical_gate):
             raise ValueError("the gate needs the hidden branch, the clinical branches, or both")
         self.base, self.name, self.state = base, name, state
+        if state is not None:
+            state.register(self)
         self.r, self.kappa, self.scaling, self.tau = r, kappa, alpha / r, tau
         self.losses = losses
         d_in, d_out = base.in_features, base.out_features
@@ -205,7 +199,11 @@ class RankGatedLoraLinear(nn.Module):
         if any(k in self.losses for k in ("ent", "bal", "axis")):
             st.gates.append((p, hard))
         if "orth" in self.losses and st.parameter_losses:
-            st.add_aux("orth", OffDiagonalCos2.apply(self.lora_A, self.lora_B.T))
+            group = st.orth_group(self)
+            if group:  # this decoder layer's first module to run: the whole layer's atoms at once
+                mats = [m.lora_A for m in group] + [m.lora_B.T for m in group]
+                # the layer's sum over modules; pop_aux divides by the module count
+                st.add_aux("orth", OffDiagonalCos2.apply(*mats), weight=len(group))
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class RoutingState:
     parameter_losses: bool = True  # compute weight-only losses (once per optimizer step)
     record: bool = False  # audit: keep each layer's gate outputs
     frozen: dict[str, tuple] = field(default_factory=dict)
-    aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    aux: dict[str, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
     records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     gates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (p, hard) per module, for losses
     # Per-batch quantities every routed layer needs, computed once per set_routing
@@ -96,12 +96,29 @@ class RoutingState:
             self._cache["groups"] = (torch.cat(blocks), torch.block_diag(*weights))
         return self._cache["groups"]
 
-    def add_aux(self, name: str, value: torch.Tensor) -> None:
-        self.aux.setdefault(name, []).append(value)
+    # routed layers by decoder layer (name prefix): parameter-only losses of a decoder layer
+    # are computed together by the first of its modules to run, while the layer's
+    # parameters are materialised (also under per-layer sharding)
+    groups: dict[str, list] = field(default_factory=dict)
+
+    def register(self, layer) -> None:
+        key = ".".join(layer.name.split(".")[:-2])
+        self.groups.setdefault(key, []).append(layer)
+
+    def orth_group(self, layer) -> list:
+        """The layer's decoder-layer group if ``layer`` is the group's designated (first registered)
+        module, else []. A fixed designated module, rather than "the first to run", keeps every
+        forward -- including gradient checkpointing's recomputation -- doing the same work."""
+        group = self.groups.get(".".join(layer.name.split(".")[:-2]), [layer])
+        return group if group[0] is layer else []
+
+    def add_aux(self, name: str, value: torch.Tensor, weight: int = 1) -> None:
+        """Report a loss term summed over ``weight`` modules (1: one module's value)."""
+        self.aux.setdefault(name, []).append((value, weight))
 
     def pop_aux(self) -> dict[str, torch.Tensor]:
-        """Mean of each auxiliary loss over the layers that reported it in the last forward."""
-        out = {k: torch.stack(v).mean() for k, v in self.aux.items() if v}
+        """Mean over modules of each auxiliary loss reported in the last forward."""
+        out = {k: torch.stack([x for x, _ in v]).sum() / sum(w for _, w in v) for k, v in self.aux.items() if v}
         self.aux = {}
         return out
 
