@@ -69,8 +69,39 @@ class BirgMethod:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
+@dataclass
+class MoeMethod:
+    """LoRA mixtures of experts (adapters/moe.py has the formulas)."""
+
+    name: str = "moelora"
+    n_experts: int = 4  # routed (specialist) experts per module; route router: 0 = one per specialty
+    top_k: int = 2  # topk router
+    ranks: list[int] = field(default_factory=lambda: [8])  # specialist i has rank ranks[i % len]
+    alpha: float = 16.0
+    alpha_ratio: float = 0.0  # > 0: alpha_i = alpha_ratio * r_i (Med-MoE-LoRA: 2)
+    n_anchor: int = 0  # always-on base experts
+    anchor_rank: int = 8
+    router: str = "topk"  # topk | soft | route
+    tau: float = 1.0  # soft router temperature (initial value when learned)
+    learn_tau: bool = False
+    n_min: int | None = None  # Med-MoE-LoRA layer schedule N_l (overrides n_experts)
+    n_max: int | None = None
+    gamma: float = 1.0
+    dropout: float = 0.05
+    l_balance: float = 0.0  # Switch load balance (topk)
+    l_var: float = 0.0  # variance of batch-mean gates across experts (Med-MoE-LoRA L_aux)
+    l_anchor: float = 0.0  # ||B_a A_a||^2 of anchors
+    l_con: float = 0.0  # contrastive expert loss (MoELoRA / SparseDoctor)
+    gate_contrast: bool = False  # SparseDoctor: the contrastive term also supervises the router
+    con_temperature: float = 0.1
+    queue_size: int = 0  # SparseDoctor expert memory queue (entries per module)
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
 METHOD_SCHEMAS: dict[str, type] = {"lora": LoraMethod, "dora": LoraMethod, "full": FullMethod,
-                                   "birg": BirgMethod, "rankwise": BirgMethod}
+                                   "birg": BirgMethod, "rankwise": BirgMethod,
+                                   "moelora": MoeMethod, "sparsedoctor": MoeMethod, "medmoe": MoeMethod,
+                                   "moe-vanilla": MoeMethod, "multilora": MoeMethod}
 
 # Named presets: the paper's rows and ablations are settings of a few methods, not copies.
 # ``method: {preset: NAME, ...}`` starts from the preset; keys given beside it win. A method
@@ -93,6 +124,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "birg-top8": {"name": "birg", "kappa": 8},
     "birg-no-orth": {"name": "birg", "l_orth": 0.0},
     "birg-no-axis": {"name": "birg", "l_axis": 0.0},
+    # LoRA mixtures of experts
+    "moelora": {"name": "moelora", "n_experts": 4, "top_k": 2, "ranks": [8], "alpha": 16.0, "l_con": 0.1},
+    "sparsedoctor": {"name": "sparsedoctor", "n_experts": 4, "top_k": 2, "ranks": [8], "alpha": 16.0,
+                     "l_con": 0.1, "gate_contrast": True, "queue_size": 1024},
+    "moe-vanilla": {"name": "moe-vanilla", "n_experts": 4, "top_k": 2, "ranks": [8], "alpha": 16.0,
+                    "l_balance": 0.01},
+    "medmoe": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32], "alpha_ratio": 2.0,
+               "n_anchor": 1, "anchor_rank": 8, "n_min": 2, "n_max": 8, "gamma": 2.0, "l_var": 0.01,
+               "l_anchor": 0.01},
+    "medmoe-uniform": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32],
+                       "alpha_ratio": 2.0, "n_anchor": 1, "anchor_rank": 8, "n_min": 4, "n_max": 4, "gamma": 1.0,
+                       "l_var": 0.01, "l_anchor": 0.01},
+    "medmoe-bottom-heavy": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32],
+                            "alpha_ratio": 2.0, "n_anchor": 1, "anchor_rank": 8, "n_min": 8, "n_max": 2,
+                            "gamma": 2.0, "l_var": 0.01, "l_anchor": 0.01},
+    "medmoe-asymmetric": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32],
+                          "alpha_ratio": 2.0, "n_anchor": 1, "anchor_rank": 8, "n_min": 2, "n_max": 8,
+                          "gamma": 2.0, "l_var": 0.01, "l_anchor": 0.01},
+    "multilora": {"name": "multilora", "router": "route", "n_experts": 0, "ranks": [8], "alpha": 16.0},
 }
 
 
@@ -171,6 +221,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "method.router": ("topk", "soft", "route"),
     "model.dtype": ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
     "train.lr_schedule": ("linear", "cosine", "constant"),
     "eval.scorer": ("letters", "generate"),

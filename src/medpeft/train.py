@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import apply_method, auxiliary_losses, count_parameters, save_trained, set_routing
+from .adapters import after_backward, apply_method, auxiliary_losses, count_parameters, save_trained, set_routing
 from .adapters.birg import PARAMETER_LOSSES
 from .config import RunConfig, dump_config
 from .dataset import TaggedRecord
@@ -149,6 +149,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stats
         save_file({n: t.contiguous().cpu() for n, t in
                    ((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)},
                   str(tmp / "trainable.safetensors"))
+        training_buffers = {n: b.contiguous().cpu() for n, b in model.named_buffers() if ".queue." in n}
+        if training_buffers:  # SparseDoctor's expert memory queues: part of the training state
+            save_file(training_buffers, str(tmp / "buffers.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -168,6 +171,11 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+    if (ckpt / "buffers.safetensors").exists():
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in load_file(str(ckpt / "buffers.safetensors"), device=str(device)).items():
+                buffers[name].copy_(value)
     state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -285,9 +293,10 @@ def train(
                 if aux_total is not None:
                     loss = loss + aux_total
                     for key, value in aux.items():
-                        w = 1.0 if key in PARAMETER_LOSSES else share
+                        w = 1.0 if key in PARAMETER_LOSSES or key == "anchor" else share
                         aux_values[key] = aux_values.get(key, 0.0) + w * float(value.detach())
                 loss.backward()
+                after_backward(model)
                 tokens_seen += b.n_tokens
             answer_tokens_seen += n_answer
             grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -12,22 +12,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import BirgMethod, FullMethod, LoraMethod
+from ..config import BirgMethod, FullMethod, LoraMethod, MoeMethod
 from ..io import atomic_dir, write_json
 from . import peft_methods
 from .birg import BirgLayerFactory, routing_losses, weighted_aux_loss
 from .inject import inject_adapters, load_adapter_weights, save_adapter
+from .moe import MoeLayerFactory, commit_queues, moe_aux_loss
 from .routing import routing_state, set_routing
 
 ADAPTER_DIR = "adapter"
 __all__ = ["apply_method", "count_parameters", "save_trained", "load_trained", "set_routing",
-           "auxiliary_losses", "ADAPTER_DIR"]
+           "auxiliary_losses", "after_backward", "ADAPTER_DIR"]
+OWN_INJECTION = (BirgMethod, MoeMethod)  # methods whose layers we inject ourselves
 
 
 def apply_method(model: nn.Module, method) -> nn.Module:
     """Make ``model`` trainable with ``method``; returns the model to train."""
     if isinstance(method, BirgMethod):
         inject_adapters(model, list(method.target_modules), BirgLayerFactory(method))
+        return model
+    if isinstance(method, MoeMethod):
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
+        inject_adapters(model, list(method.target_modules), MoeLayerFactory(method, n_layers))
         return model
     return peft_methods.apply_method(model, method)
 
@@ -44,10 +50,20 @@ def auxiliary_losses(model: nn.Module, method, share: float = 1.0) -> tuple[torc
     ``share``: this micro-batch's fraction of the optimizer step's examples.
     """
     state = routing_state(model)
-    if state is None or not isinstance(method, BirgMethod):
+    if state is None:
         return None, {}
+    if isinstance(method, MoeMethod):
+        aux = state.pop_aux()
+        return moe_aux_loss(aux, method, share), aux
     aux = {**state.pop_aux(), **routing_losses(state, method)}
     return weighted_aux_loss(aux, method, share), aux
+
+
+def after_backward(model: nn.Module) -> None:
+    """Updates that must follow a micro-batch's backward pass (SparseDoctor's expert queues)."""
+    state = routing_state(model)
+    if state is not None and state.pending_queue:
+        commit_queues(state)
 
 
 def save_trained(model: nn.Module, method, run_dir: Path) -> Path:
@@ -58,7 +74,7 @@ def save_trained(model: nn.Module, method, run_dir: Path) -> Path:
     """
     final = Path(run_dir) / ADAPTER_DIR
     with atomic_dir(final) as tmp:
-        if isinstance(method, BirgMethod):
+        if isinstance(method, OWN_INJECTION):
             save_adapter(model, method, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -69,7 +85,7 @@ def save_trained(model: nn.Module, method, run_dir: Path) -> Path:
 def load_trained(base_model: nn.Module, method, run_dir: Path) -> nn.Module:
     """The base model with the trained adapter of ``run_dir`` applied (eval mode)."""
     path = Path(run_dir) / ADAPTER_DIR
-    if isinstance(method, BirgMethod):
+    if isinstance(method, OWN_INJECTION):
         apply_method(base_model, method)
         load_adapter_weights(base_model, path)
         return base_model.eval()

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import BirgMethod, LoraMethod, PRESETS, expand_preset, from_dict, METHOD_SCHEMAS
+from ..config import BirgMethod, LoraMethod, MoeMethod, PRESETS, expand_preset, from_dict, METHOD_SCHEMAS
 from .birg import RankGatedLoraLinear
+from .moe import LoraMixtureLinear
 
 ARCH_DIR = Path(__file__).resolve().parents[1] / "archs"
-DEFAULT_METHODS = ["lora-r4", "lora-r16", "lora-r24", "dora-r24", "birg", "rankwise", "lora-library-16x-r8"]
+DEFAULT_METHODS = ["lora-r4", "lora-r16", "lora-r24", "dora-r24", "birg", "rankwise", "moelora", "sparsedoctor",
+                   "moe-vanilla", "medmoe", "medmoe-uniform", "medmoe-bottom-heavy", "multilora", "lora-library-16x-r8"]
 LIBRARY_PREFIX = "lora-library-"  # lora-library-<N>x-r<r>: N independent LoRA adapters of rank r
 
 
@@ -86,6 +88,8 @@ def count_method(arch: str, name: str) -> MethodCount:
     with torch.device("meta"):
         model = apply_method(build_meta_model(arch), method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(method, MoeMethod):
+        return _count_moe(name, model, trainable)
     if not isinstance(method, BirgMethod):
         rank = getattr(method, "r", 0)
         return MethodCount(name, trainable, trainable, rank)
@@ -96,6 +100,20 @@ def count_method(arch: str, name: str) -> MethodCount:
             if m.gate_tags is not None:
                 inactive += m.gate_tags.numel() - 3 * m.r
     return MethodCount(name, trainable, trainable - inactive, method.kappa)
+
+
+def _count_moe(name: str, model: torch.nn.Module, trainable: int) -> MethodCount:
+    """Active = router, anchors, and the share of specialists a token uses: top_k of them
+    (topk), all (soft), one (route). Active rank: the mean over modules of the rank a token uses."""
+    inactive, ranks = 0, []
+    for m in model.modules():
+        if isinstance(m, LoraMixtureLinear):
+            spec_ranks = m.ranks[m.n_anchor:]
+            spec_params = sum(spec_ranks) * (m.lora_A.shape[1] + m.lora_B.shape[0])
+            used = {"topk": m.top_k, "soft": m.n_spec, "route": 1}[m.router_kind]
+            inactive += spec_params - spec_params * used // m.n_spec
+            ranks.append(sum(m.ranks[: m.n_anchor]) + sum(spec_ranks) * used / m.n_spec)
+    return MethodCount(name, trainable, trainable - inactive, round(sum(ranks) / max(len(ranks), 1)))
 
 
 def params_table(counts: list[MethodCount], arch: str) -> str:

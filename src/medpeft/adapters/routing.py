@@ -33,6 +33,7 @@ class RoutingState:
     aux: dict[str, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
     records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     gates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (p, hard) per module, for losses
+    pending_queue: dict = field(default_factory=dict)  # expert-queue pushes, committed after backward
     # Per-batch quantities every routed layer needs, computed once per set_routing
     # instead of once per module (they depend on the batch, not on the layer).
     _cache: dict = field(default_factory=dict)
@@ -154,3 +155,4 @@ def set_routing(
     state.specialty, state.operation = specialty, operation
     state.freeze, state.record, state.parameter_losses = freeze, record, parameter_losses
     state.frozen, state.aux, state.records, state._cache, state.gates = {}, {}, {}, {}, []
+    state.pending_queue = {}

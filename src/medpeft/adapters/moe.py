@@ -1,0 +1,284 @@
+"""LoRA mixtures of experts: MoELoRA, SparseDoctor, Med-MoE-LoRA, vanilla MoE-LoRA, Multi-LoRA.
+
+One layer type covers them all. For a target linear layer and token x::
+
+    z = W0 x + sum_{i in specialists} g_i(x) (alpha_i/r_i) B_i A_i x + sum_{a in anchors} (alpha_a/r_a) B_a A_a x
+
+Experts are computed densely -- every expert sees every token, weighted by its gate
+(0 for experts outside the top-k) -- as *one* LoRA of rank ``sum_i r_i`` whose rank
+channels are scaled per token: ``u = x A_cat^T``, ``z += (u * w(x)) B_cat^T`` with
+``w(x)`` the gate of each channel's expert times its ``alpha_i/r_i``. Two matrix products
+whatever the number of experts, and no expert ever goes unused in a step (which is what
+makes sparse MoE training hang under data parallelism).
+
+Routers (``router``):
+
+* ``topk``  -- ``p = softmax(W_g x)``, keep the top-k, renormalise (MoELoRA, vanilla MoE-LoRA).
+* ``soft``  -- ``g = softmax(W_g x / tau)`` over all specialists, ``tau = exp(log_tau)`` learned
+  (Med-MoE-LoRA's soft merging).
+* ``route`` -- ``g = onehot(route of the question)``: one LoRA per specialty route
+  (Multi-LoRA); each item trains only its route's expert, inference switches by route.
+
+Auxiliary losses (weights ``l_*``; each averaged over modules, logged separately)::
+
+    L_balance = N sum_i f_i P_i        f_i: share of top-k slots given to expert i, P_i: mean p_i  (Switch)
+    L_var     = Var_i( mean_tokens g_i )                                         (Med-MoE-LoRA L_aux)
+    L_anchor  = sum_a ||B_a A_a||_F^2  = sum_a tr((B_a^T B_a)(A_a A_a^T))        (anchors stay near the base)
+    L_con     = SupCon over expert representations, labels = expert index       (MoELoRA)
+
+For ``L_con`` the representation of expert i on question b is its output on the mean
+prompt input, ``o_bi = B_i A_i h_b`` (the mean of ``B_i A_i x`` over prompt tokens, by
+linearity), L2-normalised. With temperature ``t``::
+
+    L_con = mean_{(b,i)} -1/|P(b,i)| sum_{(c,i) in P(b,i)} log( exp(o_bi.o_ci/t) / sum_{(c,j) != (b,i)} exp(o_bi.o_cj/t) )
+
+positives ``P(b,i)``: the same expert on the other questions (and in the queue); every
+other representation is a negative. **SparseDoctor** (``gate_contrast: true``) weights
+each representation by the question's mean gate of that expert, ``o_bi = gbar_bi B_i A_i
+h_b``, so the contrastive objective also supervises the router, and keeps an **expert
+memory queue** per module: a fixed-size FIFO ring of past (detached) representations with
+their expert labels, used as extra positives/negatives so the term needs no large batch.
+The queue is updated after each optimizer micro-step with that forward's representations
+(``commit_queues``); it holds no gradient and its memory is fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tags import SPECIALTIES
+from .routing import RoutingState
+
+MOE_LOSSES = ("balance", "var", "anchor", "con")
+
+
+def experts_at_layer(layer: int, n_layers: int, n_min: int, n_max: int, gamma: float) -> int:
+    """Med-MoE-LoRA's schedule ``N_l = N_min + floor((N_max - N_min) (l / L)^gamma)``, l = 1..L."""
+    return n_min + math.floor((n_max - n_min) * (layer / n_layers) ** gamma)
+
+
+class ExpertQueue(nn.Module):
+    """Fixed-size FIFO ring of detached expert representations and their expert labels."""
+
+    def __init__(self, size: int, dim: int, device=None, dtype=torch.float32):
+        super().__init__()
+        self.size = size
+        self.register_buffer("items", torch.zeros(size, dim, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+    @torch.no_grad()
+    def push(self, reps: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append rows (oldest entries are overwritten first)."""
+        n = reps.shape[0]
+        if n >= self.size:
+            reps, labels, n = reps[-self.size:], labels[-self.size:], self.size
+        idx = (self.ptr + torch.arange(n, device=self.items.device)) % self.size
+        self.items[idx] = reps.detach().to(self.items.dtype)
+        self.labels[idx] = labels
+        self.ptr.copy_((self.ptr + n) % self.size)
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = self.labels >= 0
+        return self.items[valid], self.labels[valid]
+
+
+def supcon(reps: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor | None, bank_labels: torch.Tensor | None,
+           temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss of ``reps`` [n, d] (normalised) against themselves and a bank."""
+    keys = reps if bank is None or bank.numel() == 0 else torch.cat([reps, bank.to(reps.dtype)])
+    key_labels = labels if bank_labels is None or bank_labels.numel() == 0 else torch.cat([labels, bank_labels])
+    logits = reps @ keys.T / temperature  # [n, n + q]
+    n = reps.shape[0]
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[:, :n] = torch.eye(n, dtype=torch.bool, device=reps.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == key_labels[None, :]) & ~self_mask
+    n_pos = positive.sum(1)
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(1) / n_pos.clamp(min=1)
+    has = (n_pos > 0).to(per_anchor.dtype)  # anchors without a positive do not count (no host sync)
+    return (per_anchor * has).sum() / has.sum().clamp(min=1)
+
+
+class LoraMixtureLinear(nn.Module):
+    """``nn.Linear`` plus a mixture of LoRA experts (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear, *, ranks: list[int], alphas: list[float], n_anchor: int, router: str,
+                 top_k: int, init_tau: float, learn_tau: bool, dropout: float, losses: tuple[str, ...],
+                 gate_contrast: bool, con_temperature: float, queue_size: int, state: RoutingState, name: str = ""):
+        super().__init__()
+        if router not in ("topk", "soft", "route"):
+            raise ValueError(f"router must be topk, soft or route, got {router!r}")
+        self.base, self.name, self.state = base, name, state
+        self.n_anchor, self.n_spec = n_anchor, len(ranks) - n_anchor
+        if self.n_spec < 1:
+            raise ValueError("a mixture needs at least one routed (specialist) expert")
+        if router == "topk" and not 1 <= top_k <= self.n_spec:
+            raise ValueError(f"top_k must be in 1..{self.n_spec}, got {top_k}")
+        self.router_kind, self.top_k = router, top_k
+        self.losses, self.gate_contrast, self.con_temperature = losses, gate_contrast, con_temperature
+        self.ranks = list(ranks)  # anchors first, then specialists
+        d_in, d_out = base.in_features, base.out_features
+        device, dtype = base.weight.device, base.weight.dtype
+        total = sum(ranks)
+        self.lora_A = nn.Parameter(torch.empty(total, d_in, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, total, device=device, dtype=dtype))
+        self.register_buffer("expert_of_channel", torch.tensor(
+            [i for i, r in enumerate(ranks) for _ in range(r)], device=device), persistent=False)
+        self.register_buffer("channel_scale", torch.tensor(
+            [a / r for a, r in zip(alphas, ranks) for _ in range(r)], device=device, dtype=torch.float32),
+            persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router = nn.Linear(d_in, self.n_spec, bias=False, device=device, dtype=dtype) if router != "route" else None
+        self.log_tau = nn.Parameter(torch.tensor(math.log(init_tau), device=device)) if router == "soft" and learn_tau \
+            else None
+        self.fixed_tau = init_tau
+        self.queue = ExpertQueue(queue_size, d_out, device=device) if queue_size > 0 else None
+        if device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        start = 0
+        for r in self.ranks:  # each expert as peft initialises one LoRA (Kaiming-uniform A, zero B)
+            nn.init.kaiming_uniform_(self.lora_A[start:start + r], a=math.sqrt(5))
+            start += r
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def tau(self) -> torch.Tensor | float:
+        return self.log_tau.exp() if self.log_tau is not None else self.fixed_tau
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Specialist gates ``g`` [B, T, n_spec] and router probabilities ``p`` (None for ``route``)."""
+        if self.router_kind == "route":
+            st = self.state
+            if st.specialty is None or st.specialty.shape[0] != x.shape[0]:
+                raise RuntimeError(f"{self.name}: the route router needs set_routing(...) with the batch's tags")
+            g = F.one_hot(st.specialty % self.n_spec, self.n_spec).to(x.dtype)
+            return g[:, None, :].expand(x.shape[0], x.shape[1], self.n_spec), None
+        logits = self.router(x).float()
+        if self.router_kind == "soft":
+            p = torch.softmax(logits / self.tau, dim=-1)
+            return p, p
+        p = torch.softmax(logits, dim=-1)
+        top = logits.topk(self.top_k, dim=-1)
+        g = torch.zeros_like(p).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
+        return g, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, p = self.gates(x)
+        ones = g.new_ones(*g.shape[:-1], self.n_anchor)
+        expert_w = torch.cat([ones, g], dim=-1)  # anchors always on
+        w = (expert_w[..., self.expert_of_channel] * self.channel_scale).to(x.dtype)  # [B, T, sum r]
+        out = self.base(x) + ((self.dropout(x) @ self.lora_A.T) * w) @ self.lora_B.T
+        if self.training and self.losses:
+            self._aux_losses(x, g, p)
+        if self.state.record:
+            self.state.records[self.name] = {"gates": g.detach()}
+        return out
+
+    # ------------------------------------------------------------------------- losses
+    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.state.prompt_mask
+        return m if m is not None and m.shape == x.shape[:2] else None
+
+    def _aux_losses(self, x: torch.Tensor, g: torch.Tensor, p: torch.Tensor | None) -> None:
+        st = self.state
+        mask = self._token_mask(x)
+        if mask is None:
+            return
+        m = mask.to(torch.float32).unsqueeze(-1)
+        n_tok = m.sum().clamp(min=1)
+        g_mean = (g.float() * m).sum((0, 1)) / n_tok  # [n_spec], mean gate over prompt tokens
+        if "balance" in self.losses and p is not None:
+            p_mean = (p * m).sum((0, 1)) / n_tok
+            f = ((g > 0).float() * m).sum((0, 1)) / (n_tok * max(self.top_k, 1))
+            st.add_aux("balance", self.n_spec * (f * p_mean).sum())
+        if "var" in self.losses:
+            st.add_aux("var", g_mean.var(unbiased=False))
+        if "anchor" in self.losses and self.n_anchor and st.parameter_losses:
+            st.add_aux("anchor", self._anchor_norm())
+        if "con" in self.losses:
+            reps, labels = self._expert_reps(x, g, mask)
+            bank = self.queue.filled() if self.queue is not None else (None, None)
+            st.add_aux("con", supcon(reps, labels, *bank, self.con_temperature))
+            if self.queue is not None:
+                st.pending_queue[self.name] = (self, reps.detach(), labels)
+
+    def _anchor_norm(self) -> torch.Tensor:
+        """``sum_a ||B_a A_a||_F^2`` through the r x r Gram matrices (never the d_out x d_in product)."""
+        total = self.lora_A.new_zeros((), dtype=torch.float32)
+        start = 0
+        for r in self.ranks[: self.n_anchor]:
+            a = self.lora_A[start:start + r].float()
+            b = self.lora_B[:, start:start + r].float()
+            total = total + ((b.T @ b) * (a @ a.T)).sum()
+            start += r
+        return total
+
+    def _expert_reps(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised per-question, per-specialist representations ``o_bi`` and their labels."""
+        w = mask.to(x.dtype)
+        w = w / w.sum(1, keepdim=True).clamp(min=1)
+        h = torch.bmm(w.unsqueeze(1), x).squeeze(1)  # [B, d_in] mean prompt input
+        u = h @ self.lora_A.T * self.channel_scale.to(x.dtype)  # [B, sum r]
+        spec = torch.arange(self.n_anchor, self.n_anchor + self.n_spec, device=x.device)
+        sel = (self.expert_of_channel[None, :] == spec[:, None]).to(x.dtype)  # [n_spec, sum r]
+        o = (u[:, None, :] * sel[None]) @ self.lora_B.T  # [B, n_spec, d_out]
+        if self.gate_contrast:
+            gbar = (g * w.unsqueeze(-1).to(g.dtype)).sum(1)  # [B, n_spec] mean gate over prompt tokens
+            o = o * gbar.unsqueeze(-1).to(o.dtype)
+        reps = F.normalize(o.float().reshape(-1, o.shape[-1]), dim=-1)
+        labels = spec.repeat(x.shape[0]) - self.n_anchor
+        return reps, labels
+
+
+def commit_queues(state: RoutingState) -> None:
+    """Push the last forward's expert representations into each module's memory queue."""
+    for layer, reps, labels in state.pending_queue.values():
+        layer.queue.push(reps, labels)
+    state.pending_queue = {}
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class MoeLayerFactory:
+    method: object
+    n_layers: int
+
+    def ranks_for(self, name: str) -> tuple[list[int], list[float]]:
+        m = self.method
+        if m.n_min is not None:
+            found = _LAYER_INDEX.search(f".{name}.")
+            layer = int(found.group(1)) + 1 if found else self.n_layers
+            n_spec = experts_at_layer(layer, self.n_layers, m.n_min, m.n_max, m.gamma)
+        else:
+            n_spec = len(SPECIALTIES) if m.router == "route" and m.n_experts == 0 else m.n_experts
+        spec_ranks = [m.ranks[i % len(m.ranks)] for i in range(n_spec)]
+        ranks = [m.anchor_rank] * m.n_anchor + spec_ranks
+        alphas = [m.alpha_ratio * r if m.alpha_ratio else m.alpha for r in ranks]
+        return ranks, alphas
+
+    def __call__(self, name: str, base: nn.Linear, state: RoutingState) -> LoraMixtureLinear:
+        m = self.method
+        ranks, alphas = self.ranks_for(name)
+        losses = tuple(k for k in MOE_LOSSES if getattr(m, f"l_{k}") > 0)
+        return LoraMixtureLinear(base, ranks=ranks, alphas=alphas, n_anchor=m.n_anchor, router=m.router,
+                                 top_k=m.top_k, init_tau=m.tau, learn_tau=m.learn_tau, dropout=m.dropout,
+                                 losses=losses, gate_contrast=m.gate_contrast, con_temperature=m.con_temperature,
+                                 queue_size=m.queue_size, state=state, name=name)
+
+
+def moe_aux_loss(aux: dict[str, torch.Tensor], method, share: float) -> torch.Tensor | None:
+    """``sum_k l_k L_k``; batch terms weighted by the micro-batch's share, ``anchor`` (weights only) by 1."""
+    terms = [getattr(method, f"l_{k}") * v * (1.0 if k == "anchor" else share) for k, v in aux.items()]
+    return torch.stack(terms).sum() if terms else None
