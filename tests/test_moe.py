@@ -1,0 +1,229 @@
+"""LoRA mixtures of experts: equivalences, gates, schedules, losses, queue, round trips, accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medpeft.adapters import after_backward, apply_method, auxiliary_losses, load_trained, save_trained, set_routing
+from medpeft.adapters.accounting import count_method
+from medpeft.adapters.moe import ExpertQueue, LoraMixtureLinear, experts_at_layer, supcon
+from medpeft.adapters.routing import RoutingState
+from medpeft.config import LoraMethod, MoeMethod, load_config
+from medpeft.models import load_model
+
+from test_birg import forward, train_batch
+
+
+def moe_method(**kw) -> MoeMethod:
+    return load_config(None, [f"method={{preset: {kw.pop('preset', 'moelora')}}}"]
+                       + [f"method.{k}={v}" for k, v in kw.items()]).method
+
+
+def moe_model(**kw):
+    loaded = load_model("tiny", device="cpu")
+    method = moe_method(**kw)
+    torch.manual_seed(0)
+    return loaded, apply_method(loaded.model, method), method
+
+
+def randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraMixtureLinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def copy_into_peft(model, peft_model):
+    ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraMixtureLinear)}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            short = name.replace("base_model.model.", "")
+            if short in ours and hasattr(module, "lora_A"):
+                module.lora_A["default"].weight.copy_(ours[short].lora_A)
+                module.lora_B["default"].weight.copy_(ours[short].lora_B)
+
+
+@pytest.mark.parametrize("router", ["topk", "route", "soft"])
+def test_one_expert_with_gate_one_equals_plain_lora(router):
+    loaded, model, _ = moe_model(router=router, n_experts=1, top_k=1, ranks="[8]", alpha=16.0, dropout=0.0, l_con=0.0)
+    randomize(model)
+    peft_model = apply_method(load_model("tiny", device="cpu").model, LoraMethod(r=8, alpha=16.0, dropout=0.0))
+    copy_into_peft(model, peft_model)
+    model.eval(), peft_model.eval()
+    batch = train_batch(loaded)
+    batch.specialty = torch.zeros_like(batch.specialty)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model, batch), peft_model(input_ids=batch.input_ids,
+                                   attention_mask=batch.attention_mask).logits, rtol=1e-5, atol=1e-5)
+
+
+def _layer(router="topk", n=4, k=2, ranks=(8,), n_anchor=0, **kw):
+    state = RoutingState()
+    ranks = [ranks[i % len(ranks)] for i in range(n)]
+    torch.manual_seed(0)
+    layer = LoraMixtureLinear(torch.nn.Linear(12, 10), ranks=[8] * n_anchor + ranks, alphas=[16.0] * (n + n_anchor),
+                              n_anchor=n_anchor, router=router, top_k=k, init_tau=1.0, learn_tau=True, dropout=0.0,
+                              losses=kw.pop("losses", ()), gate_contrast=kw.pop("gate_contrast", False),
+                              con_temperature=0.1, queue_size=kw.pop("queue_size", 0), state=state, name="l")
+    return layer, state
+
+
+@pytest.mark.parametrize("router", ["topk", "soft"])
+def test_gate_weights_sum_to_one(router):
+    layer, _ = _layer(router)
+    g, p = layer.gates(torch.randn(3, 5, 12))
+    torch.testing.assert_close(g.sum(-1), torch.ones(3, 5))
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 5))
+    if router == "topk":
+        assert ((g > 0).sum(-1) == 2).all()
+
+
+def test_learnable_temperature_gets_gradients():
+    layer, state = _layer("soft")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 4, 12)
+    layer(x).pow(2).sum().backward()
+    assert layer.log_tau.grad is not None and layer.log_tau.grad.abs() > 0
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_expert_schedule_matches_the_formula():
+    for layer in range(1, 37):
+        assert experts_at_layer(layer, 36, 2, 8, 2.0) == 2 + math.floor(6 * (layer / 36) ** 2)
+    assert experts_at_layer(36, 36, 2, 8, 2.0) == 8 and experts_at_layer(1, 36, 2, 8, 2.0) == 2
+    assert experts_at_layer(36, 36, 8, 2, 2.0) == 2 and experts_at_layer(1, 36, 8, 2, 2.0) == 7  # bottom-heavy
+    loaded, model, _ = moe_model(preset="medmoe")
+    n_spec = {n: m.n_spec for n, m in model.named_modules() if isinstance(m, LoraMixtureLinear)}
+    assert n_spec["model.layers.0.self_attn.q_proj"] == experts_at_layer(1, 2, 2, 8, 2.0) == 3
+    assert n_spec["model.layers.1.mlp.down_proj"] == 8
+    ranks = next(m for m in model.modules() if isinstance(m, LoraMixtureLinear)).ranks
+    assert ranks == [8, 8, 16, 32]  # one anchor, then specialists cycling over {8, 16, 32}
+    uniform = apply_method(load_model("tiny", device="cpu").model, moe_method(preset="medmoe-uniform"))
+    assert {m.n_spec for m in uniform.modules() if isinstance(m, LoraMixtureLinear)} == {4}
+
+
+def test_load_balance_losses_match_hand_computed_values():
+    layer, state = _layer("topk", n=2, k=1, losses=("balance", "var"))
+    with torch.no_grad():  # token 0 -> expert 0 (p = [0.73, 0.27]), token 1 -> expert 1 (p = [0.12, 0.88])
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0], layer.router.weight[1, 1] = 1.0, 2.0
+    x = torch.zeros(1, 2, 12)
+    x[0, 0, 0], x[0, 1, 1] = 1.0, 2.0
+    state.prompt_mask = torch.ones(1, 2, dtype=torch.bool)
+    layer.train()
+    layer(x)
+    aux = state.pop_aux()
+    p0 = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    p1 = torch.softmax(torch.tensor([0.0, 4.0]), 0)
+    p_mean = (p0 + p1) / 2
+    f = torch.tensor([0.5, 0.5])
+    assert float(aux["balance"]) == pytest.approx(float(2 * (f * p_mean).sum()), rel=1e-6)
+    g_mean = torch.tensor([0.5, 0.5])  # top-1 gates are one-hot: each expert takes one token
+    assert float(aux["var"]) == pytest.approx(float(g_mean.var(unbiased=False)), abs=1e-7)
+
+
+def test_anchor_norm_is_the_frobenius_norm_of_the_update():
+    layer, _ = _layer("soft", n=2, n_anchor=1)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    a, b = layer.lora_A[:8], layer.lora_B[:, :8]
+    assert float(layer._anchor_norm()) == pytest.approx(float((b @ a).pow(2).sum()), rel=1e-5)
+
+
+def test_route_router_trains_only_the_routes_expert():
+    loaded, model, _ = moe_model(preset="multilora")
+    batch = train_batch(loaded, n=2)
+    batch.specialty = torch.tensor([3, 3])
+    set_routing(model, batch.prompt_mask, batch.specialty, batch.operation)
+    from medpeft.train import answer_loss_sum
+
+    answer_loss_sum(model, batch).backward()
+    layer = next(m for m in model.modules() if isinstance(m, LoraMixtureLinear))
+    per_expert = torch.stack([layer.lora_B.grad[:, layer.expert_of_channel == e].abs().sum() for e in range(8)])
+    assert per_expert[3] > 0 and per_expert[torch.arange(8) != 3].sum() == 0
+
+
+def test_supcon_golden_and_queue_semantics():
+    reps = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1])
+    loss = supcon(reps, labels, None, None, 1.0)
+    sims = reps @ reps.T
+    expected = 0.0
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        pos = [j for j in others if labels[j] == labels[i]]
+        denom = torch.logsumexp(sims[i, others], 0)
+        expected += float(-(sims[i, pos] - denom).mean())
+    assert float(loss) == pytest.approx(expected / 4, rel=1e-6)
+
+    q = ExpertQueue(size=3, dim=2)
+    q.push(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]))
+    q.push(torch.tensor([[3.0, 0.0], [4.0, 0.0]], requires_grad=True) * 1, torch.tensor([2, 3]))
+    items, lab = q.filled()
+    assert lab.tolist() == [3, 1, 2]  # FIFO ring: the oldest entry (label 0) was overwritten first
+    assert items[:, 0].tolist() == [4.0, 2.0, 3.0] and not items.requires_grad
+    assert q.items.shape == (3, 2)
+
+
+def test_sparsedoctor_queue_fills_stays_flat_and_carries_no_gradient():
+    loaded, model, method = moe_model(preset="sparsedoctor", queue_size=16)
+    randomize(model)  # B = 0 at init gives zero expert outputs and no contrastive gradient yet
+    model.train()
+    layer = next(m for m in model.modules() if isinstance(m, LoraMixtureLinear))
+    assert layer.gate_contrast and layer.queue is not None
+    sizes = []
+    for step in range(6):
+        batch = train_batch(loaded, n=2)
+        set_routing(model, batch.prompt_mask, batch.specialty, batch.operation)
+        from medpeft.train import answer_loss_sum
+
+        loss = answer_loss_sum(model, batch)
+        aux_total, aux = auxiliary_losses(model, method)
+        (loss + aux_total).backward()
+        after_backward(model)
+        sizes.append(int((layer.queue.labels >= 0).sum()))
+        assert layer.queue.items.shape == (16, layer.base.out_features) and not layer.queue.items.requires_grad
+    assert sizes == [8, 16, 16, 16, 16, 16]  # 2 questions x 4 experts per step, then a full ring
+    assert "con" in aux and layer.router.weight.grad.abs().sum() > 0  # the contrastive term reaches the router
+
+
+@pytest.mark.parametrize("preset", ["moelora", "medmoe", "multilora"])
+def test_save_load_round_trip(tmp_path, preset):
+    loaded, model, method = moe_model(preset=preset)
+    randomize(model)
+    model.eval()
+    save_trained(model, method, tmp_path)
+    reloaded = load_trained(load_model("tiny", device="cpu").model, method, tmp_path)
+    batch = train_batch(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model, batch), forward(reloaded, batch))
+
+
+def test_moelora_parameter_count_reproduces_the_paper():
+    assert round(count_method("qwen3-8b", "moelora").trainable_params / 1e6, 2) == 92.60
+    c = count_method("qwen3-8b", "multilora")
+    assert c.active_params * 8 == c.trainable_params  # one of 8 route experts per question
+
+
+def test_generation_with_moe_matches_teacher_forcing():
+    from medpeft.dataset import load_train_set
+    from medpeft.evaluate import Evaluator
+    from medpeft.prompts import PromptFormatter
+
+    loaded, model, _ = moe_model(preset="medmoe")
+    randomize(model)
+    model.eval()
+    item = load_train_set(load_config("quickstart"))[0]
+    fmt = PromptFormatter(loaded.tokenizer, 768)
+    prompt = fmt.encode_prompt(item.record).input_ids
+    gen = Evaluator(model, loaded.tokenizer)._generate([prompt], [item], 5)[0]
+    ids = torch.tensor([prompt + gen])
+    set_routing(model, torch.ones_like(ids, dtype=torch.bool), torch.tensor([item.tags.specialty_id]),
+                torch.tensor([item.tags.operation_id]))
+    with torch.no_grad():
+        assert model(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == gen
