@@ -227,3 +227,23 @@ def test_generation_with_moe_matches_teacher_forcing():
                 torch.tensor([item.tags.operation_id]))
     with torch.no_grad():
         assert model(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == gen
+
+
+def test_audit_covers_mixtures(tmp_path):
+    import json
+
+    from medpeft.cli import main
+
+    out = tmp_path / "medmoe"
+    assert main(["train", "quickstart", f"output_dir={out}", "methods=[]", "method={preset: medmoe}", "train.steps=2",
+                 "data.max_length=256"]) == 0
+    assert main(["audit", str(out)]) == 0
+    summary = json.loads((out / "audit" / "summary.json").read_text())
+    usage = summary["expert_usage_by_layer"]
+    assert set(usage) == {"model.layers.0", "model.layers.1"}
+    cell = next(iter(usage["model.layers.1"].values()))
+    assert len(cell["usage"]) == 8 and sum(cell["usage"]) == pytest.approx(1.0, abs=1e-3)  # soft gates sum to 1
+    assert len(next(iter(usage["model.layers.0"].values()))["usage"]) == 3  # N_l schedule: fewer experts below
+    row = json.loads((out / "audit" / "per_question.jsonl").read_text().splitlines()[0])
+    assert {"expert_usage", "top_expert"} <= set(next(iter(row["modules"].values())))
+    assert (out / "audit" / "expert_usage_last_layer.png").stat().st_size > 1000

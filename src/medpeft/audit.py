@@ -24,6 +24,7 @@ import torch
 
 from .adapters import set_routing
 from .adapters.birg import RankGatedLoraLinear, effective_rank
+from .adapters.moe import LoraMixtureLinear
 from .adapters.routing import routing_state
 from .dataset import TaggedRecord
 from .evaluate import _left_pad
@@ -51,6 +52,11 @@ def collect_routing(model, tokenizer, items: list[TaggedRecord], *, max_length: 
         model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
               logits_to_keep=1, use_cache=False)
         for name, rec in routing_state(model).records.items():
+            if "gates" in rec:  # a mixture of experts: per-question mean gate over its prompt tokens
+                w = mask.to(rec["gates"].dtype)
+                usage = (rec["gates"] * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+                out.setdefault(name, {"usage": []})["usage"].append(usage.float().cpu())
+                continue
             slot = out.setdefault(name, {"hard": [], "rho": []})
             slot["hard"].append(rec["hard"].cpu())
             slot["rho"].append(rec["rho"].float().cpu().reshape(-1))
@@ -84,6 +90,8 @@ def audit(model, tokenizer, items: list[TaggedRecord], out_dir: Path | None = No
           max_length: int = 768, batch_size: int = 16, plot: bool = True) -> dict:
     """Run the audit; write ``per_question.jsonl``, ``summary.json`` and ``rank_usage.png`` to ``out_dir``."""
     routes = collect_routing(model, tokenizer, items, max_length=max_length, batch_size=batch_size)
+    if any(isinstance(m, LoraMixtureLinear) for m in model.modules()):
+        return audit_experts(routes, items, out_dir, plot=plot)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, RankGatedLoraLinear)}
     spec = np.array([t.tags.specialty_id for t in items])
     op = np.array([t.tags.operation_id for t in items])
@@ -137,7 +145,8 @@ def _usage_by_cell(routes, spec: np.ndarray, op: np.ndarray) -> dict[tuple[int, 
     return cells
 
 
-def plot_usage(usage, path: Path) -> None:
+def plot_usage(usage, path: Path, title: str = "Rank-atom usage (selection frequency, mean over modules)",
+               xlabel: str = "rank atom") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,15 +156,67 @@ def plot_usage(usage, path: Path) -> None:
 
     labels = [f"{SPECIALTIES[s]} / {OPERATIONS[o]} (n={n})" for (s, o), (n, _) in usage.items()]
     data = np.stack([u for _, u in usage.values()]) if usage else np.zeros((1, 1))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * data.shape[1], 1.4 + 0.32 * len(labels)))
+    fig, ax = plt.subplots(figsize=(5.0 + 0.45 * data.shape[1], 1.6 + 0.32 * len(labels)))  # room for labels
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, float(data.max())))
     ax.set_xticks(range(data.shape[1]), [str(j) for j in range(data.shape[1])])
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_xlabel("rank atom")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("specialty / operation")
-    ax.set_title("Rank-atom usage (selection frequency, mean over modules)", fontsize=10)
-    fig.colorbar(im, ax=ax, label="fraction of questions selecting the atom")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="fraction of questions selecting the atom" if xlabel == "rank atom"
+                 else "mean gate over the questions' prompt tokens")
     fig.tight_layout()
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
+
+
+def _decoder_layer(name: str) -> str:
+    return ".".join(name.split(".")[:-2])
+
+
+def audit_experts(routes: dict, items: list[TaggedRecord], out_dir: Path | None, *, plot: bool = True) -> dict:
+    """Mixture-of-experts audit: per question and module the expert usage (mean gate over its
+    prompt tokens); per decoder layer the usage by specialty x operation and the mutual
+    information between tags and experts (usage as a soft assignment: ``P(t, e) = (1/N)
+    sum_i [t_i = t] usage_ie``)."""
+    spec = np.array([t.tags.specialty_id for t in items])
+    op = np.array([t.tags.operation_id for t in items])
+    pair = spec * len(OPERATIONS) + op
+    rows = [{"id": t.record.id, "benchmark": t.set_name, "specialty": t.tags.specialty, "operation": t.tags.operation,
+             "modules": {}} for t in items]
+    by_layer: dict[str, list[np.ndarray]] = {}
+    mi = {"specialty": [], "operation": [], "pair": []}
+    for name, rec in routes.items():
+        usage = rec["usage"].numpy()
+        by_layer.setdefault(_decoder_layer(name), []).append(usage)
+        for i, row in enumerate(rows):
+            row["modules"][name] = {"expert_usage": usage[i].round(4).tolist(), "top_expert": int(usage[i].argmax())}
+        mi["specialty"].append(mutual_information(spec, usage))
+        mi["operation"].append(mutual_information(op, usage))
+        mi["pair"].append(mutual_information(pair, usage))
+    layers = {}
+    for layer, mats in by_layer.items():
+        mean_usage = np.mean(mats, axis=0)  # [N, experts]: modules of a layer share the expert count
+        cells = {}
+        for s_, o_ in sorted(set(zip(spec.tolist(), op.tolist()))):
+            sel = (spec == s_) & (op == o_)
+            cells[(s_, o_)] = (int(sel.sum()), mean_usage[sel].mean(0))
+        layers[layer] = cells
+    summary = {
+        "n_questions": len(items), "n_modules": len(routes),
+        "mutual_information_bits": {k: float(np.mean(v)) for k, v in mi.items()},
+        "expert_usage_by_layer": {layer: {f"{SPECIALTIES[s_]}|{OPERATIONS[o_]}": {"n": n, "usage": u.round(4).tolist()}
+                                          for (s_, o_), (n, u) in cells.items()} for layer, cells in layers.items()},
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_jsonl(out_dir / "per_question.jsonl", rows)
+        write_json(out_dir / "summary.json", summary)
+        if plot:
+            first, last = next(iter(layers)), list(layers)[-1]
+            plot_usage(layers[first], out_dir / "expert_usage_first_layer.png", title=f"Expert usage, {first}",
+                       xlabel="expert")
+            plot_usage(layers[last], out_dir / "expert_usage_last_layer.png", title=f"Expert usage, {last}",
+                       xlabel="expert")
+    return summary

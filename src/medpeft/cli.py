@@ -158,10 +158,12 @@ def cmd_audit(args) -> int:
     except ValueError as err:
         raise MedpeftError(f"{run_dir}: {err}") from None
     mi = summary["mutual_information_bits"]
-    print(f"audited {summary['n_questions']} questions x {summary['n_modules']} modules: "
-          f"mean rho {summary['mean_rho']:.3f}, mean effective rank {summary['mean_effective_rank']:.2f}, "
-          f"MI(tags; atoms) specialty {mi['specialty']:.3f} / operation {mi['operation']:.3f} / pair {mi['pair']:.3f} bits")
-    print(f"per-question routes, summary and rank_usage.png in {out}")
+    what = "atoms" if "mean_rho" in summary else "experts"
+    extra = (f"mean rho {summary['mean_rho']:.3f}, mean effective rank {summary['mean_effective_rank']:.2f}, "
+             if what == "atoms" else "")
+    print(f"audited {summary['n_questions']} questions x {summary['n_modules']} modules: {extra}"
+          f"MI(tags; {what}) specialty {mi['specialty']:.3f} / operation {mi['operation']:.3f} / pair {mi['pair']:.3f} bits")
+    print(f"per-question routes, summary.json and usage heatmaps (PNG) in {out}")
     return 0
 
 
