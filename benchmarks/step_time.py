@@ -1,4 +1,4 @@
-"""Training-step time and peak memory of rank-gated adapters vs peft LoRA r16, in one run.
+"""Training-step time and peak memory of routed adapters vs peft LoRA, in one run.
 
     python benchmarks/step_time.py --config cpu-tiny          # the tiny model on CPU
     python benchmarks/step_time.py --config gpu-8b            # qwen3-8b architecture, random bf16 weights
@@ -7,7 +7,9 @@ Every method trains on the same base model (adapters are removed between methods
 same batch of random tokens (answer = the last 2 tokens of each row) and the same
 optimizer, through medpeft's own training step (routing context, answer-only loss with
 logits at answer positions only, auxiliary losses, AdamW). Prints a Markdown table with
-ratios to peft LoRA r16; ``--json PATH`` also writes the numbers.
+ratios to peft LoRA r16 and, for each method, to peft LoRA of equal *active* rank (the rank
+a token uses: top-k experts, all soft-merged experts, one route; timed in the same run as
+``lora-rN``); ``--json PATH`` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ CONFIGS = {
     "gpu-8b": {"arch": "qwen3-8b", "device": "cuda", "dtype": torch.bfloat16, "seq": 768, "batch": 8, "micro": 4,
                "warmup": 2, "steps": 5, "rounds": 3},
 }
-METHODS = ["lora-r16", "birg", "rankwise"]
+METHODS = ["lora-r16", "birg", "rankwise", "moelora", "sparsedoctor", "moe-vanilla", "medmoe", "multilora"]
 PROFILE: dict = {"path": None}
 
 
@@ -72,8 +74,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def method_config(name: str):
+    """A preset, or ``lora-rN`` for any N (alpha = 2N)."""
+    if name.startswith("lora-r") and name[6:].isdigit() and name not in ("lora-r4", "lora-r16", "lora-r24"):
+        from medpeft.config import LoraMethod
+
+        return LoraMethod(r=int(name[6:]), alpha=2.0 * int(name[6:]))
+    return _method_config(name)
+
+
 def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
-    method = _method_config(name)
+    method = method_config(name)
     torch.manual_seed(0)
     model = apply_method(model, method)
     model.train()
@@ -136,12 +147,18 @@ def main() -> None:
     PROFILE["path"] = args.profile
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu-8b needs a CUDA GPU")
+    from medpeft.adapters.accounting import count_method
+
+    active_rank = {name: count_method(cfg["arch"], name).active_rank for name in args.methods
+                   if not name.startswith("lora-")}
+    reference = {name: f"lora-r{rank}" for name, rank in active_rank.items()}
+    names = list(dict.fromkeys([*args.methods, *reference.values()]))
     torch.manual_seed(0)
     model = random_model(cfg["arch"], cfg["device"], cfg["dtype"])
     batches = make_batches(cfg, model.config.vocab_size, cfg["device"])
-    rows = {name: {"method": name, "times": [], "peak_gib": None} for name in args.methods}
+    rows = {name: {"method": name, "times": [], "peak_gib": None} for name in names}
     for _ in range(cfg["rounds"]):
-        for name in args.methods:
+        for name in names:
             res = time_method(model, name, batches, cfg)
             model = res.pop("model")
             row = rows[name]
@@ -162,13 +179,18 @@ def main() -> None:
           f"seq {cfg['seq']}, effective batch {cfg['batch']} (micro {cfg['micro']}), "
           f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps")
     print()
-    print("| method | trainable | step (s) | x LoRA r16 | peak mem (GiB) | x LoRA r16 |")
-    print("|---|---|---|---|---|---|")
+    by_name = {r["method"]: r for r in rows}
+    print("| method | trainable | active rank | step (s) | x LoRA r16 | x LoRA of equal active rank | "
+          "peak mem (GiB) | x LoRA r16 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         mem_ratio = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
-        print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.4f} | "
-              f"{r['step_s'] / ref['step_s']:.3f} | {mem} | {mem_ratio} |")
+        eq = reference.get(r["method"])
+        eq_ratio = f"{r['step_s'] / by_name[eq]['step_s']:.3f} ({eq})" if eq else "-"
+        r["x_equal_active_rank"] = r["step_s"] / by_name[eq]["step_s"] if eq else None
+        print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {active_rank.get(r['method'], '-')} | "
+              f"{r['step_s']:.4f} | {r['step_s'] / ref['step_s']:.3f} | {eq_ratio} | {mem} | {mem_ratio} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": device_name, "rows": rows}, indent=2))
 

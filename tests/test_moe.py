@@ -247,3 +247,36 @@ def test_audit_covers_mixtures(tmp_path):
     row = json.loads((out / "audit" / "per_question.jsonl").read_text().splitlines()[0])
     assert {"expert_usage", "top_expert"} <= set(next(iter(row["modules"].values())))
     assert (out / "audit" / "expert_usage_last_layer.png").stat().st_size > 1000
+
+
+def test_sparsedoctor_resume_restores_the_expert_queues(tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from medpeft.dataset import load_train_set
+    from medpeft.train import train
+
+    def cfg(sub):
+        return load_config("quickstart", [f"output_dir={tmp_path / sub}", "methods=[]", "method={preset: sparsedoctor}",
+                                          "method.queue_size=64", "train.steps=5", "train.save_every=2",
+                                          "train.log_every=1", "data.max_length=192", "train.lr=0.02"])
+
+    items = load_train_set(cfg("a"))
+    train(cfg("a"), load_model("tiny", device="cpu"), items)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg("b"), load_model("tiny", device="cpu"), items, on_step=kill)
+    assert (tmp_path / "b" / "checkpoints" / "step-0000002" / "buffers.safetensors").exists()
+    train(cfg("b"), load_model("tiny", device="cpu"), items, resume=True)
+    wa = load_file(str(Path(tmp_path / "a" / "adapter" / "adapter.safetensors")))
+    wb = load_file(str(Path(tmp_path / "b" / "adapter" / "adapter.safetensors")))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)

@@ -176,6 +176,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
         with torch.no_grad():
             for name, value in load_file(str(ckpt / "buffers.safetensors"), device=str(device)).items():
                 buffers[name].copy_(value)
+        for module in model.modules():  # host-side counters of loaded queues are recounted on use
+            if hasattr(module, "count") and hasattr(module, "ptr"):
+                module.count = None
     state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

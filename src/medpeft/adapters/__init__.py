@@ -17,7 +17,7 @@ from ..io import atomic_dir, write_json
 from . import peft_methods
 from .birg import BirgLayerFactory, routing_losses, weighted_aux_loss
 from .inject import inject_adapters, load_adapter_weights, save_adapter
-from .moe import MoeLayerFactory, commit_queues, moe_aux_loss
+from .moe import MoeLayerFactory, commit_queues, moe_aux_loss, moe_losses
 from .routing import routing_state, set_routing
 
 ADAPTER_DIR = "adapter"
@@ -53,7 +53,7 @@ def auxiliary_losses(model: nn.Module, method, share: float = 1.0) -> tuple[torc
     if state is None:
         return None, {}
     if isinstance(method, MoeMethod):
-        aux = state.pop_aux()
+        aux = moe_losses(state, method)
         return moe_aux_loss(aux, method, share), aux
     aux = {**state.pop_aux(), **routing_losses(state, method)}
     return weighted_aux_loss(aux, method, share), aux

@@ -72,6 +72,9 @@ class ExpertQueue(nn.Module):
         self.register_buffer("items", torch.zeros(size, dim, device=device, dtype=dtype), persistent=False)
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        # Entries in use, tracked on the host so that reading the queue needs no device sync;
+        # None after buffers were loaded from a checkpoint (recounted once on first use).
+        self.count: int | None = 0
 
     @torch.no_grad()
     def push(self, reps: torch.Tensor, labels: torch.Tensor) -> None:
@@ -83,10 +86,17 @@ class ExpertQueue(nn.Module):
         self.items[idx] = reps.detach().to(self.items.dtype)
         self.labels[idx] = labels
         self.ptr.copy_((self.ptr + n) % self.size)
+        self.count = min(self.size, self._count() + n)
+
+    def _count(self) -> int:
+        if self.count is None:
+            self.count = int((self.labels >= 0).sum())
+        return self.count
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        valid = self.labels >= 0
-        return self.items[valid], self.labels[valid]
+        """The entries in use: the ring fills slots 0, 1, ... before it wraps, so a prefix."""
+        n = self._count()
+        return self.items[:n], self.labels[:n]
 
 
 def supcon(reps: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor | None, bank_labels: torch.Tensor | None,
@@ -94,17 +104,36 @@ def supcon(reps: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor | None, 
     """Supervised contrastive loss of ``reps`` [n, d] (normalised) against themselves and a bank."""
     keys = reps if bank is None or bank.numel() == 0 else torch.cat([reps, bank.to(reps.dtype)])
     key_labels = labels if bank_labels is None or bank_labels.numel() == 0 else torch.cat([labels, bank_labels])
-    logits = reps @ keys.T / temperature  # [n, n + q]
-    n = reps.shape[0]
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[:, :n] = torch.eye(n, dtype=torch.bool, device=reps.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return supcon_from_similarities((reps @ keys.T).unsqueeze(0), labels, key_labels, temperature)
+
+
+def supcon_from_similarities(sims: torch.Tensor, labels: torch.Tensor, key_labels: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """The SupCon loss from stacked similarity matrices ``sims`` [M, n, n + q] (rows: the n
+    representations, columns: themselves then the bank), averaged over the M modules."""
+    n = sims.shape[1]
+    self_mask = torch.zeros(sims.shape[1:], dtype=torch.bool, device=sims.device)
+    self_mask[:, :n] = torch.eye(n, dtype=torch.bool, device=sims.device)
+    logits = (sims / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     positive = (labels[:, None] == key_labels[None, :]) & ~self_mask
     n_pos = positive.sum(1)
-    per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(1) / n_pos.clamp(min=1)
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(-1) / n_pos.clamp(min=1)  # [M, n]
     has = (n_pos > 0).to(per_anchor.dtype)  # anchors without a positive do not count (no host sync)
-    return (per_anchor * has).sum() / has.sum().clamp(min=1)
+    return ((per_anchor * has).sum(-1) / has.sum().clamp(min=1)).mean()
+
+
+def contrastive_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
+    """``L_con`` of the last forward, over all modules at once (their similarity matrices share a shape)."""
+    if not state.contrast:
+        return {}
+    entries, state.contrast = state.contrast, []
+    groups: dict[tuple, list] = {}
+    for sims, labels, key_labels in entries:  # queues fill alike, so normally one group
+        groups.setdefault(tuple(sims.shape), []).append((sims, labels, key_labels))
+    total = sum(len(g) * supcon_from_similarities(torch.stack([e[0] for e in g]), g[0][1], g[0][2],
+                                                  method.con_temperature) for g in groups.values())
+    return {"con": total / len(entries)}
 
 
 class LoraMixtureLinear(nn.Module):
@@ -207,8 +236,12 @@ class LoraMixtureLinear(nn.Module):
             st.add_aux("anchor", self._anchor_norm())
         if "con" in self.losses:
             reps, labels = self._expert_reps(x, g, mask)
-            bank = self.queue.filled() if self.queue is not None else (None, None)
-            st.add_aux("con", supcon(reps, labels, *bank, self.con_temperature))
+            bank, bank_labels = self.queue.filled() if self.queue is not None else (None, None)
+            keys = reps if bank is None or bank.numel() == 0 else torch.cat([reps, bank])
+            key_labels = labels if bank_labels is None or bank_labels.numel() == 0 else torch.cat([labels, bank_labels])
+            # the similarity matrices of all modules go through the rest of the loss together
+            # (contrastive_losses), so it costs a few kernels per forward, not per module
+            st.contrast.append((reps @ keys.T, labels, key_labels))
             if self.queue is not None:
                 st.pending_queue[self.name] = (self, reps.detach(), labels)
 
@@ -276,6 +309,11 @@ class MoeLayerFactory:
                                  top_k=m.top_k, init_tau=m.tau, learn_tau=m.learn_tau, dropout=m.dropout,
                                  losses=losses, gate_contrast=m.gate_contrast, con_temperature=m.con_temperature,
                                  queue_size=m.queue_size, state=state, name=name)
+
+
+def moe_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
+    """Every auxiliary loss of the last forward, each a mean over modules."""
+    return {**state.pop_aux(), **contrastive_losses(state, method)}
 
 
 def moe_aux_loss(aux: dict[str, torch.Tensor], method, share: float) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ class RoutingState:
     records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     gates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (p, hard) per module, for losses
     pending_queue: dict = field(default_factory=dict)  # expert-queue pushes, committed after backward
+    contrast: list = field(default_factory=list)  # (similarities, labels, key labels) per module
     # Per-batch quantities every routed layer needs, computed once per set_routing
     # instead of once per module (they depend on the batch, not on the layer).
     _cache: dict = field(default_factory=dict)
@@ -155,4 +156,4 @@ def set_routing(
     state.specialty, state.operation = specialty, operation
     state.freeze, state.record, state.parameter_losses = freeze, record, parameter_losses
     state.frozen, state.aux, state.records, state._cache, state.gates = {}, {}, {}, {}, []
-    state.pending_queue = {}
+    state.pending_queue, state.contrast = {}, []
