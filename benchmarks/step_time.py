@@ -127,7 +127,7 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         with open(PROFILE["path"], "a") as fh:
             fh.write(f"\n===== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
     trainable = sum(p.numel() for p in params)
-    del opt, params
+    opt.state.clear()  # free the optimizer state before the next method is built
     # give the base model back, bare, for the next method
     base = model.unload() if hasattr(model, "unload") else remove_adapters(model)
     return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base}

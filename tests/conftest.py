@@ -42,3 +42,20 @@ def tiny_fresh():
     from medpeft.models import load_model
 
     return load_model("tiny", device="cpu")
+
+
+def copy_lora_into_peft(model, peft_model, layer_type) -> int:
+    """Copy the A and B of our ``layer_type`` layers into the same-named ``peft`` LoRA layers."""
+    import torch
+
+    ours = {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
+    copied = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            short = name.replace("base_model.model.", "")
+            if short in ours and hasattr(module, "lora_A"):
+                module.lora_A["default"].weight.copy_(ours[short].lora_A)
+                module.lora_B["default"].weight.copy_(ours[short].lora_B)
+                copied += 1
+    assert copied == len(ours) > 0
+    return copied

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import copy_lora_into_peft
 from medpeft.adapters import apply_method, load_trained, save_trained, set_routing
 from medpeft.adapters.birg import (RankGatedLoraLinear, _offdiag_cos2, effective_rank, merge_fixed_gate,
                                    routing_losses, straight_through_topk, tag_rows)
@@ -61,13 +62,7 @@ def test_all_ranks_on_without_injection_equals_peft_lora():
     randomize_B(model)
     peft_model = apply_method(load_model("tiny", device="cpu").model,
                               LoraMethod(r=16, alpha=32.0, dropout=0.0))
-    ours = {n: m for n, m in model.named_modules() if isinstance(m, RankGatedLoraLinear)}
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            short = name.replace("base_model.model.", "")
-            if short in ours and hasattr(module, "lora_A"):
-                module.lora_A["default"].weight.copy_(ours[short].lora_A)
-                module.lora_B["default"].weight.copy_(ours[short].lora_B)
+    copy_lora_into_peft(model, peft_model, RankGatedLoraLinear)
     batch = train_batch(loaded)
     model.eval(), peft_model.eval()
     with torch.no_grad():

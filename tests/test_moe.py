@@ -14,6 +14,7 @@ from medpeft.adapters.routing import RoutingState
 from medpeft.config import LoraMethod, MoeMethod, load_config
 from medpeft.models import load_model
 
+from conftest import copy_lora_into_peft
 from test_birg import forward, train_batch
 
 
@@ -37,22 +38,12 @@ def randomize(model, seed=1):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
 
 
-def copy_into_peft(model, peft_model):
-    ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraMixtureLinear)}
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            short = name.replace("base_model.model.", "")
-            if short in ours and hasattr(module, "lora_A"):
-                module.lora_A["default"].weight.copy_(ours[short].lora_A)
-                module.lora_B["default"].weight.copy_(ours[short].lora_B)
-
-
 @pytest.mark.parametrize("router", ["topk", "route", "soft"])
 def test_one_expert_with_gate_one_equals_plain_lora(router):
     loaded, model, _ = moe_model(router=router, n_experts=1, top_k=1, ranks="[8]", alpha=16.0, dropout=0.0, l_con=0.0)
     randomize(model)
     peft_model = apply_method(load_model("tiny", device="cpu").model, LoraMethod(r=8, alpha=16.0, dropout=0.0))
-    copy_into_peft(model, peft_model)
+    copy_lora_into_peft(model, peft_model, LoraMixtureLinear)
     model.eval(), peft_model.eval()
     batch = train_batch(loaded)
     batch.specialty = torch.zeros_like(batch.specialty)
