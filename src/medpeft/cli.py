@@ -167,6 +167,21 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_runs, compare_table
+    from .io import write_json
+
+    pairs = compare_runs([Path(p) for p in args.runs], intersect=args.intersect, n_resamples=args.resamples,
+                         seed=args.seed)
+    if args.json:
+        print(json.dumps(pairs, indent=2))
+    else:
+        print(compare_table(pairs), end="")
+    if args.out:
+        write_json(args.out, pairs)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medpeft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -208,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_skip_invalid(p)
     p.set_defaults(func=cmd_audit)
 
+    p = sub.add_parser("compare", help="paired statistics between runs: stratified bootstrap, sign test, Holm")
+    p.add_argument("runs", nargs="+", help="run folders, folders of runs, or predictions.jsonl files")
+    p.add_argument("--intersect", action="store_true", help="compare only the items all runs share")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("params", help="trainable and active parameters per method on an architecture")
     p.add_argument("--arch", default="qwen3-8b", help="qwen3-8b, llama-3.1-8b, tiny, a config.json path or a hub id")
     p.add_argument("--methods", nargs="+", help="method presets (default: the paper's table rows)")
@@ -216,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = ("train", "eval", "run", "tag", "params", "audit")
+SUBCOMMANDS = ("train", "eval", "run", "tag", "params", "audit", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:

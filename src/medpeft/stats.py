@@ -31,3 +31,67 @@ def accuracy_summary(correct_by_set: dict[str, list[bool]]) -> dict:
         per[name] = {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "wilson_low": low, "wilson_high": high}
     macro = sum(v["accuracy"] for v in per.values()) / len(per) if per else 0.0
     return {"benchmarks": per, "macro_accuracy": macro}
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+def stratified_paired_bootstrap(
+    deltas: dict[str, "np.ndarray"],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """Benchmark-stratified paired bootstrap of the macro-average accuracy difference.
+
+    ``deltas[b]`` holds, per item of benchmark b, ``correct_A - correct_B`` in {-1, 0, 1}.
+    Each resample redraws every benchmark's items with replacement (stratified) and
+    averages the per-benchmark mean deltas (the macro average). The percentile interval
+    of the resampled macro deltas is returned.
+
+    Vectorised without materialising the resampled items: a resample's mean of a
+    {-1, 0, 1} variable depends only on how many +1 and -1 items it drew, and drawing n
+    items with replacement gives those counts a Multinomial(n; p+, p0, p-) law, which is
+    sampled directly (10,000 resamples of 20,000 items take milliseconds).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    macro = np.zeros(n_resamples)
+    observed = []
+    for values in deltas.values():
+        values = np.asarray(values)
+        n = len(values)
+        if n == 0:
+            raise ValueError("a benchmark with no paired items")
+        counts = np.array([(values == 1).sum(), (values == 0).sum(), (values == -1).sum()])
+        draws = rng.multinomial(n, counts / n, size=n_resamples)
+        macro += (draws[:, 0] - draws[:, 2]) / n
+        observed.append(values.mean())
+    macro /= len(deltas)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(macro, [alpha, 1 - alpha])
+    return {"macro_delta": float(np.mean(observed)), "ci_low": float(low), "ci_high": float(high),
+            "resamples": macro}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test over the discordant pairs (ties dropped):
+    ``p = min(1, 2 min(P[X <= w], P[X >= w]))``, ``X ~ Binomial(wins + losses, 1/2)``."""
+    from scipy.stats import binom
+
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return float(min(1.0, 2 * min(binom.cdf(wins, n, 0.5), binom.sf(wins - 1, n, 0.5))))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone), in the input order."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    m = len(p_values)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

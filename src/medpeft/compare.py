@@ -1,0 +1,113 @@
+"""Paired comparison of methods over the same evaluation items (``medpeft compare``).
+
+Inputs are run folders (their ``eval/predictions.jsonl``), suite folders holding
+``<method>/eval/predictions.jsonl``, or prediction files. Items are paired by
+(benchmark, id); a missing or extra item is an error unless ``intersect`` is set.
+Differences are A - B in percentage points.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MedpeftError
+from .stats import holm, sign_test, stratified_paired_bootstrap
+
+
+def find_predictions(path: Path) -> list[tuple[str, Path]]:
+    """(label, predictions file) for a file, a run folder, or a folder of run folders."""
+    path = Path(path)
+    if path.is_file():
+        label = path.parent.parent.name if path.parent.name == "eval" else path.stem
+        return [(label, path)]
+    if (path / "eval" / "predictions.jsonl").exists():
+        return [(path.name, path / "eval" / "predictions.jsonl")]
+    found = sorted((p.parent.parent.name, p) for p in path.glob("*/eval/predictions.jsonl"))
+    if not found:
+        raise MedpeftError(f"{path}: no predictions.jsonl (expected a run folder, a folder of runs, or a file)")
+    return found
+
+
+def load_correctness(path: Path) -> dict[tuple[str, str], bool]:
+    out: dict[tuple[str, str], bool] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key = (str(row["benchmark"]), str(row["id"]))
+                correct = bool(row["correct"])
+            except (json.JSONDecodeError, KeyError) as err:
+                raise MedpeftError(f"{path}: line {lineno}: not a prediction row ({err})") from None
+            if key in out:
+                raise MedpeftError(f"{path}: line {lineno}: field 'id': duplicate item {key[1]!r} in {key[0]}")
+            out[key] = correct
+    return out
+
+
+def _paired(a: dict, b: dict, names: tuple[str, str], intersect: bool) -> list[tuple[str, str]]:
+    keys_a, keys_b = set(a), set(b)
+    if keys_a != keys_b and not intersect:
+        only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
+        example = (only_a or only_b)[0]
+        raise MedpeftError(
+            f"{names[0]} and {names[1]} do not cover the same items ({len(only_a)} only in {names[0]}, "
+            f"{len(only_b)} only in {names[1]}, e.g. {example[0]}/{example[1]}); pass --intersect to compare the shared ones")
+    shared = sorted(keys_a & keys_b)
+    if not shared:
+        raise MedpeftError(f"{names[0]} and {names[1]} share no items")
+    return shared
+
+
+def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = False,
+                 n_resamples: int = 10_000, seed: int = 0) -> dict:
+    keys = _paired(a, b, names, intersect)
+    ca = np.array([a[k] for k in keys], dtype=int)
+    cb = np.array([b[k] for k in keys], dtype=int)
+    bench = np.array([k[0] for k in keys])
+    deltas = {name: (ca - cb)[bench == name] for name in sorted(set(bench.tolist()))}
+    boot = stratified_paired_bootstrap(deltas, n_resamples=n_resamples, seed=seed)
+    wins, losses = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
+    return {
+        "a": names[0], "b": names[1], "n": len(keys),
+        "macro_delta": 100 * boot["macro_delta"], "ci_low": 100 * boot["ci_low"], "ci_high": 100 * boot["ci_high"],
+        "wins": wins, "losses": losses, "ties": len(keys) - wins - losses, "sign_p": sign_test(wins, losses),
+        "benchmarks": {name: {"n": int(len(d)), "delta": 100 * float(d.mean()),
+                              "acc_a": 100 * float(ca[bench == name].mean()),
+                              "acc_b": 100 * float(cb[bench == name].mean())} for name, d in deltas.items()},
+    }
+
+
+def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Every pair of the given runs (in order), with Holm-adjusted sign-test p-values."""
+    runs = [item for p in paths for item in find_predictions(p)]
+    labels = [label for label, _ in runs]
+    if len(set(labels)) != len(labels):
+        raise MedpeftError(f"two inputs share the label {next(l for l in labels if labels.count(l) > 1)!r}")
+    if len(runs) < 2:
+        raise MedpeftError("compare needs at least two runs")
+    data = {label: load_correctness(path) for label, path in runs}
+    pairs = [compare_pair(data[x], data[y], (x, y), intersect=intersect, n_resamples=n_resamples, seed=seed)
+             for x, y in itertools.combinations(labels, 2)]
+    for pair, adjusted in zip(pairs, holm([p["sign_p"] for p in pairs])):
+        pair["sign_p_holm"] = adjusted
+    return pairs
+
+
+def compare_table(pairs: list[dict]) -> str:
+    """Markdown: one row per pair, macro delta with its bootstrap interval, pooled sign test, per-benchmark deltas."""
+    benches = sorted({b for p in pairs for b in p["benchmarks"]})
+    head = "| A vs B | macro delta (pp) [95% CI] | wins / losses / ties | sign p (Holm) | " + \
+        " | ".join(f"{b} delta" for b in benches) + " |"
+    lines = [head, "|---" * (4 + len(benches)) + "|"]
+    for p in pairs:
+        cells = [f"{p['benchmarks'][b]['delta']:+.2f}" if b in p["benchmarks"] else "-" for b in benches]
+        lines.append(f"| {p['a']} vs {p['b']} | {p['macro_delta']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
+                     f"{p['wins']} / {p['losses']} / {p['ties']} | {p['sign_p']:.3g} ({p['sign_p_holm']:.3g}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
