@@ -174,6 +174,20 @@ def test_generation_holds_the_prefill_gate_and_matches_teacher_forcing():
         assert logits.argmax(-1).tolist() == gen
 
 
+@pytest.mark.parametrize("preset", ["rankwise", "birg-clinical-only"])
+def test_every_variant_scores_multi_answer_items(preset):
+    """Constrained decoding (multi-answer items) holds the gate fixed; variants without rho too."""
+    from medpeft.evaluate import Evaluator
+
+    loaded = load_model("tiny", device="cpu")
+    model = apply_method(loaded.model, load_config(None, [f"method.preset={preset}"]).method).eval()
+    cfg = load_config("quickstart")
+    items = [t for t in load_train_set(cfg) if t.record.question_type == "multi"]
+    preds = Evaluator(model, loaded.tokenizer).score(items, "letters") + \
+        Evaluator(model, loaded.tokenizer).score(items, "generate")
+    assert len(preds) == 2 * len(items) > 0 and all(p.pred <= set("ABCDE") for p in preds)
+
+
 def test_save_load_round_trip(tmp_path):
     loaded, model, method = birg_model()
     randomize_B(model)

@@ -85,11 +85,12 @@ def cmd_run(args) -> int:
         summary = run_train(variant, resume=args.resume)
         run_dir = Path(variant.output_dir)
         results = run_eval(variant, run_dir=run_dir)
-        print(f"trained {run_dir.name} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
+        label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
+        print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
               f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
-        table[run_dir.name] = results
+        table[label] = results
     print(results_table(table), end="")
-    if cfg.methods:
+    if cfg.methods or len(cfg.seeds) > 1:
         write_json(Path(cfg.output_dir) / "results.json", table)
         print(f"run folders, and all results in results.json, under {cfg.output_dir}")
     else:
@@ -182,6 +183,30 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    out = Path(args.out) if args.out else Path(args.root) / "report"
+    write_report(Path(args.root), out, compare=not args.no_compare)
+    print((out / "report.md").read_text(encoding="utf-8"), end="")
+    print(f"report.md, report.json and plots in {out}")
+    return 0
+
+
+def cmd_suite(args) -> int:
+    """Every (method, seed) of the config; finished runs are reused; then the report."""
+    args.resume = True
+    cmd_run(args)
+    from .config import load_config
+    from .report import write_report
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(cfg.output_dir) / "report"
+    write_report(Path(cfg.output_dir), out)
+    print(f"report.md, report.json and plots in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medpeft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -232,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON here")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("report", help="Markdown tables, JSON and plots of the runs below a folder")
+    p.add_argument("root", help="a suite's output folder (or any folder holding run folders)")
+    p.add_argument("--out", help="output folder (default: ROOT/report)")
+    p.add_argument("--no-compare", action="store_true", help="skip the paired comparisons")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("suite", help="train and evaluate every method x seed of a config (resumable), then report")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_suite)
+
     p = sub.add_parser("params", help="trainable and active parameters per method on an architecture")
     p.add_argument("--arch", default="qwen3-8b", help="qwen3-8b, llama-3.1-8b, tiny, a config.json path or a hub id")
     p.add_argument("--methods", nargs="+", help="method presets (default: the paper's table rows)")
@@ -240,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = ("train", "eval", "run", "tag", "params", "audit", "compare")
+SUBCOMMANDS = ("train", "eval", "run", "tag", "params", "audit", "compare", "report", "suite")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,13 @@ def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = 
 
 def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int = 10_000, seed: int = 0) -> list[dict]:
     """Every pair of the given runs (in order), with Holm-adjusted sign-test p-values."""
-    runs = [item for p in paths for item in find_predictions(p)]
+    return compare_labeled([item for p in paths for item in find_predictions(p)], intersect=intersect,
+                           n_resamples=n_resamples, seed=seed)
+
+
+def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_resamples: int = 10_000,
+                    seed: int = 0) -> list[dict]:
+    """Like :func:`compare_runs`, for (label, predictions file) pairs."""
     labels = [label for label, _ in runs]
     if len(set(labels)) != len(labels):
         raise MedpeftError(f"two inputs share the label {next(l for l in labels if labels.count(l) > 1)!r}")

@@ -202,6 +202,10 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 10
     benchmarks: list[SourceConfig] = field(default_factory=list)
+    # Weak-axis perturbation: re-evaluate with the tags of this share of items replaced by a
+    # random other value, once per perturbation seed (tag-routed methods only).
+    perturb_rates: list[float] = field(default_factory=list)
+    perturb_seeds: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -210,6 +214,8 @@ class RunConfig:
     # Presets trained side by side under the same budget and data (each in output_dir/<preset>,
     # its method section replaced by the preset); empty = train the one 'method' below.
     methods: list[str] = field(default_factory=list)
+    # Training seeds; more than one trains every method once per seed (output_dir/<preset>/seed-<s>).
+    seeds: list[int] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = field(default_factory=LoraMethod)
     data: DataConfig = field(default_factory=DataConfig)
@@ -393,16 +399,26 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def method_variants(cfg: RunConfig) -> list[RunConfig]:
-    """One config per entry of ``cfg.methods`` (or ``[cfg]``): same budget and data, preset method."""
+    """One config per (method preset, seed): same budget and data.
+
+    ``methods`` empty: the config's own method; ``seeds`` with more than one value: one run
+    per seed in ``seed-<s>`` below the method's folder.
+    """
+    variants = []
     if not cfg.methods:
-        return [cfg]
-    out = []
+        variants.append(dataclasses.replace(cfg, methods=[]))
     for preset in cfg.methods:
         data = expand_preset({"preset": preset})
         method = from_dict(METHOD_SCHEMAS[data["name"]], data, "method")
-        out.append(dataclasses.replace(cfg, methods=[], method=method,
-                                       output_dir=str(Path(cfg.output_dir) / preset)))
-    return out
+        variants.append(dataclasses.replace(cfg, methods=[], method=method,
+                                            output_dir=str(Path(cfg.output_dir) / preset)))
+    if len(cfg.seeds) <= 1:
+        if cfg.seeds:
+            variants = [dataclasses.replace(v, train=dataclasses.replace(v.train, seed=cfg.seeds[0])) for v in variants]
+        return [dataclasses.replace(v, seeds=[]) for v in variants]
+    return [dataclasses.replace(v, seeds=[], output_dir=str(Path(v.output_dir) / f"seed-{seed}"),
+                                train=dataclasses.replace(v.train, seed=seed))
+            for v in variants for seed in cfg.seeds]
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

@@ -9,7 +9,7 @@ from .config import RunConfig, SourceConfig, resolve_data_path
 from .data import load_benchmark, route_balanced, seeded_subset, exclude_overlap
 from .data.record import QARecord
 from .errors import ConfigError
-from .tags import Tags, tag_record
+from .tags import OPERATIONS, SPECIALTIES, UNKNOWN, Tags, tag_record
 
 log = logging.getLogger(__name__)
 
@@ -87,4 +87,24 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
         out.extend(t for t in tagged if t.record.question_type != "open")
     if not out:
         raise ConfigError("the training sources hold no multiple-choice items")
+    return out
+
+
+def perturb_tags(items: list[TaggedRecord], rate: float, seed: int) -> list[TaggedRecord]:
+    """Weak-axis perturbation: for ``round(rate * N)`` items chosen with ``seed``, replace the
+    specialty and the operation tag each by a random *other* known value (``why`` records it)."""
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    chosen = set(rng.sample(range(len(items)), round(rate * len(items))))
+    out = []
+    for i, item in enumerate(items):
+        if i in chosen:
+            t = item.tags
+            spec = rng.choice([v for v in SPECIALTIES if v not in (t.specialty, UNKNOWN)])
+            op = rng.choice([v for v in OPERATIONS if v not in (t.operation, UNKNOWN)])
+            item = dataclasses.replace(item, tags=Tags(spec, op, f"perturbed (was {t.specialty})",
+                                                       f"perturbed (was {t.operation})"))
+        out.append(item)
     return out

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .adapters import load_trained
+from .adapters import load_trained, uses_tags
 from .config import RunConfig
-from .dataset import load_eval_sets, load_train_set
+from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .errors import MedpeftError
 from .evaluate import Evaluator, evaluate_sets
 from .models import load_model
@@ -54,5 +54,30 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
     out = out_dir or ((run_dir / "eval") if run_dir is not None else Path(cfg.output_dir) / "eval")
     meta = {"model": cfg.model.name, "method": cfg.method.name if run_dir is not None else "base",
             "run_dir": str(run_dir) if run_dir is not None else None}
-    return evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
+    results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
+    if cfg.eval.perturb_rates and run_dir is not None and uses_tags(cfg.method):
+        results["perturbation"] = run_perturbation(evaluator, eval_sets, cfg, out, results["macro_accuracy"])
+    return results
+
+
+def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out: Path, clean: float) -> dict:
+    """Macro accuracy with p% of the items' tags replaced, per rate and perturbation seed (mean, std)."""
+    import statistics
+
+    from .io import write_json
+    from .stats import accuracy_summary
+
+    rates = {}
+    for rate in cfg.eval.perturb_rates:
+        macros = []
+        for seed in cfg.eval.perturb_seeds:
+            flags = {name: [p.correct for p in evaluator.score(perturb_tags(items, rate, seed), cfg.eval.scorer,
+                                                                 desc=f"perturb {rate:.0%} {name}")]
+                     for name, items in eval_sets.items()}
+            macros.append(accuracy_summary(flags)["macro_accuracy"])
+        rates[str(rate)] = {"macro": macros, "mean": statistics.fmean(macros),
+                            "std": statistics.stdev(macros) if len(macros) > 1 else 0.0}
+    summary = {"clean_macro": clean, "seeds": list(cfg.eval.perturb_seeds), "rates": rates}
+    write_json(out / "perturbation.json", summary)
+    return summary
 

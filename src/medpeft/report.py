@@ -1,6 +1,12 @@
-"""Human-readable tables of results (Markdown)."""
+"""Human-readable outputs: Markdown tables and PNG plots of runs, suites and comparisons."""
 
 from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .io import atomic_open, write_json, write_text
 
 
 def results_table(runs: dict[str, dict]) -> str:
@@ -19,3 +25,145 @@ def results_table(runs: dict[str, dict]) -> str:
                          f"{100 * v['accuracy']:.1f} [{100 * v['wilson_low']:.1f}, {100 * v['wilson_high']:.1f}] ({v['n']})")
         lines.append(f"| {run} | " + " | ".join(cells) + f" | {100 * res['macro_accuracy']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+FAMILIES = {"lora": "Fixed LoRA", "dora": "PEFT", "full": "Full fine-tuning", "birg": "Single adapter",
+            "rankwise": "Rank-wise control", "moelora": "LoRA-MoE", "sparsedoctor": "LoRA-MoE",
+            "medmoe": "LoRA-MoE", "moe-vanilla": "LoRA-MoE", "multilora": "Adapter library", "base": "Base model"}
+
+
+def collect_runs(root: Path) -> dict[str, dict]:
+    """Every trained run below ``root`` (a folder with summary.json and eval/results.json), by
+    method label (its folder path below root, without a trailing seed-<s>), with its seeds."""
+    runs: dict[str, dict] = {}
+    for summary_path in sorted(Path(root).rglob("summary.json")):
+        run_dir = summary_path.parent
+        results_path = run_dir / "eval" / "results.json"
+        if not results_path.exists():
+            continue
+        rel = run_dir.relative_to(root).as_posix() if run_dir != Path(root) else run_dir.name
+        label = rel.rsplit("/seed-", 1)[0] if "/seed-" in rel else rel
+        entry = runs.setdefault(label, {"summary": json.loads(summary_path.read_text()), "seeds": []})
+        res = json.loads(results_path.read_text())
+        pert = run_dir / "eval" / "perturbation.json"
+        entry["seeds"].append({"run_dir": str(run_dir), "results": res,
+                               "perturbation": json.loads(pert.read_text()) if pert.exists() else None})
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def method_table(runs: dict[str, dict]) -> tuple[str, list[dict]]:
+    """The papers' layout: Family | Method | Params | per-benchmark | Avg., mean +- std over seeds."""
+    benches: list[str] = []
+    for r in runs.values():
+        for s in r["seeds"]:
+            benches += [b for b in s["results"]["benchmarks"] if b not in benches]
+    rows, lines = [], ["| Family | Method | Params | " + " | ".join(benches) + " | Avg. | seeds |",
+                       "|---" * (len(benches) + 5) + "|"]
+    for label, r in runs.items():
+        method = r["summary"]["method"]
+        per = {b: _mean_std([100 * s["results"]["benchmarks"][b]["accuracy"] for s in r["seeds"]
+                             if b in s["results"]["benchmarks"]]) for b in benches}
+        macro = _mean_std([100 * s["results"]["macro_accuracy"] for s in r["seeds"]])
+        n = len(r["seeds"])
+        fmt = (lambda m, sd: f"{m:.2f} +- {sd:.2f}") if n > 1 else (lambda m, sd: f"{m:.2f}")
+        lines.append(f"| {FAMILIES.get(method, method)} | {label} | {r['summary']['trainable_params'] / 1e6:.2f}M | "
+                     + " | ".join(fmt(*per[b]) for b in benches) + f" | {fmt(*macro)} | {n} |")
+        rows.append({"label": label, "method": method, "family": FAMILIES.get(method, method),
+                     "trainable_params": r["summary"]["trainable_params"], "seeds": n,
+                     "benchmarks": {b: {"mean": per[b][0], "std": per[b][1]} for b in benches},
+                     "macro": {"mean": macro[0], "std": macro[1]},
+                     "perturbation": _perturbation_curve(r)})
+    return "\n".join(lines) + "\n", rows
+
+
+def _perturbation_curve(run: dict) -> dict | None:
+    curves = [s["perturbation"] for s in run["seeds"] if s["perturbation"]]
+    if not curves:
+        return None
+    rates = sorted({float(k) for c in curves for k in c["rates"]})
+    means = [statistics.fmean(100 * m for c in curves for m in c["rates"][str(r)]["macro"]) for r in rates]
+    pooled = [[100 * m for c in curves for m in c["rates"][str(r)]["macro"]] for r in rates]
+    stds = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in pooled]
+    clean = statistics.fmean(100 * c["clean_macro"] for c in curves)
+    return {"rates": [0.0] + rates, "mean": [clean] + means, "std": [0.0] + stds}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_params(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        x, y = r["trainable_params"] / 1e6, r["macro"]["mean"]
+        ax.errorbar(x, y, yerr=r["macro"]["std"] if r["seeds"] > 1 else None, fmt="o", capsize=3)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(x=0.2, y=0.2)  # room for the point labels
+    ax.set_xlabel("trainable parameters (millions)")
+    ax.set_ylabel("macro-average accuracy (%)")
+    ax.set_title("Accuracy vs trainable parameters (bars: std over training seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_perturbation(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        c = r["perturbation"]
+        if c:
+            ax.errorbar([100 * x for x in c["rates"]], c["mean"], yerr=c["std"], marker="o", capsize=3, label=r["label"])
+    ax.set_xlabel("items with perturbed tags (%)")
+    ax.set_ylabel("macro-average accuracy (%)")
+    ax.set_title("Weak-axis perturbation at evaluation (mean +- std over perturbation seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
+    """report.md, report.json and PNG plots for every run below ``root``."""
+    runs = collect_runs(root)
+    if not runs:
+        from .errors import MedpeftError
+
+        raise MedpeftError(f"{root}: no finished runs (folders with summary.json and eval/results.json)")
+    table, rows = method_table(runs)
+    out = Path(out)
+    plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png")
+    parts = [f"# Results: {root}", "", "Accuracy in percent (mean +- std over training seeds when there are several).",
+             "", table, "![accuracy vs trainable parameters](accuracy_vs_params.png)", ""]
+    if any(r["perturbation"] for r in rows):
+        plot_perturbation(rows, out / "perturbation.png")
+        parts += ["## Weak-axis perturbation", "", "![perturbation](perturbation.png)", ""]
+    pairs = []
+    if compare and len(runs) > 1:
+        from .compare import compare_labeled, compare_table
+
+        pairs = compare_labeled([(label, Path(r["seeds"][0]["run_dir"]) / "eval" / "predictions.jsonl")
+                                 for label, r in runs.items()])
+        parts += ["## Paired comparisons (first seed of each method)", "",
+                  "Benchmark-stratified paired bootstrap (10,000 resamples) of the macro delta, pooled sign test, "
+                  "Holm-corrected (docs/statistics.md).", "", compare_table(pairs)]
+    write_text(out / "report.md", "\n".join(parts) + "\n")
+    report = {"root": str(root), "methods": rows, "comparisons": pairs}
+    write_json(out / "report.json", report)
+    return report

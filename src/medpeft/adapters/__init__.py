@@ -38,6 +38,12 @@ def apply_method(model: nn.Module, method) -> nn.Module:
     return peft_methods.apply_method(model, method)
 
 
+def uses_tags(method) -> bool:
+    """Whether the method reads the clinical tags (so tag perturbation can change its output)."""
+    return (isinstance(method, BirgMethod) and method.clinical_gate) or \
+        (isinstance(method, MoeMethod) and method.router == "route")
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -213,7 +213,7 @@ class RankGatedLoraLinear(nn.Module):
         else:
             zeta, hard, p, rho = self.gate(x)
             if st.freeze:
-                st.frozen[self.name] = (zeta.detach(), rho.detach())
+                st.frozen[self.name] = (zeta.detach(), rho.detach() if rho is not None else None)
             if self.training and self.losses:
                 self._aux_losses(p, hard)
             if st.record:

@@ -1,0 +1,65 @@
+"""Suites: methods x seeds under one budget, resumable; perturbation; reports and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medpeft.cli import main
+from medpeft.config import load_config, method_variants
+from medpeft.data.record import QARecord
+from medpeft.dataset import TaggedRecord, perturb_tags
+from medpeft.tags import Tags
+
+TINY_SUITE = str(Path(__file__).resolve().parents[1] / "configs" / "paper" / "birg-main-tiny.yaml")
+
+
+def test_variants_are_methods_times_seeds_under_one_budget():
+    cfg = load_config(TINY_SUITE, ["output_dir=/x"])
+    variants = method_variants(cfg)
+    assert len(variants) == 7 * 2
+    assert {v.output_dir for v in variants} == {f"/x/{m}/seed-{s}" for m in cfg.methods for s in (0, 1)}
+    assert {(v.train.steps, v.train.batch_size, v.data.max_length) for v in variants} == {(20, 8, 384)}
+    assert sorted({v.train.seed for v in variants}) == [0, 1]
+    assert {v.method.name for v in variants} == {"lora", "dora", "birg", "rankwise", "moelora"}
+
+
+def test_perturbation_replaces_the_given_share_with_other_values():
+    items = [TaggedRecord(QARecord(f"q{i}", "b", "en", "q", {"A": "a", "B": "b"}, frozenset("A"), "single"),
+                          Tags("pharmacy", "medication", "", ""), "s") for i in range(50)]
+    out = perturb_tags(items, 0.2, seed=3)
+    changed = [o for o, i in zip(out, items) if o.tags != i.tags]
+    assert len(changed) == 10
+    assert all(o.tags.specialty not in ("pharmacy", "unknown") and o.tags.operation not in ("medication", "unknown")
+               for o in changed)
+    assert [o.tags for o in out] == [o.tags for o in perturb_tags(items, 0.2, seed=3)]  # seeded
+    assert [o.tags for o in out] != [o.tags for o in perturb_tags(items, 0.2, seed=4)]
+
+
+def test_tiny_suite_end_to_end_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "suite"
+    args = ["suite", TINY_SUITE, f"output_dir={out}", "methods=[lora-r16, birg]", "train.steps=3",
+            "eval.perturb_rates=[0.3]", "eval.perturb_seeds=[0, 1]"]
+    assert main(args) == 0
+    adapter = out / "birg" / "seed-1" / "adapter" / "adapter.safetensors"
+    stamp = adapter.stat().st_mtime_ns
+    assert main(args) == 0  # re-run: finished cells are reused, not retrained
+    assert adapter.stat().st_mtime_ns == stamp
+    report = json.loads((out / "report" / "report.json").read_text())
+    rows = {r["label"]: r for r in report["methods"]}
+    assert set(rows) == {"lora-r16", "birg"} and rows["birg"]["seeds"] == 2
+    seed_macros = [json.loads((out / "birg" / f"seed-{s}" / "eval" / "results.json").read_text())["macro_accuracy"]
+                   for s in (0, 1)]
+    assert rows["birg"]["macro"]["mean"] == pytest.approx(100 * sum(seed_macros) / 2)
+    # perturbation only for the tag-routed method
+    assert (out / "birg" / "seed-0" / "eval" / "perturbation.json").exists()
+    assert not (out / "lora-r16" / "seed-0" / "eval" / "perturbation.json").exists()
+    assert rows["birg"]["perturbation"]["rates"] == [0.0, 0.3] and rows["lora-r16"]["perturbation"] is None
+    (pair,) = report["comparisons"]
+    assert (pair["a"], pair["b"]) == ("birg", "lora-r16") and pair["n"] == 28  # folders in sorted order
+    md = (out / "report" / "report.md").read_text()
+    assert "| Family | Method | Params |" in md and "| birg vs lora-r16 |" in md
+    for png in ("accuracy_vs_params.png", "perturbation.png"):
+        assert (out / "report" / png).stat().st_size > 5000
