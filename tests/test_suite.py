@@ -63,3 +63,19 @@ def test_tiny_suite_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert "| Family | Method | Params |" in md and "| birg vs lora-r16 |" in md
     for png in ("accuracy_vs_params.png", "perturbation.png"):
         assert (out / "report" / png).stat().st_size > 5000
+
+
+@pytest.mark.parametrize("name", ["birg-main", "birg-main-tiny", "birg-ablations", "birg-transfer", "medmoe-main",
+                                  "sparsedoctor"])
+def test_paper_suite_configs_are_valid(name):
+    cfg = load_config(str(Path(TINY_SUITE).parent / f"{name}.yaml"))
+    assert cfg.methods and cfg.eval.benchmarks and method_variants(cfg)
+
+
+def test_ablation_plot(tmp_path):
+    from medpeft.report import plot_ablation_drops
+
+    rows = [{"label": "birg", "macro": {"mean": 69.3}}, {"label": "birg-no-axis", "macro": {"mean": 68.9}},
+            {"label": "birg-top8", "macro": {"mean": 69.5}}, {"label": "lora-r16", "macro": {"mean": 68.5}}]
+    assert plot_ablation_drops(rows, "birg", tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 3000
+    assert not plot_ablation_drops(rows[3:], "birg", tmp_path / "b.png")

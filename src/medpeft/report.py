@@ -139,6 +139,28 @@ def plot_perturbation(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_ablation_drops(rows: list[dict], full: str, path: Path) -> bool:
+    """Bar chart of each ablation's macro accuracy minus the full method's (percentage points)."""
+    base = next((r for r in rows if r["label"] == full), None)
+    ablations = [r for r in rows if r["label"].startswith(full + "-")]
+    if base is None or not ablations:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drops = [r["macro"]["mean"] - base["macro"]["mean"] for r in ablations]
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.45 * len(ablations)))
+    ax.barh([r["label"] for r in ablations], drops, color=["tab:red" if d < 0 else "tab:green" for d in drops])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"macro accuracy minus {full} (percentage points)")
+    ax.set_title(f"Ablations of {full}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
     """report.md, report.json and PNG plots for every run below ``root``."""
     runs = collect_runs(root)
@@ -154,6 +176,12 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
     if any(r["perturbation"] for r in rows):
         plot_perturbation(rows, out / "perturbation.png")
         parts += ["## Weak-axis perturbation", "", "![perturbation](perturbation.png)", ""]
+    if plot_ablation_drops(rows, "birg", out / "ablations.png"):
+        parts += ["## Ablations", "", "![ablation drops](ablations.png)", ""]
+    audits = sorted(Path(root).rglob("audit/*.png"))
+    if audits:  # usage heatmaps written by `medpeft audit` in the run folders
+        parts += ["## Routing audits", ""] + [f"![{p.parent.parent.relative_to(root)}]({Path(p).resolve()})"
+                                             for p in audits] + [""]
     pairs = []
     if compare and len(runs) > 1:
         from .compare import compare_labeled, compare_table
