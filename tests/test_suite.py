@@ -79,3 +79,15 @@ def test_ablation_plot(tmp_path):
             {"label": "birg-top8", "macro": {"mean": 69.5}}, {"label": "lora-r16", "macro": {"mean": 68.5}}]
     assert plot_ablation_drops(rows, "birg", tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 3000
     assert not plot_ablation_drops(rows[3:], "birg", tmp_path / "b.png")
+
+
+def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
+    """configs/paper/birg-main-tiny.yaml unchanged (7 methods x 2 seeds, perturbation), as CI runs it."""
+    out = tmp_path / "tiny"
+    assert main(["suite", TINY_SUITE, f"output_dir={out}"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert {r["label"] for r in report["methods"]} == {"lora-r4", "lora-r16", "lora-r24", "dora-r24", "birg",
+                                                        "rankwise", "moelora"}
+    assert all(r["seeds"] == 2 for r in report["methods"]) and len(report["comparisons"]) == 21
+    birg = next(r for r in report["methods"] if r["label"] == "birg")
+    assert birg["perturbation"]["rates"] == [0.0, 0.1, 0.2, 0.3]
