@@ -63,6 +63,10 @@ def test_tiny_suite_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert "| Family | Method | Params |" in md and "| birg vs lora-r16 |" in md
     for png in ("accuracy_vs_params.png", "perturbation.png"):
         assert (out / "report" / png).stat().st_size > 5000
+    # routed methods get their routing audit (first seed), linked from the report
+    assert (out / "birg" / "seed-0" / "audit" / "rank_usage.png").exists()
+    assert not (out / "lora-r16" / "seed-0" / "audit").exists()
+    assert "## Routing audits" in md and "rank_usage.png" in md
 
 
 @pytest.mark.parametrize("name", ["birg-main", "birg-main-tiny", "birg-ablations", "birg-transfer", "medmoe-main",
@@ -91,3 +95,33 @@ def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
     assert all(r["seeds"] == 2 for r in report["methods"]) and len(report["comparisons"]) == 21
     birg = next(r for r in report["methods"] if r["label"] == "birg")
     assert birg["perturbation"]["rates"] == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_grid_over_base_models_and_training_sources(tmp_path):
+    from medpeft.config import grid_cells
+
+    ex = Path(__file__).resolve().parents[1] / "src/medpeft/data/examples"
+    cfg_file = tmp_path / "grid.yaml"
+    cfg_file.write_text(f"""
+output_dir: {tmp_path / 'g'}
+methods: [lora-r16]
+grid:
+  train.lr: [0.001, 0.005]
+  data.train:
+    - [{{benchmark: cmb, path: {ex / 'cmb_train.json'}}}]
+    - [{{benchmark: medqa, path: {ex / 'medqa_dev.jsonl'}}}]
+train: {{steps: 2, save_every: 0}}
+data: {{max_length: 256}}
+eval:
+  benchmarks: [{{benchmark: medmcqa, path: {ex / 'medmcqa_dev.jsonl'}}}]
+""")
+    cells = grid_cells(str(cfg_file))
+    assert [label for label, _ in cells] == ["lr-0.001+train-0", "lr-0.001+train-1", "lr-0.005+train-0",
+                                             "lr-0.005+train-1"]
+    assert [c.train.lr for _, c in cells] == [0.001, 0.001, 0.005, 0.005]
+    assert [c.data.train[0].benchmark for _, c in cells] == ["cmb", "medqa", "cmb", "medqa"]
+    assert main(["suite", str(cfg_file)]) == 0
+    report = json.loads((tmp_path / "g" / "report" / "report.json").read_text())
+    assert sorted(r["label"] for r in report["methods"]) == [f"{label}/lora-r16" for label, _ in cells]
+    with pytest.raises(Exception, match="grid"):
+        load_config(str(cfg_file), ["grid={train.lr: 3}"])

@@ -38,12 +38,25 @@ def _load(config: str, overrides: list[str], skip_invalid: bool):
     return cfg
 
 
-def cmd_train(args) -> int:
-    from .config import method_variants
-    from .pipeline import run_train
+def _variants(args) -> tuple:
+    """The config, and every (grid cell x method x seed) run config of it."""
+    from .config import grid_cells, method_variants
 
     cfg = _load(args.config, args.overrides, args.skip_invalid)
-    summaries = [run_train(variant, resume=args.resume) for variant in method_variants(cfg)]
+    variants = []
+    for _, cell in grid_cells(args.config, args.overrides):
+        if args.skip_invalid:
+            for src in [*cell.data.train, *cell.eval.benchmarks]:
+                src.skip_invalid = True
+        variants += method_variants(cell)
+    return cfg, variants
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_train
+
+    _, variants = _variants(args)
+    summaries = [run_train(variant, resume=args.resume) for variant in variants]
     print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
     return 0
 
@@ -74,23 +87,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import method_variants
     from .io import write_json
     from .pipeline import run_eval, run_train
     from .report import results_table
 
-    cfg = _load(args.config, args.overrides, args.skip_invalid)
+    cfg, variants = _variants(args)
     table = {}
-    for variant in method_variants(cfg):
+    for variant in variants:
         summary = run_train(variant, resume=args.resume)
         run_dir = Path(variant.output_dir)
-        results = run_eval(variant, run_dir=run_dir)
+        done = run_dir / "eval" / "results.json"
+        results = json.loads(done.read_text()) if args.resume and done.exists() else run_eval(variant, run_dir=run_dir)
         label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
         print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
               f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
         table[label] = results
     print(results_table(table), end="")
-    if cfg.methods or len(cfg.seeds) > 1:
+    if cfg.methods or len(cfg.seeds) > 1 or cfg.grid:
         write_json(Path(cfg.output_dir) / "results.json", table)
         print(f"run folders, and all results in results.json, under {cfg.output_dir}")
     else:
@@ -194,13 +207,30 @@ def cmd_report(args) -> int:
 
 
 def cmd_suite(args) -> int:
-    """Every (method, seed) of the config; finished runs are reused; then the report."""
+    """Every (method, seed) of the config; finished runs are reused; routing audits of the
+    routed methods (first seed); then the report."""
     args.resume = True
     cmd_run(args)
-    from .config import load_config
+    from .adapters import OWN_INJECTION
+    from .audit import audit
+    from .dataset import load_eval_sets
+    from .pipeline import load_run_model
     from .report import write_report
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, variants = _variants(args)
+    audited: set[str] = set()
+    for variant in variants:
+        run_dir = Path(variant.output_dir)
+        method_dir = str(run_dir.parent if run_dir.name.startswith("seed-") else run_dir)
+        if not isinstance(variant.method, OWN_INJECTION) or method_dir in audited:
+            continue
+        audited.add(method_dir)
+        if not (run_dir / "audit" / "summary.json").exists():
+            model, tokenizer = load_run_model(variant, run_dir)
+            items = [t for sets in load_eval_sets(variant.eval.benchmarks).values() for t in sets
+                     if t.record.question_type != "open"]
+            audit(model, tokenizer, items, run_dir / "audit", max_length=variant.data.max_length,
+                  batch_size=variant.eval.batch_size)
     out = Path(cfg.output_dir) / "report"
     write_report(Path(cfg.output_dir), out)
     print(f"report.md, report.json and plots in {out}")

@@ -216,6 +216,10 @@ class RunConfig:
     methods: list[str] = field(default_factory=list)
     # Training seeds; more than one trains every method once per seed (output_dir/<preset>/seed-<s>).
     seeds: list[int] = field(default_factory=list)
+    # Further grid axes: dotted config key -> list of values, e.g. {model.name: [A, B]} or
+    # {data.train: [[...cmb source...], [...cmexam source...]]}; one cell per combination,
+    # each in output_dir/<cell> (see grid_cells).
+    grid: Any = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = field(default_factory=LoraMethod)
     data: DataConfig = field(default_factory=DataConfig)
@@ -392,10 +396,45 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     raw = apply_overrides(raw, overrides or [])
     _resolve_paths(raw, Path.cwd())  # paths given as overrides are relative to the working folder
     cfg = from_dict(RunConfig, raw)
+    if not isinstance(cfg.grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
+                                                 for k, v in cfg.grid.items()):
+        raise ConfigError("config key 'grid' must map dotted config keys to non-empty lists of values")
     for preset in cfg.methods:
         if preset not in PRESETS:
             raise ConfigError(f"config key 'methods' names {preset!r}, not a preset ({', '.join(PRESETS)})")
     return cfg
+
+
+def _slug(value: Any) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_")[:40]
+
+
+def grid_cells(name_or_path: str, overrides: list[str] | None = None) -> list[tuple[str, RunConfig]]:
+    """One config per combination of the ``grid`` axes (just ``[("", cfg)]`` without a grid).
+
+    A cell's folder name joins ``<last key part>-<value>`` (scalar values) or
+    ``<last key part>-<index>`` (lists and mappings, e.g. training sources).
+    """
+    import itertools
+
+    overrides = list(overrides or [])
+    cfg = load_config(name_or_path, overrides)
+    if not cfg.grid:
+        return [("", cfg)]
+    keys = list(cfg.grid)
+    cells = []
+    for combo in itertools.product(*(list(enumerate(cfg.grid[k])) for k in keys)):
+        parts, cell_overrides = [], []
+        for key, (index, value) in zip(keys, combo):
+            leaf = key.rsplit(".", 1)[-1]
+            parts.append(f"{leaf}-{_slug(value) if isinstance(value, (str, int, float)) else index}")
+            cell_overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        label = "+".join(parts)
+        cell = load_config(name_or_path, overrides + cell_overrides + ["grid={}"])
+        cells.append((label, dataclasses.replace(cell, output_dir=str(Path(cfg.output_dir) / label))))
+    return cells
 
 
 def method_variants(cfg: RunConfig) -> list[RunConfig]:
