@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from scipy.stats import norm
 
 
@@ -36,7 +37,7 @@ def accuracy_summary(correct_by_set: dict[str, list[bool]]) -> dict:
 # ----------------------------------------------------------------------------- paired comparisons
 
 def stratified_paired_bootstrap(
-    deltas: dict[str, "np.ndarray"],
+    deltas: dict[str, np.ndarray],
     n_resamples: int = 10_000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -53,8 +54,6 @@ def stratified_paired_bootstrap(
     items with replacement gives those counts a Multinomial(n; p+, p0, p-) law, which is
     sampled directly (10,000 resamples of 20,000 items take milliseconds).
     """
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     macro = np.zeros(n_resamples)
     observed = []
