@@ -1,0 +1,199 @@
+"""medpeft's benchmark suite: training steps, evaluation throughput, pipeline vs plain Trainer.
+
+    python benchmarks/run.py --config cpu-tiny [--json results.json]     # ~2 minutes on 2 CPU cores
+    python benchmarks/run.py --config gpu-8b   [--json results.json]     # qwen3-8b architecture, random bf16 weights
+
+Three tables, each measured in this one process:
+
+1. Training step time and peak memory per method, with ratios to peft LoRA r16 and to
+   LoRA of equal active rank (benchmarks/step_time.py; methods interleaved in rounds).
+2. Evaluation throughput in questions/s: a bare batched forward over the prompts (full
+   logits), the ``letters`` scorer (logits at the last position only), and the
+   ``generate`` scorer (batched greedy, KV cache, at most 10 new tokens, stopping when
+   every item has ended). Targets: letters >= 0.9x bare forward; generate >= 0.5x letters.
+3. Our training pipeline vs a plain ``transformers.Trainer`` + ``peft`` LoRA r16 loop on the
+   same data (padding to the batch maximum, full logits), in real (non-padding) tokens/s.
+   Target: ours >= 1.3x.
+
+Targets are printed next to the measurements; nothing here asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIGS = {
+    "cpu-tiny": {"model": "tiny", "device": "cpu", "dtype": "fp32", "n_eval": 96, "eval_batch": 16,
+                 "train_steps": 20, "batch": 8, "micro": 4, "max_length": 512},
+    "gpu-8b": {"model": "qwen3-8b-random", "device": "cuda", "dtype": "bf16", "n_eval": 256, "eval_batch": 32,
+               "train_steps": 10, "batch": 8, "micro": 4, "max_length": 768},
+}
+
+
+def load(cfg: dict):
+    from medpeft.models import LoadedModel, load_model, load_tokenizer
+
+    if cfg["model"] == "tiny":
+        return load_model("tiny", device=cfg["device"], dtype=cfg["dtype"])
+    from step_time import random_model
+
+    model = random_model("qwen3-8b", cfg["device"], torch.bfloat16)
+    tok = load_tokenizer("tiny")  # timing needs token ids, not a real vocabulary
+    model.resize_token_embeddings(len(tok)) if model.config.vocab_size < len(tok) else None
+    return LoadedModel(model, tok, "qwen3-8b-random", torch.device(cfg["device"]))
+
+
+def eval_items(n: int):
+    from medpeft.config import load_config
+    from medpeft.dataset import load_eval_sets, load_train_set
+
+    cfg = load_config("quickstart")
+    pool = [t for t in load_train_set(cfg) + [x for s in load_eval_sets(cfg.eval.benchmarks).values() for x in s]
+            if t.record.question_type == "single"]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def eval_throughput(cfg: dict) -> dict:
+    from medpeft.evaluate import Evaluator, _left_pad
+
+    loaded = load(cfg)
+    model = loaded.model.eval()
+    items = eval_items(cfg["n_eval"])
+    ev = Evaluator(model, loaded.tokenizer, batch_size=cfg["eval_batch"], max_new_tokens=10,
+                   max_length=cfg["max_length"])
+    batches = list(ev._batches(items))
+
+    @torch.no_grad()
+    def bare():
+        for _, seqs in batches:
+            ids, mask = _left_pad(seqs, loaded.tokenizer.pad_token_id, loaded.device)
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+
+    out = {}
+    for name, fn in (("bare forward", bare), ("letters", lambda: ev.score(items, "letters")),
+                     ("generate", lambda: ev.score(items, "generate"))):
+        fn()  # warm-up
+        sync(cfg["device"])
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            sync(cfg["device"])
+            times.append(time.perf_counter() - t0)
+        out[name] = len(items) / min(times)
+    return out
+
+
+def pipeline_vs_trainer(cfg: dict) -> dict:
+    """Real tokens/s of medpeft's train() and of a plain Trainer + peft LoRA loop, same data and budget."""
+    import tempfile
+
+    from medpeft.config import load_config
+    from medpeft.dataset import load_train_set
+    from medpeft.prompts import PromptFormatter
+    from medpeft.train import train
+
+    steps, batch, micro = cfg["train_steps"], cfg["batch"], cfg["micro"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg = load_config("quickstart", [f"output_dir={tmp}/ours", "methods=[]", f"train.steps={steps}",
+                                             f"train.batch_size={batch}", f"train.micro_batch_size={micro}",
+                                             "train.save_every=0", f"data.max_length={cfg['max_length']}",
+                                             f"model.device={cfg['device']}"])
+        items = load_train_set(run_cfg)
+        loaded = load(cfg)
+        summary = train(run_cfg, loaded, items).summary
+        ours = summary["tokens"] / summary["train_time_s"]
+
+        from peft import LoraConfig, get_peft_model
+        from transformers import Trainer, TrainingArguments
+
+        loaded = load(cfg)
+        fmt = PromptFormatter(loaded.tokenizer, cfg["max_length"])
+        rows = []
+        for t in items:
+            e = fmt.encode_train(t.record)
+            rows.append({"input_ids": e.input_ids, "labels": [-100] * e.prompt_len + e.input_ids[e.prompt_len:]})
+        pad = loaded.tokenizer.pad_token_id
+
+        def collate(batch_rows):  # pad to the batch maximum, as the usual SFT collators do
+            width = max(len(r["input_ids"]) for r in batch_rows)
+            ids = torch.full((len(batch_rows), width), pad)
+            labels = torch.full((len(batch_rows), width), -100)
+            mask = torch.zeros((len(batch_rows), width), dtype=torch.long)
+            for i, r in enumerate(batch_rows):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+        model = get_peft_model(loaded.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj"]))
+        args = TrainingArguments(output_dir=f"{tmp}/trainer", max_steps=steps, per_device_train_batch_size=micro,
+                                 gradient_accumulation_steps=batch // micro, learning_rate=5e-3, report_to=[],
+                                 save_strategy="no", logging_strategy="no", use_cpu=cfg["device"] == "cpu",
+                                 bf16=cfg["dtype"] == "bf16", dataloader_num_workers=0, remove_unused_columns=False,
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        result = trainer.train()
+        mean_tokens = sum(len(r["input_ids"]) for r in rows) / len(rows)
+        theirs = steps * batch * mean_tokens / result.metrics["train_runtime"]
+    return {"ours_tokens_per_s": ours, "trainer_tokens_per_s": theirs, "ratio": ours / theirs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
+    ap.add_argument("--skip-steps", action="store_true", help="skip table 1 (training step times)")
+    ap.add_argument("--json", help="also write every number here")
+    args = ap.parse_args()
+    cfg = CONFIGS[args.config]
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu-8b needs a CUDA GPU")
+    report: dict = {"config": args.config}
+    if not args.skip_steps:
+        import step_time
+
+        sys.argv = ["step_time.py", "--config", args.config, "--rounds", "3" if args.config == "cpu-tiny" else "2",
+                    "--json", "/tmp/medpeft_step_time.json"]
+        step_time.main()
+        report["train_steps"] = json.loads(Path("/tmp/medpeft_step_time.json").read_text())
+        print()
+    qps = eval_throughput(cfg)
+    report["eval_questions_per_s"] = qps
+    print(f"Evaluation throughput ({args.config}, {cfg['n_eval']} single-answer questions, batch {cfg['eval_batch']})")
+    print()
+    print("| path | questions/s | ratio | target |")
+    print("|---|---|---|---|")
+    print(f"| bare batched forward (full logits) | {qps['bare forward']:.1f} | 1.000 | - |")
+    print(f"| letters scorer | {qps['letters']:.1f} | {qps['letters'] / qps['bare forward']:.3f} x bare | >= 0.9 |")
+    print(f"| generate scorer (<= 10 new tokens) | {qps['generate']:.1f} | {qps['generate'] / qps['letters']:.3f} x letters "
+          f"| >= 0.5 |")
+    print()
+    pvt = pipeline_vs_trainer(cfg)
+    report["pipeline_vs_trainer"] = pvt
+    print(f"Training pipeline vs plain Trainer + peft LoRA r16 ({cfg['train_steps']} steps, batch {cfg['batch']})")
+    print()
+    print("| loop | real tokens/s | ratio | target |")
+    print("|---|---|---|---|")
+    print(f"| transformers.Trainer + peft | {pvt['trainer_tokens_per_s']:.0f} | 1.000 | - |")
+    print(f"| medpeft train() | {pvt['ours_tokens_per_s']:.0f} | {pvt['ratio']:.3f} | >= 1.3 |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
