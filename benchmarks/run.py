@@ -109,13 +109,15 @@ def pipeline_vs_trainer(cfg: dict) -> dict:
 
     steps, batch, micro = cfg["train_steps"], cfg["batch"], cfg["micro"]
     with tempfile.TemporaryDirectory() as tmp:
-        run_cfg = load_config("quickstart", [f"output_dir={tmp}/ours", "methods=[]", f"train.steps={steps}",
-                                             f"train.batch_size={batch}", f"train.micro_batch_size={micro}",
-                                             "train.save_every=0", f"data.max_length={cfg['max_length']}",
-                                             f"model.device={cfg['device']}"])
-        items = load_train_set(run_cfg)
-        loaded = load(cfg)
-        summary = train(run_cfg, loaded, items).summary
+        def run_cfg(name, n_steps):
+            return load_config("quickstart", [f"output_dir={tmp}/{name}", "methods=[]", f"train.steps={n_steps}",
+                                              f"train.batch_size={batch}", f"train.micro_batch_size={micro}",
+                                              "train.save_every=0", f"train.log_every={n_steps}",
+                                              f"data.max_length={cfg['max_length']}", f"model.device={cfg['device']}"])
+
+        items = load_train_set(run_cfg("warm", 2))
+        train(run_cfg("warm", 2), load(cfg), items)  # warm-up (kernels, allocator), untimed
+        summary = train(run_cfg("ours", steps), load(cfg), items).summary
         ours = summary["tokens"] / summary["train_time_s"]
 
         from peft import LoraConfig, get_peft_model
@@ -147,6 +149,8 @@ def pipeline_vs_trainer(cfg: dict) -> dict:
                                  save_strategy="no", logging_strategy="no", use_cpu=cfg["device"] == "cpu",
                                  bf16=cfg["dtype"] == "bf16", dataloader_num_workers=0, remove_unused_columns=False,
                                  disable_tqdm=True)
+        warm_args = TrainingArguments(**{**args.to_dict(), "max_steps": 2, "output_dir": f"{tmp}/warm-trainer"})
+        Trainer(model=model, args=warm_args, train_dataset=rows, data_collator=collate).train()  # warm-up, untimed
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
         result = trainer.train()
         mean_tokens = sum(len(r["input_ids"]) for r in rows) / len(rows)

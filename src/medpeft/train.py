@@ -283,13 +283,14 @@ def train(
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)
             batches = [collate([encoded[i] for i in c], [train_set[i].tags for i in c], pad_id) for c in chunks]
             n_answer = sum(b.n_answer_tokens for b in batches)
-            loss_value = 0.0
-            aux_values: dict[str, float] = {}
+            # kept on the device; read back only when logged, so a step has no host sync
+            loss_value = torch.zeros((), device=loaded.device)
+            aux_values: dict[str, torch.Tensor] = {}
             for i, b in enumerate(batches):
                 b = b.to(loaded.device)
                 set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
                 loss = answer_loss_sum(model, b) / n_answer
-                loss_value += float(loss.detach())
+                loss_value += loss.detach()
                 # batch-mean auxiliary losses are weighted by the micro-batch's share of the step
                 share = b.input_ids.shape[0] / tc.batch_size
                 aux_total, aux = auxiliary_losses(model, cfg.method, share)
@@ -297,7 +298,7 @@ def train(
                     loss = loss + aux_total
                     for key, value in aux.items():
                         w = 1.0 if key in PARAMETER_LOSSES or key == "anchor" else share
-                        aux_values[key] = aux_values.get(key, 0.0) + w * float(value.detach())
+                        aux_values[key] = aux_values.get(key, 0.0) + w * value.detach().float()
                 loss.backward()
                 after_backward(model)
                 tokens_seen += b.n_tokens
@@ -309,12 +310,12 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.3f}")
             if done % tc.log_every == 0 or done == tc.steps or done == 1:
-                row = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                row = {"step": done, "loss": float(loss_value), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "tokens": tokens_seen,
                        "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                       **{f"aux_{k}": v for k, v in sorted(aux_values.items())}}
+                       **{f"aux_{k}": float(v) for k, v in sorted(aux_values.items())}}
+                progress.set_postfix(loss=f"{row['loss']:.3f}")
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 for key in ("loss", "lr", "grad_norm", *(f"aux_{k}" for k in sorted(aux_values))):
