@@ -64,3 +64,11 @@ def test_console_script_exit_code():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "medpeft: error: config key 'train.steps' must be int, got 'x'"
+
+
+def test_unloadable_model_is_one_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing-run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medpeft: error: model ") and "cannot load it" in err and "Traceback" not in err
+    assert main(["eval", str(tmp_path)]) == 2  # an existing folder that is neither a run nor a model
+    assert "neither a run folder" in capsys.readouterr().err

@@ -72,6 +72,8 @@ def cmd_eval(args) -> int:
     from .pipeline import run_eval
 
     target = Path(args.target)
+    if target.is_dir() and not (target / "config.yaml").exists() and not (target / "config.json").exists():
+        raise MedpeftError(f"{target}: neither a run folder (no config.yaml) nor a model folder (no config.json)")
     if (target / "config.yaml").exists():
         cfg = _load(str(target / "config.yaml"), args.overrides, args.skip_invalid)
         out = Path(args.out) if args.out else target / "eval"

@@ -9,6 +9,7 @@ seconds, not to answer medical questions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,12 +100,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
 
 
+def _not_loadable(name: str, err: Exception):
+    from .errors import MedpeftError
+
+    kind = "local folder" if Path(name).exists() else "hub id (or a missing local folder)"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return MedpeftError(f"model {name!r}: cannot load it as a {kind}: {first}")
+
+
 def load_tokenizer(name: str):
     if name == TINY:
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:  # missing folder, bad hub id, no network
+        raise _not_loadable(name, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -123,6 +135,9 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
         kwargs = {"dtype": resolve_dtype(dtype, dev)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _not_loadable(name, err) from None
     model.to(dev)
     return LoadedModel(model, tok, name, dev)
