@@ -68,7 +68,7 @@ def sync(device: str) -> None:
 
 
 def eval_throughput(cfg: dict) -> dict:
-    from medpeft.evaluate import Evaluator, _left_pad
+    from medpeft.evaluate import Evaluator, left_pad
 
     loaded = load(cfg)
     model = loaded.model.eval()
@@ -80,7 +80,7 @@ def eval_throughput(cfg: dict) -> dict:
     @torch.no_grad()
     def bare():
         for _, seqs in batches:
-            ids, mask = _left_pad(seqs, loaded.tokenizer.pad_token_id, loaded.device)
+            ids, mask = left_pad(seqs, loaded.tokenizer.pad_token_id, loaded.device)
             model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
 
     out = {}

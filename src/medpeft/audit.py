@@ -27,7 +27,7 @@ from .adapters.birg import RankGatedLoraLinear, effective_rank
 from .adapters.moe import LoraMixtureLinear
 from .adapters.routing import routing_state
 from .dataset import TaggedRecord
-from .evaluate import _left_pad
+from .evaluate import left_pad
 from .io import write_json, write_jsonl
 from .prompts import PromptFormatter
 from .tags import OPERATIONS, SPECIALTIES
@@ -46,7 +46,7 @@ def collect_routing(model, tokenizer, items: list[TaggedRecord], *, max_length: 
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        ids, mask = _left_pad([fmt.encode_prompt(t.record).input_ids for t in chunk], tokenizer.pad_token_id, device)
+        ids, mask = left_pad([fmt.encode_prompt(t.record).input_ids for t in chunk], tokenizer.pad_token_id, device)
         set_routing(model, mask.bool(), torch.tensor([t.tags.specialty_id for t in chunk], device=device),
                     torch.tensor([t.tags.operation_id for t in chunk], device=device), record=True)
         model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),

@@ -84,6 +84,9 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
             picked = route_balanced([t.record for t in tagged], lambda r: by_id[r.id].tags.specialty,
                                     src.per_route, src.subset_seed, src.routes)
             tagged = [by_id[r.id] for r in picked]
+        open_ended = sum(t.record.question_type == "open" for t in tagged)
+        if open_ended:  # answer-only SFT targets option letters; worked solutions are not trained on
+            log.warning("%s: %d open-ended items (e.g. GSM8K) are not used for training", src.display_name, open_ended)
         out.extend(t for t in tagged if t.record.question_type != "open")
     if not out:
         raise ConfigError("the training sources hold no multiple-choice items")

@@ -78,7 +78,8 @@ class Prediction:
     text: str | None = None
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (ids, attention mask) on ``device`` (prompts end at the same position)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -118,7 +119,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _last_logits(self, seqs: list[list[int]], items: list[TaggedRecord]) -> torch.Tensor:
-        ids, mask = _left_pad(seqs, self.pad_id, self.device)
+        ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=False)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False)
@@ -127,7 +128,7 @@ class Evaluator:
     @torch.no_grad()
     def _generate(self, seqs: list[list[int]], items: list[TaggedRecord], max_new_tokens: int,
                   allowed_fn=None) -> list[list[int]]:
-        ids, mask = _left_pad(seqs, self.pad_id, self.device)
+        ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=True)  # gates computed at prefill, held while decoding
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -161,7 +162,7 @@ class Evaluator:
         logits = self._last_logits(seqs, items)
         logprobs = torch.log_softmax(logits, dim=-1)
         out: list[Prediction | None] = []
-        multi_rows = []
+        multi_rows, multi_scores = [], {}
         for row, t in enumerate(items):
             letters = "".join(t.record.options)
             ids = self.fmt.letter_token_ids(letters)
@@ -169,6 +170,7 @@ class Evaluator:
             if t.record.question_type == "multi":
                 out.append(None)
                 multi_rows.append(row)
+                multi_scores[row] = scores
                 continue
             pred = frozenset(max(scores, key=scores.get))
             out.append(Prediction(t, pred, pred == t.record.answer, scores))
@@ -176,8 +178,7 @@ class Evaluator:
             for row, pred in zip(multi_rows, self._constrained_sets([items[r] for r in multi_rows],
                                                                     [seqs[r] for r in multi_rows])):
                 t = items[row]
-                scores = {k: float(logprobs[row, v]) for k, v in self.fmt.letter_token_ids("".join(t.record.options)).items()}
-                out[row] = Prediction(t, pred, pred == t.record.answer, scores)
+                out[row] = Prediction(t, pred, pred == t.record.answer, multi_scores[row])
         return out  # type: ignore[return-value]
 
     def _constrained_sets(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[frozenset[str]]:

@@ -45,6 +45,7 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self._letter_ids: dict[str, dict[str, int]] = {}
         if self.chat:
             self.answer_prefix, self.answer_end = "", self._end_of_turn()
         else:
@@ -89,7 +90,11 @@ class PromptFormatter:
         return EncodedExample(prompt.input_ids + target, prompt.prompt_len, prompt.truncated)
 
     def letter_token_ids(self, letters: str) -> dict[str, int]:
-        """The single token that starts an answer with each letter (as in the training target)."""
+        """The single token that starts an answer with each letter (as in the training target).
+
+        Cached per option-letter string: the scorers ask for it once per item."""
+        if letters in self._letter_ids:
+            return self._letter_ids[letters]
         out = {}
         for letter in letters:
             ids = self._ids(self.answer_prefix + letter)
@@ -97,6 +102,7 @@ class PromptFormatter:
                 raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens for this tokenizer; "
                                  "the 'letters' scorer needs single-token letters (use scorer=generate)")
             out[letter] = ids[0]
+        self._letter_ids[letters] = out
         return out
 
     @property

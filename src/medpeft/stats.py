@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import binomtest
 
 
 def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion.
-
-    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = correct/n``.
-    """
+    """Wilson score interval for a binomial proportion (scipy's ``binomtest(...).proportion_ci``):
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = correct/n``."""
     if n == 0:
         return (0.0, 0.0)
-    z = float(norm.ppf(1 - (1 - confidence) / 2))
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def accuracy_summary(correct_by_set: dict[str, list[bool]]) -> dict:
@@ -74,7 +66,8 @@ def stratified_paired_bootstrap(
 
 
 def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test over the discordant pairs (ties dropped):
+    """Two-sided exact sign test over the discordant pairs (ties dropped). Written out rather
+    than calling ``scipy.stats.binomtest`` so that the tests can use binomtest as an independent check:
     ``p = min(1, 2 min(P[X <= w], P[X >= w]))``, ``X ~ Binomial(wins + losses, 1/2)``."""
     from scipy.stats import binom
 
