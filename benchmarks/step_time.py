@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from medpeft.adapters import apply_method, auxiliary_losses, set_routing  # noqa: E402
 from medpeft.adapters.accounting import _method_config, build_meta_model  # noqa: E402
 from medpeft.adapters.inject import remove_adapters  # noqa: E402
-from medpeft.train import IGNORE, Batch, answer_loss_sum  # noqa: E402
+from medpeft.precision import autocast_for, prepare_mixed_precision  # noqa: E402
+from medpeft.train import IGNORE, Batch, answer_loss_sum, compile_decoder_layers, uncompile  # noqa: E402
 
 # Methods are timed in interleaved rounds (A B C A B C ...) so that drift of the machine
 # (frequency, other load) affects every method alike; the table shows medians over all
@@ -42,6 +43,21 @@ CONFIGS = {
 }
 METHODS = ["lora-r16", "birg", "rankwise", "moelora", "sparsedoctor", "moe-vanilla", "medmoe", "multilora"]
 PROFILE: dict = {"path": None}
+# Dense bf16 tensor-core peak (FLOP/s) for model FLOPs utilisation, by device name.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights of the decoder's linear layers (the LM head runs at answer positions only)."""
+    return sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
 
 
 def random_model(arch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -87,26 +103,32 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     method = method_config(name)
     torch.manual_seed(0)
     model = apply_method(model, method)
+    prepare_mixed_precision(model)  # as train(): fp32 adapter weights, bf16 compute under autocast
     model.train()
+    compiled = compile_decoder_layers(model) if cfg.get("compile") else []
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    n_answer = sum(b.n_answer_tokens for b in batches)
     device = cfg["device"]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
+    n_answer = sum(b.n_answer_tokens for b in batches)
 
     def step():
         for i, b in enumerate(batches):
             set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
-            loss = answer_loss_sum(model, b) / n_answer
-            aux_total, _ = auxiliary_losses(model, method, b.input_ids.shape[0] / cfg["batch"])
+            with autocast_for(model):
+                loss = answer_loss_sum(model, b) / n_answer
+                aux_total, _ = auxiliary_losses(model, method, b.input_ids.shape[0] / cfg["batch"])
             if aux_total is not None:
                 loss = loss + aux_total
             loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t_warm = time.perf_counter()
     for _ in range(cfg["warmup"]):
         step()
     sync(device)
+    warmup_s = time.perf_counter() - t_warm
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -128,9 +150,13 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
             fh.write(f"\n===== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
     trainable = sum(p.numel() for p in params)
     opt.state.clear()  # free the optimizer state before the next method is built
+    uncompile(compiled)
     # give the base model back, bare, for the next method
     base = model.unload() if hasattr(model, "unload") else remove_adapters(model)
-    return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base}
+    for p in base.parameters():
+        p.grad = None
+    return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base,
+            "warmup_s": warmup_s}
 
 
 def main() -> None:
@@ -140,10 +166,17 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--rounds", type=int, help="override the config's number of interleaved rounds")
     ap.add_argument("--profile", help="write a torch.profiler table of one step of each method to this file")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile each decoder layer, as train.compile does (auto: on CUDA)")
     args = ap.parse_args()
     cfg = dict(CONFIGS[args.config])
     if args.rounds:
         cfg["rounds"] = args.rounds
+    cfg["compile"] = cfg["device"] == "cuda" if args.compile == "auto" else args.compile == "on"
+    if cfg["compile"]:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = 64  # every method adds its own graphs of the layer
     PROFILE["path"] = args.profile
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu-8b needs a CUDA GPU")
@@ -156,7 +189,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_model(cfg["arch"], cfg["device"], cfg["dtype"])
     batches = make_batches(cfg, model.config.vocab_size, cfg["device"])
-    rows = {name: {"method": name, "times": [], "peak_gib": None} for name in names}
+    rows = {name: {"method": name, "times": [], "peak_gib": None, "warmup_s": []} for name in names}
+    n_matmul = matmul_params(model)
+    peak = peak_flops()
     for _ in range(cfg["rounds"]):
         for name in names:
             res = time_method(model, name, batches, cfg)
@@ -164,35 +199,46 @@ def main() -> None:
             row = rows[name]
             row["times"] += res["times"]
             row["trainable_params"] = res["trainable_params"]
+            row["warmup_s"].append(res["warmup_s"])
+            print(f"  {name}: median step {statistics.median(res['times']):.4f} s, first steps {res['warmup_s']:.1f} s, "
+                  f"peak {res['peak_gib'] or 0:.2f} GiB", file=sys.stderr, flush=True)
             if res["peak_gib"] is not None:
                 row["peak_gib"] = max(row["peak_gib"] or 0.0, res["peak_gib"])
             gc.collect()
             if cfg["device"] == "cuda":
                 torch.cuda.empty_cache()
     rows = list(rows.values())
+    tokens = cfg["batch"] * cfg["seq"]
     for r in rows:
         r["step_s"] = statistics.median(r["times"])
+        # model FLOPs utilisation: 4 x matmul params x tokens (forward + input gradients; the
+        # frozen weights get no weight gradients), over the step time and the device's peak
+        r["mfu"] = 4 * n_matmul * tokens / r["step_s"] / peak if peak else None
         r["step_s_iqr"] = [statistics.quantiles(r["times"], n=4)[0], statistics.quantiles(r["times"], n=4)[2]]
     ref = next((r for r in rows if r["method"] == "lora-r16"), rows[0])
     device_name = torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"Training step, {args.config}: {cfg['arch']}, {device_name}, {str(cfg['dtype']).replace('torch.', '')}, "
           f"seq {cfg['seq']}, effective batch {cfg['batch']} (micro {cfg['micro']}), "
-          f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps")
+          f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps, "
+          f"{'compiled decoder layers' if cfg['compile'] else 'eager'}")
     print()
     by_name = {r["method"]: r for r in rows}
     print("| method | trainable | active rank | step (s) | x LoRA r16 | x LoRA of equal active rank | "
-          "peak mem (GiB) | x LoRA r16 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "peak mem (GiB) | x LoRA r16 | MFU | first steps (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         mem_ratio = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         eq = reference.get(r["method"])
         eq_ratio = f"{r['step_s'] / by_name[eq]['step_s']:.3f} ({eq})" if eq else "-"
         r["x_equal_active_rank"] = r["step_s"] / by_name[eq]["step_s"] if eq else None
         print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {active_rank.get(r['method'], '-')} | "
-              f"{r['step_s']:.4f} | {r['step_s'] / ref['step_s']:.3f} | {eq_ratio} | {mem} | {mem_ratio} |")
+              f"{r['step_s']:.4f} | {r['step_s'] / ref['step_s']:.3f} | {eq_ratio} | {mem} | {mem_ratio} | "
+              f"{mfu} | {r['warmup_s'][0]:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": args.config, "device": device_name, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"config": args.config, "device": device_name, "compiled": cfg["compile"],
+                                               "matmul_params": n_matmul, "peak_flops": peak, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

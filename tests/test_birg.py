@@ -230,17 +230,16 @@ def test_auxiliary_losses_match_hand_computed_values():
     hard = straight_through_topk(p, 1)[1]
     state = RoutingState(prompt_mask=torch.ones(2, 3, dtype=torch.bool), specialty=torch.tensor([0, 1]),
                          operation=torch.tensor([3, 3]))
-    layer = RankGatedLoraLinear(torch.nn.Linear(3, 2), r=4, kappa=1, alpha=4.0, tau=1.0, dropout=0.0,
-                                hidden_gate=True, clinical_gate=False, injection=False,
-                                losses=("ent", "bal", "orth", "axis"), state=state)
-    with torch.no_grad():
-        layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]))
-        layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 1.0], [0, 1.0, 1.0, 0]]))
-    layer._aux_losses(p, hard)
-    layer._aux_losses(p, hard)  # a second module with the same gate: module means are unchanged
+    layers = [RankGatedLoraLinear(torch.nn.Linear(3, 2), r=4, kappa=1, alpha=4.0, tau=1.0, dropout=0.0,
+                                  hidden_gate=True, clinical_gate=False, injection=False,
+                                  losses=("ent", "bal", "orth", "axis"), state=state) for _ in range(2)]
+    for layer in layers:  # two modules with the same gate and atoms: module means are unchanged
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]))
+            layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 1.0], [0, 1.0, 1.0, 0]]))
+        layer._aux_losses(p, hard)
     method = BirgMethod(r=4, kappa=1)
-    losses = {**{k: float(v) for k, v in state.pop_aux().items()},
-              **{k: float(v) for k, v in routing_losses(state, method).items()}}
+    losses = {k: float(v) for k, v in routing_losses(state, method).items()}
     h = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
     assert losses["ent"] == pytest.approx(-h / math.log(4))
     # f = [0.5, 0.5, 0, 0], P = [0.4, 0.4, 0.1, 0.1] -> 4 * (0.2 + 0.2)
@@ -250,10 +249,12 @@ def test_auxiliary_losses_match_hand_computed_values():
     # two specialty prototypes p0, p1; one operation value contributes 0
     assert losses["axis"] == pytest.approx((0.7 * 0.1 * 2 + 0.01 * 2) / (0.49 + 0.03), rel=1e-5)
     assert float(_offdiag_cos2(torch.eye(3))) == 0.0
+    assert all(layer.routing_out is None for layer in layers)  # collected once
     # orth is skipped on micro-batches after the first of a step
     state.parameter_losses = False
-    layer._aux_losses(p, hard)
-    assert "orth" not in state.pop_aux()
+    layers[0]._aux_losses(p, hard)
+    later = routing_losses(state, method)
+    assert "orth" not in later and later["ent"] == pytest.approx(-h / math.log(4))
 
 
 def test_effective_rank():
@@ -280,8 +281,8 @@ def test_orthogonality_loss_hand_written_backward_passes_gradcheck():
     from medpeft.adapters.birg import OffDiagonalCos2
 
     torch.manual_seed(0)
-    a = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)  # a stack of two 5 x 7 matrices
+    b = torch.randn(1, 5, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: OffDiagonalCos2.apply(a, b), (a, b))
 
     def reference(m):  # the textbook form through autograd
@@ -289,4 +290,5 @@ def test_orthogonality_loss_hand_written_backward_passes_gradcheck():
         g = n @ n.T
         return (g.pow(2).sum() - g.diagonal().pow(2).sum()) / (m.shape[0] * (m.shape[0] - 1))
 
-    assert float(OffDiagonalCos2.apply(a, b)) == pytest.approx(float(reference(a) + reference(b)), rel=1e-12)
+    assert float(OffDiagonalCos2.apply(a, b)) == pytest.approx(
+        float(reference(a[0]) + reference(a[1]) + reference(b[0])), rel=1e-12)

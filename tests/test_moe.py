@@ -9,7 +9,7 @@ import torch
 
 from medpeft.adapters import after_backward, apply_method, auxiliary_losses, load_trained, save_trained, set_routing
 from medpeft.adapters.accounting import count_method
-from medpeft.adapters.moe import ExpertQueue, LoraMixtureLinear, experts_at_layer, supcon
+from medpeft.adapters.moe import ExpertQueue, LoraMixtureLinear, experts_at_layer, moe_losses, supcon
 from medpeft.adapters.routing import RoutingState
 from medpeft.config import LoraMethod, MoeMethod, load_config
 from medpeft.models import load_model
@@ -108,7 +108,7 @@ def test_load_balance_losses_match_hand_computed_values():
     state.prompt_mask = torch.ones(1, 2, dtype=torch.bool)
     layer.train()
     layer(x)
-    aux = state.pop_aux()
+    aux = moe_losses(state, None)
     p0 = torch.softmax(torch.tensor([1.0, 0.0]), 0)
     p1 = torch.softmax(torch.tensor([0.0, 4.0]), 0)
     p_mean = (p0 + p1) / 2
@@ -151,6 +151,12 @@ def test_supcon_golden_and_queue_semantics():
         denom = torch.logsumexp(sims[i, others], 0)
         expected += float(-(sims[i, pos] - denom).mean())
     assert float(loss) == pytest.approx(expected / 4, rel=1e-6)
+
+    # a bank with empty slots (label -1) gives the loss of the bank without them
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [5.0, 1.0], [0.3, 1.0]]), dim=-1)
+    bank_labels = torch.tensor([1, -1, 0])
+    assert float(supcon(reps, labels, bank, bank_labels, 0.5)) == pytest.approx(
+        float(supcon(reps, labels, bank[[0, 2]], bank_labels[[0, 2]], 0.5)), rel=1e-6)
 
     q = ExpertQueue(size=3, dim=2)
     q.push(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]))

@@ -34,6 +34,7 @@ from .config import RunConfig, dump_config
 from .dataset import TaggedRecord
 from .io import atomic_dir, write_json, write_text
 from .models import LoadedModel
+from .precision import autocast_for, base_dtype, prepare_mixed_precision
 from .prompts import EncodedExample, PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,11 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     targets_mask = batch.labels[:, 1:] != IGNORE  # position t predicts token t+1
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap or not hasattr(lm, "get_decoder"):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
         picked = logits[targets_mask]
     else:
-        hidden = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state
         picked = lm.get_output_embeddings()(hidden[:, :-1][targets_mask])
     targets = batch.labels[:, 1:][targets_mask]
     return torch.nn.functional.cross_entropy(picked.float(), targets, reduction="sum")
@@ -128,6 +130,34 @@ def micro_batches(indices: list[int], lengths: list[int], micro: int) -> list[li
     """
     ordered = sorted(indices, key=lambda i: lengths[i])
     return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+
+
+def compile_wanted(setting, device: torch.device) -> bool:
+    """``train.compile``: true, false, or ``auto`` (on for CUDA devices)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Regional compilation: ``torch.compile`` each decoder layer in place, as torchtune does.
+
+    The decoder layers are identical modules, so all after the first (whose input does not
+    require grad) share one compiled graph; adapters, routing gates and their auxiliary
+    terms are fused with the layer (docs/performance.md). The rest of the step (embedding,
+    loss, optimizer) stays eager. Returns the compiled layers (see :func:`uncompile`).
+    """
+    decoder = causal_lm_of(model).get_decoder() if hasattr(causal_lm_of(model), "get_decoder") else None
+    layers = list(getattr(decoder, "layers", []))
+    if not layers:
+        log.warning("train.compile: no decoder layers found in %s; training uncompiled", type(model).__name__)
+    for layer in layers:
+        layer.compile()
+    return layers
+
+
+def uncompile(layers: list[torch.nn.Module]) -> None:
+    """Undo :func:`compile_decoder_layers` (evaluation decodes with a KV cache: other shapes, eager)."""
+    for layer in layers:
+        layer._compiled_call_impl = None  # what nn.Module.compile() set; torch has no public undo
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -176,9 +206,6 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
         with torch.no_grad():
             for name, value in load_file(str(ckpt / "buffers.safetensors"), device=str(device)).items():
                 buffers[name].copy_(value)
-        for module in model.modules():  # host-side counters of loaded queues are recounted on use
-            if hasattr(module, "count") and hasattr(module, "ptr"):
-                module.count = None
     state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -227,11 +254,14 @@ def train(
     ``on_step(step)`` is called after each optimizer step (tests use it to interrupt).
     """
     tc = cfg.train
-    if tc.batch_size % tc.micro_batch_size:
-        from .errors import ConfigError
+    from .errors import ConfigError
 
+    if tc.batch_size % tc.micro_batch_size:
         raise ConfigError(f"config key 'train.batch_size' ({tc.batch_size}) must be a multiple of "
                           f"'train.micro_batch_size' ({tc.micro_batch_size})")
+    if base_dtype(loaded.model) == torch.float16:
+        raise ConfigError("config key 'model.dtype': training an fp16 model needs loss scaling, which medpeft "
+                          "does not implement; use bf16 (mixed precision, fp32 adapter weights) or fp32")
     run_dir = Path(cfg.output_dir)
     if not resume and (run_dir / "summary.json").exists():
         from .errors import MedpeftError
@@ -251,11 +281,13 @@ def train(
     pad_id = loaded.tokenizer.pad_token_id
 
     model = apply_method(loaded.model, cfg.method)
+    prepare_mixed_precision(model)
     if tc.gradient_checkpointing:
         causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
+    compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) else []
     optimizer, scheduler = build_optimizer(model, cfg)
     params = count_parameters(model)
 
@@ -289,11 +321,12 @@ def train(
             for i, b in enumerate(batches):
                 b = b.to(loaded.device)
                 set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
-                loss = answer_loss_sum(model, b) / n_answer
+                with autocast_for(model):
+                    loss = answer_loss_sum(model, b) / n_answer
+                    # batch-mean auxiliary losses are weighted by the micro-batch's share of the step
+                    share = b.input_ids.shape[0] / tc.batch_size
+                    aux_total, aux = auxiliary_losses(model, cfg.method, share)
                 loss_value += loss.detach()
-                # batch-mean auxiliary losses are weighted by the micro-batch's share of the step
-                share = b.input_ids.shape[0] / tc.batch_size
-                aux_total, aux = auxiliary_losses(model, cfg.method, share)
                 if aux_total is not None:
                     loss = loss + aux_total
                     for key, value in aux.items():
@@ -326,16 +359,18 @@ def train(
                                  "elapsed_s": elapsed_before + time.perf_counter() - t0})
             if on_step is not None:
                 on_step(done)
+    loop_time = elapsed_before + time.perf_counter() - t0
     progress.close()
     writer.close()
+    uncompile(compiled)
 
     save_trained(model, cfg.method, run_dir)
     summary = {
         "method": cfg.method.name, "base_model": cfg.model.name, **params,
         "steps": tc.steps, "batch_size": tc.batch_size, "train_examples": len(encoded),
         "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
-        "train_time_s": round(elapsed_before + time.perf_counter() - t0, 3),
-        "resumed_from_step": start_step or None, "device": str(loaded.device),
+        "train_time_s": round(loop_time, 3),  # the training loop, without the final save
+        "resumed_from_step": start_step or None, "device": str(loaded.device), "compiled": bool(compiled),
     }
     write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them

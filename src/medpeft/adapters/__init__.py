@@ -61,14 +61,14 @@ def auxiliary_losses(model: nn.Module, method, share: float = 1.0) -> tuple[torc
     if isinstance(method, MoeMethod):
         aux = moe_losses(state, method)
         return moe_aux_loss(aux, method, share), aux
-    aux = {**state.pop_aux(), **routing_losses(state, method)}
+    aux = routing_losses(state, method)
     return weighted_aux_loss(aux, method, share), aux
 
 
 def after_backward(model: nn.Module) -> None:
     """Updates that must follow a micro-batch's backward pass (SparseDoctor's expert queues)."""
     state = routing_state(model)
-    if state is not None and state.pending_queue:
+    if state is not None:
         commit_queues(state)
 
 

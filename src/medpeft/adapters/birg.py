@@ -38,7 +38,12 @@ usage is uniform, up to R/kappa when collapsed); ``L_orth`` penalises similar ra
 operation) -- 0 when the batch holds fewer than two values of an axis. ``L_orth``
 depends on the parameters only, so it is computed once per optimizer step (on the
 step's first micro-batch) with weight 1, which gives the same gradient as computing it on
-every micro-batch weighted by its share.
+every micro-batch weighted by its share; it is computed after the forward pass for all
+modules at once (:func:`routing_losses`).
+
+Precision: with a half-precision base model the adapter's parameters are kept in fp32
+(master weights, as ``peft`` does with ``autocast_adapter_dtype``); the low-rank update
+runs in the input's dtype and the gate (logits, softmax, top-k, rho) in fp32.
 """
 
 from __future__ import annotations
@@ -73,33 +78,34 @@ def straight_through_topk(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 def _offdiag_cos2(m: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine similarity between distinct rows of ``m`` [R, d]."""
-    return OffDiagonalCos2.apply(m)
+    return OffDiagonalCos2.apply(m.unsqueeze(0))
 
 
 class OffDiagonalCos2(torch.autograd.Function):
     """``sum over the given matrices of mean_{j != k} cos(m_j, m_k)^2`` over their rows.
 
-    All matrices have R rows. With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)``
+    Inputs are stacks ``[K_i, R, d_i]`` of matrices (one stack per shape); all have R rows. With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)``
     and ``Z = R (R - 1)``: ``L = sum_{j != k} C_jk / Z``, ``dL/dG_jk = 2 G_jk / (n_j n_k Z)`` off
     the diagonal, ``dL/dn_j = -2 sum_{k != j} C_jk / (n_j Z)``, and ``dL/dm = (S + S^T) m``
     with ``S`` those derivatives. The R x R algebra of every matrix runs stacked, so the
-    cost is one matrix product per matrix plus a fixed handful of kernels: written by hand
+    cost is one batched matrix product per stack plus a fixed handful of kernels: written by hand
     because autograd's version costs ~40 kernel launches per module, which dominated a GPU
     step (docs/performance.md).
     """
 
     @staticmethod
-    def forward(ctx, *mats: torch.Tensor) -> torch.Tensor:
-        work = torch.float64 if mats[0].dtype == torch.float64 else torch.float32  # fp32 at least
-        mfs = [m.to(work) for m in mats]
-        g = torch.stack([mf @ mf.T for mf in mfs])  # [K, R, R]
+    def forward(ctx, *stacks: torch.Tensor) -> torch.Tensor:
+        work = torch.float64 if stacks[0].dtype == torch.float64 else torch.float32  # fp32 at least
+        mfs = [m.to(work) for m in stacks]
+        with torch.autocast(stacks[0].device.type, enabled=False):  # fp32 even under mixed precision
+            g = torch.cat([torch.bmm(mf, mf.transpose(1, 2)) for mf in mfs])  # [K, R, R]
         r = g.shape[-1]
         n = g.diagonal(dim1=1, dim2=2).clamp_min(1e-12)  # [K, R]
         inv = 1.0 / (n.unsqueeze(2) * n.unsqueeze(1))
         off = 1.0 - torch.eye(r, device=g.device, dtype=g.dtype)
         c = g.square() * inv * off
         ctx.save_for_backward(g, n, inv, c, off, *mfs)
-        ctx.dtypes = [m.dtype for m in mats]
+        ctx.dtypes = [m.dtype for m in stacks]
         return c.sum() / (r * (r - 1))
 
     @staticmethod
@@ -109,7 +115,8 @@ class OffDiagonalCos2(torch.autograd.Function):
         z = r * (r - 1)
         s = (2.0 / z) * g * inv * off - torch.diag_embed((2.0 / z) * c.sum(2) / n)
         s = (s + s.transpose(1, 2)) * grad
-        return tuple((s[k] @ mf).to(dtype) for k, (mf, dtype) in enumerate(zip(mfs, ctx.dtypes)))
+        parts = s.split([mf.shape[0] for mf in mfs])
+        return tuple(torch.bmm(sk, mf).to(dtype) for sk, mf, dtype in zip(parts, mfs, ctx.dtypes))
 
 
 def gate_math(hidden: torch.Tensor | None, clinical: torch.Tensor | None, r: int, kappa: int, tau: float,
@@ -126,8 +133,13 @@ def gate_math(hidden: torch.Tensor | None, clinical: torch.Tensor | None, r: int
 
 
 def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``((x A^T) * scale) B^T`` with a per-question ``scale`` [B, R] over the rank atoms."""
-    return ((x @ a.T) * scale.unsqueeze(1).to(x.dtype)) @ b.T
+    """``((x A^T) * scale) B^T`` with a per-question ``scale`` [B, R] over the rank atoms, in x's dtype."""
+    return ((x @ a.T.to(x.dtype)) * scale.unsqueeze(1).to(x.dtype)) @ b.T.to(x.dtype)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """fp32 master weights for a half-precision base (bf16/fp16), else the base's dtype."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
 
 
 
@@ -156,12 +168,13 @@ class RankGatedLoraLinear(nn.Module):
         if not (hidden_gate or clinical_gate):
             raise ValueError("the gate needs the hidden branch, the clinical branches, or both")
         self.base, self.name, self.state = base, name, state
+        self.routing_out: tuple | None = None  # (p, hard) of the last training forward, for the batch losses
         if state is not None:
             state.register(self)
         self.r, self.kappa, self.scaling, self.tau = r, kappa, alpha / r, tau
         self.losses = losses
         d_in, d_out = base.in_features, base.out_features
-        device, dtype = base.weight.device, base.weight.dtype
+        device, dtype = base.weight.device, adapter_dtype(base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -187,23 +200,18 @@ class RankGatedLoraLinear(nn.Module):
             raise RuntimeError(
                 f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
                 "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")
-        hidden = self.gate_in(st.pooled(x)).float() if self.gate_in is not None else None
-        # a question's three table rows, summed, as one matmul with the batch's 3-hot tag matrix
-        clinical = (st.tag_onehot(self.gate_tags.dtype) @ self.gate_tags).float() if self.gate_tags is not None else None
-        return gate_math(hidden, clinical, self.r, self.kappa, self.tau, self.hidden_gate, self.injection)
+        with torch.autocast(x.device.type, enabled=False):  # the gate in fp32, also under mixed precision
+            hidden = F.linear(st.pooled(x), self.gate_in.weight.float(), self.gate_in.bias.float()) \
+                if self.gate_in is not None else None
+            # a question's three table rows, summed, as one matmul with the batch's 3-hot tag matrix
+            clinical = st.tag_onehot @ self.gate_tags.float() if self.gate_tags is not None else None
+            return gate_math(hidden, clinical, self.r, self.kappa, self.tau, self.hidden_gate, self.injection)
 
     def _aux_losses(self, p: torch.Tensor, hard: torch.Tensor) -> None:
-        """Hand this forward's gate to the routing state; the batch losses of all modules are
-        computed together, vectorised over modules, by :func:`routing_losses`."""
-        st = self.state
+        """Keep this forward's gate for the batch losses, which :func:`routing_losses` computes
+        for all modules together, vectorised over modules."""
         if any(k in self.losses for k in ("ent", "bal", "axis")):
-            st.gates.append((p, hard))
-        if "orth" in self.losses and st.parameter_losses:
-            group = st.orth_group(self)
-            if group:  # this decoder layer's first module to run: the whole layer's atoms at once
-                mats = [m.lora_A for m in group] + [m.lora_B.T for m in group]
-                # the layer's sum over modules; pop_aux divides by the module count
-                st.add_aux("orth", OffDiagonalCos2.apply(*mats), weight=len(group))
+            self.routing_out = (p, hard)
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,17 +262,29 @@ class BirgLayerFactory:
 
 
 def routing_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
-    """``L_ent``, ``L_bal``, ``L_axis`` of the last forward, each averaged over modules.
+    """``L_ent``, ``L_bal``, ``L_axis`` of the last forward and, on a step's first micro-batch
+    (``state.parameter_losses``), ``L_orth``; each averaged over modules.
 
     The gates of every module (all of rank R) are stacked to ``P, H: [M, B, R]`` so each
-    loss costs a handful of tensor operations per forward instead of per module.
+    loss costs a handful of tensor operations per forward instead of per module; the
+    rank atoms of all modules go through :class:`OffDiagonalCos2` as a few same-shape stacks.
     """
-    if not state.gates:
-        return {}
-    p = torch.stack([g[0] for g in state.gates])
-    hard = torch.stack([g[1] for g in state.gates])
-    state.gates = []
-    r, out = p.shape[-1], {}
+    gates = [out for _, out in state.collect()]
+    out = {}
+    if method.l_orth > 0 and state.parameter_losses:
+        layers = [m for m in state.layers if "orth" in m.losses]
+        stacks: dict[tuple, list[torch.Tensor]] = {}
+        for m in layers:
+            stacks.setdefault(tuple(m.lora_A.shape), []).append(m.lora_A)
+        for m in layers:
+            stacks.setdefault(("B",) + tuple(m.lora_B.shape), []).append(m.lora_B.T)
+        if layers:
+            out["orth"] = OffDiagonalCos2.apply(*(torch.stack(v) for v in stacks.values())) / len(layers)
+    if not gates:
+        return out
+    p = torch.stack([g[0] for g in gates])
+    hard = torch.stack([g[1] for g in gates])
+    r = p.shape[-1]
     if method.l_ent > 0:
         out["ent"] = (p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(r)
     if method.l_bal > 0:

@@ -39,7 +39,12 @@ h_b``, so the contrastive objective also supervises the router, and keeps an **e
 memory queue** per module: a fixed-size FIFO ring of past (detached) representations with
 their expert labels, used as extra positives/negatives so the term needs no large batch.
 The queue is updated after each optimizer micro-step with that forward's representations
-(``commit_queues``); it holds no gradient and its memory is fixed.
+(``commit_queues``); it holds no gradient and its memory is fixed. Slots not yet filled
+carry label -1 and are masked out of the loss, so the queue always has one shape (no host
+sync to count entries, no recompilation under ``torch.compile``).
+
+Precision: with a half-precision base model the experts and router keep fp32 parameters
+(master weights) and compute in the input's dtype.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tags import SPECIALTIES
+from .birg import adapter_dtype
 from .routing import RoutingState
 
 MOE_LOSSES = ("balance", "var", "anchor", "con")
@@ -72,9 +78,6 @@ class ExpertQueue(nn.Module):
         self.register_buffer("items", torch.zeros(size, dim, device=device, dtype=dtype), persistent=False)
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        # Entries in use, tracked on the host so that reading the queue needs no device sync;
-        # None after buffers were loaded from a checkpoint (recounted once on first use).
-        self.count: int | None = 0
 
     @torch.no_grad()
     def push(self, reps: torch.Tensor, labels: torch.Tensor) -> None:
@@ -86,17 +89,10 @@ class ExpertQueue(nn.Module):
         self.items[idx] = reps.detach().to(self.items.dtype)
         self.labels[idx] = labels
         self.ptr.copy_((self.ptr + n) % self.size)
-        self.count = min(self.size, self._count() + n)
-
-    def _count(self) -> int:
-        if self.count is None:
-            self.count = int((self.labels >= 0).sum())
-        return self.count
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The entries in use: the ring fills slots 0, 1, ... before it wraps, so a prefix."""
-        n = self._count()
-        return self.items[:n], self.labels[:n]
+        """Every slot and its label; empty slots have label -1 (the loss masks them out)."""
+        return self.items, self.labels
 
 
 def supcon(reps: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor | None, bank_labels: torch.Tensor | None,
@@ -114,6 +110,7 @@ def supcon_from_similarities(sims: torch.Tensor, labels: torch.Tensor, key_label
     n = sims.shape[1]
     self_mask = torch.zeros(sims.shape[1:], dtype=torch.bool, device=sims.device)
     self_mask[:, :n] = torch.eye(n, dtype=torch.bool, device=sims.device)
+    self_mask |= (key_labels < 0)[None, :]  # empty queue slots are neither positives nor negatives
     logits = (sims / temperature).masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     positive = (labels[:, None] == key_labels[None, :]) & ~self_mask
@@ -123,11 +120,11 @@ def supcon_from_similarities(sims: torch.Tensor, labels: torch.Tensor, key_label
     return ((per_anchor * has).sum(-1) / has.sum().clamp(min=1)).mean()
 
 
-def contrastive_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
-    """``L_con`` of the last forward, over all modules at once (their similarity matrices share a shape)."""
-    if not state.contrast:
+def contrastive_losses(entries: list[tuple], method) -> dict[str, torch.Tensor]:
+    """``L_con`` over the modules' ``(similarities, labels, key labels)``, all at once (their
+    similarity matrices normally share a shape)."""
+    if not entries:
         return {}
-    entries, state.contrast = state.contrast, []
     groups: dict[tuple, list] = {}
     for sims, labels, key_labels in entries:  # queues fill alike, so normally one group
         groups.setdefault(tuple(sims.shape), []).append((sims, labels, key_labels))
@@ -146,6 +143,10 @@ class LoraMixtureLinear(nn.Module):
         if router not in ("topk", "soft", "route"):
             raise ValueError(f"router must be topk, soft or route, got {router!r}")
         self.base, self.name, self.state = base, name, state
+        self.routing_out: dict | None = None  # this training forward's loss inputs (moe_losses reads them)
+        self.pending_push: tuple | None = None  # queue entries to commit after backward
+        if state is not None:
+            state.register(self)
         self.n_anchor, self.n_spec = n_anchor, len(ranks) - n_anchor
         if self.n_spec < 1:
             raise ValueError("a mixture needs at least one routed (specialist) expert")
@@ -155,7 +156,7 @@ class LoraMixtureLinear(nn.Module):
         self.losses, self.gate_contrast, self.con_temperature = losses, gate_contrast, con_temperature
         self.ranks = list(ranks)  # anchors first, then specialists
         d_in, d_out = base.in_features, base.out_features
-        device, dtype = base.weight.device, base.weight.dtype
+        device, dtype = base.weight.device, adapter_dtype(base.weight.dtype)
         total = sum(ranks)
         self.lora_A = nn.Parameter(torch.empty(total, d_in, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(d_out, total, device=device, dtype=dtype))
@@ -192,7 +193,7 @@ class LoraMixtureLinear(nn.Module):
                 raise RuntimeError(f"{self.name}: the route router needs set_routing(...) with the batch's tags")
             g = F.one_hot(st.specialty % self.n_spec, self.n_spec).to(x.dtype)
             return g[:, None, :].expand(x.shape[0], x.shape[1], self.n_spec), None
-        logits = self.router(x).float()
+        logits = F.linear(x, self.router.weight.to(x.dtype)).float()
         if self.router_kind == "soft":
             p = torch.softmax(logits / self.tau, dim=-1)
             return p, p
@@ -206,7 +207,8 @@ class LoraMixtureLinear(nn.Module):
         ones = g.new_ones(*g.shape[:-1], self.n_anchor)
         expert_w = torch.cat([ones, g], dim=-1)  # anchors always on
         w = (expert_w[..., self.expert_of_channel] * self.channel_scale).to(x.dtype)  # [B, T, sum r]
-        out = self.base(x) + ((self.dropout(x) @ self.lora_A.T) * w) @ self.lora_B.T
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        out = self.base(x) + ((self.dropout(x) @ a.T) * w) @ b.T
         if self.training and self.losses:
             self._aux_losses(x, g, p)
         if self.state.record:
@@ -219,31 +221,34 @@ class LoraMixtureLinear(nn.Module):
         return m if m is not None and m.shape == x.shape[:2] else None
 
     def _aux_losses(self, x: torch.Tensor, g: torch.Tensor, p: torch.Tensor | None) -> None:
+        """This forward's loss terms, kept in ``routing_out`` for :func:`moe_losses`."""
         st = self.state
         mask = self._token_mask(x)
         if mask is None:
             return
+        out: dict = {}
         m = mask.to(torch.float32).unsqueeze(-1)
         n_tok = m.sum().clamp(min=1)
         g_mean = (g.float() * m).sum((0, 1)) / n_tok  # [n_spec], mean gate over prompt tokens
         if "balance" in self.losses and p is not None:
             p_mean = (p * m).sum((0, 1)) / n_tok
             f = ((g > 0).float() * m).sum((0, 1)) / (n_tok * max(self.top_k, 1))
-            st.add_aux("balance", self.n_spec * (f * p_mean).sum())
+            out["balance"] = self.n_spec * (f * p_mean).sum()
         if "var" in self.losses:
-            st.add_aux("var", g_mean.var(unbiased=False))
+            out["var"] = g_mean.var(unbiased=False)
         if "anchor" in self.losses and self.n_anchor and st.parameter_losses:
-            st.add_aux("anchor", self._anchor_norm())
+            out["anchor"] = self._anchor_norm()
         if "con" in self.losses:
             reps, labels = self._expert_reps(x, g, mask)
             bank, bank_labels = self.queue.filled() if self.queue is not None else (None, None)
-            keys = reps if bank is None or bank.numel() == 0 else torch.cat([reps, bank])
-            key_labels = labels if bank_labels is None or bank_labels.numel() == 0 else torch.cat([labels, bank_labels])
+            keys = reps if bank is None else torch.cat([reps, bank])
+            key_labels = labels if bank_labels is None else torch.cat([labels, bank_labels])
             # the similarity matrices of all modules go through the rest of the loss together
             # (contrastive_losses), so it costs a few kernels per forward, not per module
-            st.contrast.append((reps @ keys.T, labels, key_labels))
+            out["con"] = (reps @ keys.T, labels, key_labels)
             if self.queue is not None:
-                st.pending_queue[self.name] = (self, reps.detach(), labels)
+                self.pending_push = (reps.detach(), labels)
+        self.routing_out = out
 
     def _anchor_norm(self) -> torch.Tensor:
         """``sum_a ||B_a A_a||_F^2`` through the r x r Gram matrices (never the d_out x d_in product)."""
@@ -261,10 +266,10 @@ class LoraMixtureLinear(nn.Module):
         w = mask.to(x.dtype)
         w = w / w.sum(1, keepdim=True).clamp(min=1)
         h = torch.bmm(w.unsqueeze(1), x).squeeze(1)  # [B, d_in] mean prompt input
-        u = h @ self.lora_A.T * self.channel_scale.to(x.dtype)  # [B, sum r]
+        u = h @ self.lora_A.T.to(x.dtype) * self.channel_scale.to(x.dtype)  # [B, sum r]
         spec = torch.arange(self.n_anchor, self.n_anchor + self.n_spec, device=x.device)
         sel = (self.expert_of_channel[None, :] == spec[:, None]).to(x.dtype)  # [n_spec, sum r]
-        o = (u[:, None, :] * sel[None]) @ self.lora_B.T  # [B, n_spec, d_out]
+        o = (u[:, None, :] * sel[None]) @ self.lora_B.T.to(x.dtype)  # [B, n_spec, d_out]
         if self.gate_contrast:
             gbar = (g * w.unsqueeze(-1).to(g.dtype)).sum(1)  # [B, n_spec] mean gate over prompt tokens
             o = o * gbar.unsqueeze(-1).to(o.dtype)
@@ -275,9 +280,10 @@ class LoraMixtureLinear(nn.Module):
 
 def commit_queues(state: RoutingState) -> None:
     """Push the last forward's expert representations into each module's memory queue."""
-    for layer, reps, labels in state.pending_queue.values():
-        layer.queue.push(reps, labels)
-    state.pending_queue = {}
+    for layer in state.layers:
+        if getattr(layer, "pending_push", None) is not None:
+            layer.queue.push(*layer.pending_push)
+            layer.pending_push = None
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -312,8 +318,15 @@ class MoeLayerFactory:
 
 
 def moe_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
-    """Every auxiliary loss of the last forward, each a mean over modules."""
-    return {**state.pop_aux(), **contrastive_losses(state, method)}
+    """Every auxiliary loss of the last forward, each a mean over the modules that reported it."""
+    outs = [out for _, out in state.collect()]
+    terms: dict[str, list[torch.Tensor]] = {}
+    for out in outs:
+        for key, value in out.items():
+            if key != "con":
+                terms.setdefault(key, []).append(value)
+    means = {k: torch.stack(v).mean() for k, v in terms.items()}
+    return {**means, **contrastive_losses([out["con"] for out in outs if "con" in out], method)}
 
 
 def moe_aux_loss(aux: dict[str, torch.Tensor], method, share: float) -> torch.Tensor | None:

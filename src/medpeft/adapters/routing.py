@@ -9,6 +9,12 @@ forward pass (the same pattern ``peft`` uses for per-sample adapter names).
 The state is *not* cleared when a forward pass returns: with gradient checkpointing the
 layers run again during ``backward()``, and must see the same context to recompute the
 same gates. It is replaced by the next :func:`set_routing`.
+
+Written for ``torch.compile`` of whole decoder layers (``train.compile``): a routed layer
+only *reads* per-batch tensors prepared by :func:`set_routing` and writes what the loss
+functions need to its own ``routing_out`` attribute -- no shared lists or dicts grow
+during the forward pass -- so every decoder layer after the first runs the same compiled
+graph instead of recompiling per layer.
 """
 
 from __future__ import annotations
@@ -30,54 +36,42 @@ class RoutingState:
     parameter_losses: bool = True  # compute weight-only losses (once per optimizer step)
     record: bool = False  # audit: keep each layer's gate outputs
     frozen: dict[str, tuple] = field(default_factory=dict)
-    aux: dict[str, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
     records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    gates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (p, hard) per module, for losses
-    pending_queue: dict = field(default_factory=dict)  # expert-queue pushes, committed after backward
-    contrast: list = field(default_factory=list)  # (similarities, labels, key labels) per module
-    # Per-batch quantities every routed layer needs, computed once per set_routing
-    # instead of once per module (they depend on the batch, not on the layer).
-    _cache: dict = field(default_factory=dict)
-
-    def pool_weights(self, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, T]`` weights of the masked mean over prompt tokens (rows sum to 1)."""
-        key = ("pool", dtype)
-        if key not in self._cache:
-            m = self.prompt_mask.to(dtype)
-            self._cache[key] = m / m.sum(1, keepdim=True).clamp(min=1)
-        return self._cache[key]
+    layers: list = field(default_factory=list)  # the routed layers sharing this state, in model order
+    # Per-batch tensors every routed layer reads, computed once per set_routing (they
+    # depend on the batch, not on the layer); fp32, cast by the reader.
+    pool_weights: torch.Tensor | None = None  # [B, T]: masked mean over prompt tokens (rows sum to 1)
+    tag_onehot: torch.Tensor | None = None  # [B, 89]: 1 at each of a question's three clinical-table rows
+    _cache: dict = field(default_factory=dict)  # eager-only per-batch helpers (loss computations)
+    _pooled: tuple | None = None  # eager only: (input tensor, its pooling), shared by q/k/v and gate/up
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """``h_x``: mean of ``x`` [B, T, d] over the prompt tokens, ``[B, d]``.
+        """``h_x``: mean of ``x`` [B, T, d] over the prompt tokens, ``[B, d]``, in fp32.
 
-        Modules that read the same input tensor (q/k/v, gate/up) share one pooling: the
-        last result is kept together with the tensor it came from.
+        Run eagerly, modules that read the same input tensor (q/k/v, gate/up) share one
+        pooling (the last result is kept with the tensor it came from); compiled, the
+        compiler sees the shared input itself, and a cache would only add guards.
         """
-        last = self._cache.get("pooled")
-        if last is not None and last[0] is x:
-            return last[1]
-        h = torch.bmm(self.pool_weights(x.dtype).unsqueeze(1), x).squeeze(1)
-        self._cache["pooled"] = (x, h)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._pooled is not None and self._pooled[0] is x:
+            return self._pooled[1]
+        h = torch.bmm(self.pool_weights.unsqueeze(1).to(x.dtype), x).squeeze(1).float()
+        if not compiling:
+            self._pooled = (x, h)
         return h
 
-    def tag_rows(self) -> torch.Tensor:
-        """``[B, 3]`` rows of a clinical gate table: specialty, operation, their pair."""
-        if "rows" not in self._cache:
-            from .birg import tag_rows
+    def register(self, layer) -> None:
+        self.layers.append(layer)
 
-            self._cache["rows"] = tag_rows(self.specialty, self.operation)
-        return self._cache["rows"]
-
-    def tag_onehot(self, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, rows]`` with a 1 at each of a question's three clinical-table rows."""
-        key = ("onehot", dtype)
-        if key not in self._cache:
-            from .birg import N_TAG_ROWS
-
-            rows = self.tag_rows()
-            self._cache[key] = torch.zeros(rows.shape[0], N_TAG_ROWS, dtype=dtype, device=rows.device).scatter_(
-                1, rows, 1.0)
-        return self._cache[key]
+    def collect(self) -> list[tuple]:
+        """``(layer, routing_out)`` of every routed layer that ran in training mode since the
+        last call; the outputs are cleared."""
+        out = []
+        for layer in self.layers:
+            if getattr(layer, "routing_out", None) is not None:
+                out.append((layer, layer.routing_out))
+                layer.routing_out = None
+        return out
 
     def tag_group_averager(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Both tag axes stacked: ``W [G, B]`` averaging rows per tag value (absent values:
@@ -97,32 +91,6 @@ class RoutingState:
                 weights.append(pairs / pairs.sum().clamp(min=1))
             self._cache["groups"] = (torch.cat(blocks), torch.block_diag(*weights))
         return self._cache["groups"]
-
-    # routed layers by decoder layer (name prefix): parameter-only losses of a decoder layer
-    # are computed together by the first of its modules to run, while the layer's
-    # parameters are materialised (also under per-layer sharding)
-    groups: dict[str, list] = field(default_factory=dict)
-
-    def register(self, layer) -> None:
-        key = ".".join(layer.name.split(".")[:-2])
-        self.groups.setdefault(key, []).append(layer)
-
-    def orth_group(self, layer) -> list:
-        """The layer's decoder-layer group if ``layer`` is the group's designated (first registered)
-        module, else []. A fixed designated module, rather than "the first to run", keeps every
-        forward -- including gradient checkpointing's recomputation -- doing the same work."""
-        group = self.groups.get(".".join(layer.name.split(".")[:-2]), [layer])
-        return group if group[0] is layer else []
-
-    def add_aux(self, name: str, value: torch.Tensor, weight: int = 1) -> None:
-        """Report a loss term summed over ``weight`` modules (1: one module's value)."""
-        self.aux.setdefault(name, []).append((value, weight))
-
-    def pop_aux(self) -> dict[str, torch.Tensor]:
-        """Mean over modules of each auxiliary loss reported in the last forward."""
-        out = {k: torch.stack([x for x, _ in v]).sum() / sum(w for _, w in v) for k, v in self.aux.items() if v}
-        self.aux = {}
-        return out
 
 
 def routing_state(model: nn.Module) -> RoutingState | None:
@@ -152,8 +120,15 @@ def set_routing(
     state = routing_state(model)
     if state is None:
         return
+    from .birg import N_TAG_ROWS, tag_rows
+
     state.prompt_mask = prompt_mask.bool()
     state.specialty, state.operation = specialty, operation
     state.freeze, state.record, state.parameter_losses = freeze, record, parameter_losses
-    state.frozen, state.aux, state.records, state._cache, state.gates = {}, {}, {}, {}, []
-    state.pending_queue, state.contrast = {}, []
+    state.frozen, state.records, state._cache, state._pooled = {}, {}, {}, None
+    m = state.prompt_mask.float()
+    state.pool_weights = m / m.sum(1, keepdim=True).clamp(min=1)
+    rows = tag_rows(specialty, operation)
+    state.tag_onehot = torch.zeros(rows.shape[0], N_TAG_ROWS, device=rows.device).scatter_(1, rows, 1.0)
+    for layer in state.layers:  # outputs of an abandoned forward (e.g. an exception) must not leak in
+        layer.routing_out = None

@@ -1,0 +1,45 @@
+"""Mixed precision: a half-precision base model, fp32 adapter weights, half-precision compute.
+
+With a bf16 base model every method keeps its trainable adapter weights in fp32 (master
+weights: ``peft`` does this with ``autocast_adapter_dtype=True``, our routed layers by
+construction) and runs the forward pass under ``torch.autocast`` in bf16, as
+``transformers.Trainer(bf16=True)`` does. ``peft``'s own habit of casting every LoRA
+input to fp32 (a full-size copy of the activations per adapted module, then fp32
+matrix products) is switched off, since autocast already gives the adapter matmuls
+bf16 inputs with fp32 weights; updates still accumulate in fp32.
+
+fp16 bases are not trained (fp16 needs loss scaling, which medpeft does not implement):
+load the model in bf16 or fp32. Evaluation in fp16 is fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the (frozen) base model: its input embeddings' weights."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.dtype if emb is not None else next(model.parameters()).dtype
+
+
+def autocast_for(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in the base model's half dtype, or a no-op for an fp32 base."""
+    dtype = base_dtype(model)
+    if dtype not in HALF:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
+def prepare_mixed_precision(model: nn.Module) -> None:
+    """Let autocast, not ``peft``'s fp32 input casting, choose the adapter matmul dtype (half bases only)."""
+    if base_dtype(model) not in HALF:
+        return
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):  # peft's BaseTunerLayer switch
+            module.cast_input_dtype_enabled = False
