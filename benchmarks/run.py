@@ -115,8 +115,10 @@ def pipeline_vs_trainer(cfg: dict) -> dict:
                                               "train.save_every=0", f"train.log_every={n_steps}",
                                               f"data.max_length={cfg['max_length']}", f"model.device={cfg['device']}"])
 
-        items = load_train_set(run_cfg("warm", 2))
-        train(run_cfg("warm", 2), load(cfg), items)  # warm-up (kernels, allocator), untimed
+        items = load_train_set(run_cfg("warm", 4))
+        # warm-up, untimed: kernels, allocator and, on CUDA, compilation of the decoder layers
+        # (several micro-batch widths, so the timed run finds the dynamic-shape graphs ready)
+        train(run_cfg("warm", 4), load(cfg), items)
         summary = train(run_cfg("ours", steps), load(cfg), items).summary
         ours = summary["tokens"] / summary["train_time_s"]
 

@@ -67,6 +67,12 @@ def random_model(arch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+        for module in model.modules():  # to_empty leaves buffers as garbage: rebuild the rotary tables
+            if hasattr(module, "inv_freq") and hasattr(module, "config"):
+                with torch.device("cpu"):
+                    fresh = type(module)(module.config)
+                for name, buf in fresh.named_buffers():
+                    module.get_buffer(name).copy_(buf)
     return model
 
 
@@ -105,7 +111,7 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     model = apply_method(model, method)
     prepare_mixed_precision(model)  # as train(): fp32 adapter weights, bf16 compute under autocast
     model.train()
-    compiled = compile_decoder_layers(model) if cfg.get("compile") else []
+    compiled = compile_decoder_layers(model, cfg.get("compile_mode")) if cfg.get("compile") else []
     params = [p for p in model.parameters() if p.requires_grad]
     device = cfg["device"]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
@@ -168,8 +174,10 @@ def main() -> None:
     ap.add_argument("--profile", help="write a torch.profiler table of one step of each method to this file")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="torch.compile each decoder layer, as train.compile does (auto: on CUDA)")
+    ap.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     args = ap.parse_args()
     cfg = dict(CONFIGS[args.config])
+    cfg["compile_mode"] = args.compile_mode
     if args.rounds:
         cfg["rounds"] = args.rounds
     cfg["compile"] = cfg["device"] == "cuda" if args.compile == "auto" else args.compile == "on"
@@ -208,6 +216,11 @@ def main() -> None:
             if cfg["device"] == "cuda":
                 torch.cuda.empty_cache()
     rows = list(rows.values())
+    if cfg["compile"]:
+        from torch._dynamo.utils import counters
+
+        print(f"  compiled graphs: {counters['stats']['unique_graphs']}, graph breaks: "
+              f"{dict(counters['graph_break']) or 'none'}", file=sys.stderr, flush=True)
     tokens = cfg["batch"] * cfg["seq"]
     for r in rows:
         r["step_s"] = statistics.median(r["times"])

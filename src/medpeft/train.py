@@ -137,7 +137,7 @@ def compile_wanted(setting, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> list[torch.nn.Module]:
     """Regional compilation: ``torch.compile`` each decoder layer in place, as torchtune does.
 
     The decoder layers are identical modules, so all after the first (whose input does not
@@ -150,7 +150,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if not layers:
         log.warning("train.compile: no decoder layers found in %s; training uncompiled", type(model).__name__)
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return layers
 
 
