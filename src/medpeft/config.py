@@ -302,7 +302,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key '{key}'")
         if key in CHOICES and name in kwargs and kwargs[name] not in CHOICES[key]:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {kwargs[name]!r}")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(str(c).lower() for c in CHOICES[key])}, got {kwargs[name]!r}")
     return cls(**kwargs)
 
 

@@ -55,8 +55,6 @@ class RoutingState:
         compiling = torch.compiler.is_compiling()
         if not compiling and self._pooled is not None and self._pooled[0] is x:
             return self._pooled[1]
-        if compiling:  # a reduction the compiler fuses (its backward becomes a broadcast, not a bmm)
-            return (self.pool_weights.unsqueeze(-1) * x).sum(1)
         h = torch.bmm(self.pool_weights.unsqueeze(1).to(x.dtype), x).squeeze(1).float()
         if not compiling:
             self._pooled = (x, h)

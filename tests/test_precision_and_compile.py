@@ -1,0 +1,140 @@
+"""Mixed precision (fp32 adapter weights, half-precision compute) and compiled decoder layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medpeft.adapters import apply_method, auxiliary_losses, set_routing
+from medpeft.adapters.accounting import _method_config
+from medpeft.config import load_config
+from medpeft.dataset import load_train_set
+from medpeft.errors import ConfigError
+from medpeft.models import LoadedModel, load_model, tiny_config
+from medpeft.precision import autocast_for, prepare_mixed_precision
+from medpeft.train import answer_loss_sum, compile_decoder_layers, compile_wanted, train, uncompile
+from test_birg import randomize_B, train_batch
+
+
+def _step_grads(model, method, batches):
+    """Loss and gradients of one optimizer step (two micro-batches) through the training path."""
+    total = 0.0
+    for i, b in enumerate(batches):
+        set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
+        with autocast_for(model):
+            loss = answer_loss_sum(model, b) / 16
+            aux_total, _ = auxiliary_losses(model, method, 0.5)
+        loss = loss + aux_total if aux_total is not None else loss
+        loss.backward()
+        total += float(loss)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return total, grads
+
+
+def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph():
+    """Regional compilation of a 4-layer model with BiRG: same loss and gradients as eager, and
+    the routing state adds no per-layer guards (layers 2-4 reuse layer 2's graph)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import Qwen3ForCausalLM
+
+    loaded = load_model("tiny", device="cpu")
+    config = tiny_config(len(loaded.tokenizer))
+    config.num_hidden_layers = 4
+    config.layer_types = ["full_attention"] * 4
+    torch.manual_seed(0)
+    base = Qwen3ForCausalLM(config)
+    method = _method_config("birg")
+    method.dropout = 0.0
+    torch.manual_seed(0)
+    model = apply_method(base, method)
+    randomize_B(model)
+    model.train()
+    batches = [train_batch(loaded, n=2), train_batch(loaded, n=2, answer_shift=1)]
+    eager_loss, eager_grads = _step_grads(model, method, batches)
+
+    torch._dynamo.reset()
+    counters.clear()
+    layers = compile_decoder_layers(model)
+    assert len(layers) == 4
+    compiled_loss, compiled_grads = _step_grads(model, method, batches)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # layer 1 (input without grad) + one graph for layers 2-4; per-layer routing state would give 4+
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+    uncompile(layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_train_with_compile_equals_eager_training(tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name, setting):
+        cfg = load_config("quickstart", [f"output_dir={tmp_path / name}", "methods=[]", "train.steps=2",
+                                         "train.save_every=0", "method.dropout=0.0", "data.max_length=256",
+                                         f"train.compile={setting}"])
+        summary = train(cfg, load_model("tiny", device="cpu"), load_train_set(cfg)).summary
+        return summary, load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+
+    eager_summary, eager = run("eager", "false")
+    compiled_summary, compiled = run("compiled", "true")
+    assert (eager_summary["compiled"], compiled_summary["compiled"]) == (False, True)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_setting():
+    assert compile_wanted("auto", torch.device("cuda")) and not compile_wanted("auto", torch.device("cpu"))
+    assert compile_wanted(True, torch.device("cpu")) and not compile_wanted(False, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config("quickstart", ["train.compile=sometimes"])
+
+
+@pytest.mark.parametrize("preset", ["lora-r16", "dora-r24", "birg", "moelora"])
+def test_bf16_base_keeps_fp32_adapter_weights_and_trains_them(preset):
+    """A bf16 base: adapter weights stay fp32 (master weights), the forward runs in bf16 under
+    autocast, its loss is close to the fp32 model's, and an optimizer step moves the fp32 weights."""
+    loaded32 = load_model("tiny", device="cpu")
+    loaded16 = load_model("tiny", device="cpu", dtype="bf16")
+    method = _method_config(preset)
+    method.dropout = 0.0
+    torch.manual_seed(0)
+    model32 = apply_method(loaded32.model, method)
+    torch.manual_seed(0)
+    model16 = apply_method(loaded16.model, method)
+    model32.train(), model16.train()
+    prepare_mixed_precision(model16)
+    trainable = [p for p in model16.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert loaded16.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.no_grad():  # same adapter weights in both, B non-zero so the adapters matter
+        g = torch.Generator().manual_seed(3)
+        for (n32, p32), (n16, p16) in zip(
+                ((n, p) for n, p in model32.named_parameters() if p.requires_grad),
+                ((n, p) for n, p in model16.named_parameters() if p.requires_grad)):
+            assert n32 == n16
+            p32.copy_(p32 + 0.05 * torch.randn(p32.shape, generator=g))
+            p16.copy_(p32)
+    batch = train_batch(loaded32, n=2)
+    losses = {}
+    for name, m in (("fp32", model32), ("bf16", model16)):
+        set_routing(m, batch.prompt_mask, batch.specialty, batch.operation)
+        with autocast_for(m):
+            losses[name] = answer_loss_sum(m, batch) / batch.n_answer_tokens
+    assert float(losses["bf16"]) == pytest.approx(float(losses["fp32"]), rel=0.05)
+    losses["bf16"].backward()
+    before = [p.detach().clone() for p in trainable]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainable))
+
+
+def test_fp16_training_is_refused_with_a_clear_error(tmp_path):
+    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "train.steps=1"])
+    loaded = load_model("tiny", device="cpu", dtype="fp16")
+    with pytest.raises(ConfigError, match="loss scaling"):
+        train(cfg, LoadedModel(loaded.model, loaded.tokenizer, "tiny", torch.device("cpu")), load_train_set(cfg))
