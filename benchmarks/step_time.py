@@ -30,7 +30,8 @@ from medpeft.adapters import apply_method, auxiliary_losses, set_routing  # noqa
 from medpeft.adapters.accounting import _method_config, build_meta_model  # noqa: E402
 from medpeft.adapters.inject import remove_adapters  # noqa: E402
 from medpeft.precision import autocast_for, prepare_mixed_precision  # noqa: E402
-from medpeft.train import IGNORE, Batch, answer_loss_sum, compile_decoder_layers, uncompile  # noqa: E402
+from medpeft.train import (IGNORE, Batch, answer_loss_sum, causal_lm_of, compile_decoder_layers,  # noqa: E402
+                           uncompile)
 
 # Methods are timed in interleaved rounds (A B C A B C ...) so that drift of the machine
 # (frequency, other load) affects every method alike; the table shows medians over all
@@ -110,6 +111,8 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     torch.manual_seed(0)
     model = apply_method(model, method)
     prepare_mixed_precision(model)  # as train(): fp32 adapter weights, bf16 compute under autocast
+    if cfg.get("gradient_checkpointing"):  # as train.gradient_checkpointing
+        causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     compiled = compile_decoder_layers(model, cfg.get("compile_mode")) if cfg.get("compile") else []
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,6 +160,8 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     trainable = sum(p.numel() for p in params)
     opt.state.clear()  # free the optimizer state before the next method is built
     uncompile(compiled)
+    if cfg.get("gradient_checkpointing"):
+        causal_lm_of(model).gradient_checkpointing_disable()
     # give the base model back, bare, for the next method
     base = model.unload() if hasattr(model, "unload") else remove_adapters(model)
     for p in base.parameters():
@@ -175,16 +180,15 @@ def main() -> None:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="torch.compile each decoder layer, as train.compile does (auto: on CUDA)")
     ap.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each decoder layer in the backward pass (train.gradient_checkpointing)")
     args = ap.parse_args()
     cfg = dict(CONFIGS[args.config])
     cfg["compile_mode"] = args.compile_mode
+    cfg["gradient_checkpointing"] = args.gradient_checkpointing
     if args.rounds:
         cfg["rounds"] = args.rounds
     cfg["compile"] = cfg["device"] == "cuda" if args.compile == "auto" else args.compile == "on"
-    if cfg["compile"]:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = 64  # every method adds its own graphs of the layer
     PROFILE["path"] = args.profile
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu-8b needs a CUDA GPU")
@@ -233,7 +237,8 @@ def main() -> None:
     print(f"Training step, {args.config}: {cfg['arch']}, {device_name}, {str(cfg['dtype']).replace('torch.', '')}, "
           f"seq {cfg['seq']}, effective batch {cfg['batch']} (micro {cfg['micro']}), "
           f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps, "
-          f"{'compiled decoder layers' if cfg['compile'] else 'eager'}")
+          f"{'compiled decoder layers' if cfg['compile'] else 'eager'}"
+          f"{', gradient checkpointing' if cfg['gradient_checkpointing'] else ''}")
     print()
     by_name = {r["method"]: r for r in rows}
     print("| method | trainable | active rank | step (s) | x LoRA r16 | x LoRA of equal active rank | "
@@ -251,6 +256,7 @@ def main() -> None:
               f"{mfu} | {r['warmup_s'][0]:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": device_name, "compiled": cfg["compile"],
+                                               "gradient_checkpointing": cfg["gradient_checkpointing"],
                                                "matmul_params": n_matmul, "peak_flops": peak, "rows": rows}, indent=2))
 
 

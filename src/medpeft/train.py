@@ -149,6 +149,11 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> l
     layers = list(getattr(decoder, "layers", []))
     if not layers:
         log.warning("train.compile: no decoder layers found in %s; training uncompiled", type(model).__name__)
+    from torch._dynamo import config as dynamo_config
+
+    # Each method (and Med-MoE-LoRA's per-depth expert counts) adds graphs of the same layer
+    # code; past the default limit of 8 dynamo would silently fall back to eager.
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     for layer in layers:
         layer.compile(mode=mode)
     return layers
