@@ -32,9 +32,11 @@ def _step_grads(model, method, batches):
     return total, grads
 
 
-def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph():
-    """Regional compilation of a 4-layer model with BiRG: same loss and gradients as eager, and
-    the routing state adds no per-layer guards (layers 2-4 reuse layer 2's graph)."""
+@pytest.mark.parametrize("preset", ["birg", "sparsedoctor"])
+def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph(preset):
+    """Regional compilation of a 4-layer model with BiRG (gates, all four losses) and SparseDoctor
+    (top-k router, contrastive term, expert queue): same loss and gradients as eager, and the
+    routing state adds no per-layer guards (layers 2-4 reuse layer 2's graph)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     from transformers import Qwen3ForCausalLM
@@ -45,11 +47,19 @@ def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph():
     config.layer_types = ["full_attention"] * 4
     torch.manual_seed(0)
     base = Qwen3ForCausalLM(config)
-    method = _method_config("birg")
+    method = _method_config(preset)
     method.dropout = 0.0
     torch.manual_seed(0)
     model = apply_method(base, method)
     randomize_B(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B") and not p.any():  # mixture experts: B != 0 so every term has gradients
+                p.normal_(0, 0.1)
+    for module in model.modules():  # fill the expert queues, so the compiled step reads real entries
+        if getattr(module, "queue", None) is not None:
+            module.queue.push(torch.nn.functional.normalize(torch.randn(6, module.queue.items.shape[1]), dim=-1),
+                              torch.arange(6) % 4)
     model.train()
     batches = [train_batch(loaded, n=2), train_batch(loaded, n=2, answer_shift=1)]
     eager_loss, eager_grads = _step_grads(model, method, batches)

@@ -84,13 +84,13 @@ def _offdiag_cos2(m: torch.Tensor) -> torch.Tensor:
 class OffDiagonalCos2(torch.autograd.Function):
     """``sum over the given matrices of mean_{j != k} cos(m_j, m_k)^2`` over their rows.
 
-    Inputs are stacks ``[K_i, R, d_i]`` of matrices (one stack per shape); all have R rows. With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)``
-    and ``Z = R (R - 1)``: ``L = sum_{j != k} C_jk / Z``, ``dL/dG_jk = 2 G_jk / (n_j n_k Z)`` off
+    Inputs are stacks ``[K_i, R, d_i]`` of matrices (one stack per shape); all have R rows.
+    With ``G = m m^T``, ``n = diag(G)``, ``C_jk = G_jk^2 / (n_j n_k)`` and ``Z = R (R - 1)``: ``L = sum_{j != k} C_jk / Z``, ``dL/dG_jk = 2 G_jk / (n_j n_k Z)`` off
     the diagonal, ``dL/dn_j = -2 sum_{k != j} C_jk / (n_j Z)``, and ``dL/dm = (S + S^T) m``
     with ``S`` those derivatives. The R x R algebra of every matrix runs stacked, so the
-    cost is one batched matrix product per stack plus a fixed handful of kernels: written by hand
-    because autograd's version costs ~40 kernel launches per module, which dominated a GPU
-    step (docs/performance.md).
+    cost is one batched matrix product per stack plus a fixed handful of kernels: written by
+    hand because autograd's version costs ~40 kernel launches per module, which dominated a
+    GPU step (docs/performance.md).
     """
 
     @staticmethod
