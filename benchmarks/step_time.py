@@ -42,7 +42,8 @@ CONFIGS = {
     "gpu-8b": {"arch": "qwen3-8b", "device": "cuda", "dtype": torch.bfloat16, "seq": 768, "batch": 8, "micro": 4,
                "warmup": 2, "steps": 5, "rounds": 3},
 }
-METHODS = ["lora-r16", "birg", "rankwise", "moelora", "sparsedoctor", "moe-vanilla", "medmoe", "multilora"]
+METHODS = ["lora-r16", "dora-r24", "birg", "rankwise", "moelora", "sparsedoctor", "moe-vanilla", "medmoe", "multilora",
+           "full"]
 PROFILE: dict = {"path": None}
 # Dense bf16 tensor-core peak (FLOP/s) for model FLOPs utilisation, by device name.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -133,21 +134,25 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t_warm = time.perf_counter()
-    for _ in range(cfg["warmup"]):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - t_warm
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
-        step()
+    times, peak, warmup_s = [], None, 0.0
+    try:
+        t_warm = time.perf_counter()
+        for _ in range(cfg["warmup"]):
+            step()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    if PROFILE["path"]:
+        warmup_s = time.perf_counter() - t_warm
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(cfg["steps"]):
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    except torch.OutOfMemoryError:  # e.g. full fine-tuning of an 8B model: reported, not fatal
+        times, peak = [], None
+        print(f"  {name}: out of memory", file=sys.stderr, flush=True)
+    if PROFILE["path"] and times:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -164,8 +169,11 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         causal_lm_of(model).gradient_checkpointing_disable()
     # give the base model back, bare, for the next method
     base = model.unload() if hasattr(model, "unload") else remove_adapters(model)
-    for p in base.parameters():
+    for p in base.parameters():  # `full` made every weight trainable
         p.grad = None
+        p.requires_grad_(False)
+    del opt, params
+    gc.collect()
     return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base,
             "warmup_s": warmup_s}
 
@@ -195,7 +203,7 @@ def main() -> None:
     from medpeft.adapters.accounting import count_method
 
     active_rank = {name: count_method(cfg["arch"], name).active_rank for name in args.methods
-                   if not name.startswith("lora-")}
+                   if not name.startswith("lora-") and name != "full"}
     reference = {name: f"lora-r{rank}" for name, rank in active_rank.items()}
     names = list(dict.fromkeys([*args.methods, *reference.values()]))
     torch.manual_seed(0)
@@ -212,8 +220,9 @@ def main() -> None:
             row["times"] += res["times"]
             row["trainable_params"] = res["trainable_params"]
             row["warmup_s"].append(res["warmup_s"])
-            print(f"  {name}: median step {statistics.median(res['times']):.4f} s, first steps {res['warmup_s']:.1f} s, "
-                  f"peak {res['peak_gib'] or 0:.2f} GiB", file=sys.stderr, flush=True)
+            if res["times"]:
+                print(f"  {name}: median step {statistics.median(res['times']):.4f} s, first steps "
+                      f"{res['warmup_s']:.1f} s, peak {res['peak_gib'] or 0:.2f} GiB", file=sys.stderr, flush=True)
             if res["peak_gib"] is not None:
                 row["peak_gib"] = max(row["peak_gib"] or 0.0, res["peak_gib"])
             gc.collect()
@@ -227,6 +236,9 @@ def main() -> None:
               f"{dict(counters['graph_break']) or 'none'}", file=sys.stderr, flush=True)
     tokens = cfg["batch"] * cfg["seq"]
     for r in rows:
+        if not r["times"]:  # out of memory
+            r["step_s"] = r["mfu"] = None
+            continue
         r["step_s"] = statistics.median(r["times"])
         # model FLOPs utilisation: 4 x matmul params x tokens (forward + input gradients; the
         # frozen weights get no weight gradients), over the step time and the device's peak
@@ -245,10 +257,14 @@ def main() -> None:
           "peak mem (GiB) | x LoRA r16 | MFU | first steps (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r["step_s"] is None:
+            print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | - | out of memory | - | - | - | - | - | - |")
+            continue
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         mem_ratio = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         eq = reference.get(r["method"])
+        eq = eq if eq and by_name[eq]["step_s"] else None
         eq_ratio = f"{r['step_s'] / by_name[eq]['step_s']:.3f} ({eq})" if eq else "-"
         r["x_equal_active_rank"] = r["step_s"] / by_name[eq]["step_s"] if eq else None
         print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {active_rank.get(r['method'], '-')} | "
