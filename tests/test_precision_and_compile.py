@@ -96,8 +96,14 @@ def test_train_with_compile_equals_eager_training(tmp_path):
         torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_setting():
+def test_compile_setting(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else real_find_spec(name))
     assert compile_wanted("auto", torch.device("cuda")) and not compile_wanted("auto", torch.device("cpu"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else real_find_spec(name))
+    assert not compile_wanted("auto", torch.device("cuda"))  # no Triton: stay eager rather than fail
     assert compile_wanted(True, torch.device("cpu")) and not compile_wanted(False, torch.device("cuda"))
     with pytest.raises(ConfigError, match="train.compile"):
         load_config("quickstart", ["train.compile=sometimes"])

@@ -133,8 +133,13 @@ def micro_batches(indices: list[int], lengths: list[int], micro: int) -> list[li
 
 
 def compile_wanted(setting, device: torch.device) -> bool:
-    """``train.compile``: true, false, or ``auto`` (on for CUDA devices)."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
+    """``train.compile``: true, false, or ``auto`` (on for CUDA devices where Triton, which
+    compiled GPU kernels need, is installed)."""
+    if setting == "auto":
+        import importlib.util
+
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return bool(setting)
 
 
 def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> list[torch.nn.Module]:
