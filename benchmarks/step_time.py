@@ -240,6 +240,7 @@ def main() -> None:
             r["step_s"] = r["mfu"] = None
             continue
         r["step_s"] = statistics.median(r["times"])
+        r["tokens_per_s"] = tokens / r["step_s"]
         # model FLOPs utilisation: 4 x matmul params x tokens (forward + input gradients; the
         # frozen weights get no weight gradients), over the step time and the device's peak
         r["mfu"] = 4 * n_matmul * tokens / r["step_s"] / peak if peak else None
@@ -253,12 +254,12 @@ def main() -> None:
           f"{', gradient checkpointing' if cfg['gradient_checkpointing'] else ''}")
     print()
     by_name = {r["method"]: r for r in rows}
-    print("| method | trainable | active rank | step (s) | x LoRA r16 | x LoRA of equal active rank | "
+    print("| method | trainable | active rank | step (s) | tokens/s | x LoRA r16 | x LoRA of equal active rank | "
           "peak mem (GiB) | x LoRA r16 | MFU | first steps (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["step_s"] is None:
-            print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | - | out of memory | - | - | - | - | - | - |")
+            print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | - | out of memory | - | - | - | - | - | - | - |")
             continue
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         mem_ratio = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
@@ -268,7 +269,8 @@ def main() -> None:
         eq_ratio = f"{r['step_s'] / by_name[eq]['step_s']:.3f} ({eq})" if eq else "-"
         r["x_equal_active_rank"] = r["step_s"] / by_name[eq]["step_s"] if eq else None
         print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {active_rank.get(r['method'], '-')} | "
-              f"{r['step_s']:.4f} | {r['step_s'] / ref['step_s']:.3f} | {eq_ratio} | {mem} | {mem_ratio} | "
+              f"{r['step_s']:.4f} | {tokens / r['step_s']:,.0f} | {r['step_s'] / ref['step_s']:.3f} | {eq_ratio} | "
+              f"{mem} | {mem_ratio} | "
               f"{mfu} | {r['warmup_s'][0]:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": device_name, "compiled": cfg["compile"],
