@@ -220,6 +220,9 @@ def main() -> None:
             row["times"] += res["times"]
             row["trainable_params"] = res["trainable_params"]
             row["warmup_s"].append(res["warmup_s"])
+            if args.json:  # after every method, so a run cut short by a time limit keeps what it measured
+                Path(args.json).write_text(json.dumps({"config": args.config, "partial": True,
+                                                       "rows": list(rows.values())}, indent=2))
             if res["times"]:
                 print(f"  {name}: median step {statistics.median(res['times']):.4f} s, first steps "
                       f"{res['warmup_s']:.1f} s, peak {res['peak_gib'] or 0:.2f} GiB", file=sys.stderr, flush=True)
