@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from medpeft.adapters import apply_method, auxiliary_losses, set_routing  # noqa: E402
 from medpeft.adapters.accounting import _method_config, build_meta_model  # noqa: E402
 from medpeft.adapters.inject import remove_adapters  # noqa: E402
-from medpeft.precision import autocast_for, prepare_mixed_precision  # noqa: E402
+from medpeft.precision import autocast_for, half_precision_adapters  # noqa: E402
 from medpeft.train import (IGNORE, Batch, answer_loss_sum, causal_lm_of, compile_decoder_layers,  # noqa: E402
                            uncompile)
 
@@ -111,7 +111,6 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     method = method_config(name)
     torch.manual_seed(0)
     model = apply_method(model, method)
-    prepare_mixed_precision(model)  # as train(): fp32 adapter weights, bf16 compute under autocast
     if cfg.get("gradient_checkpointing"):  # as train.gradient_checkpointing
         causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -135,6 +134,8 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times, peak, warmup_s = [], None, 0.0
+    half = half_precision_adapters(model)  # as train(): fp32 adapter weights, bf16 compute under autocast
+    half.__enter__()
     try:
         t_warm = time.perf_counter()
         for _ in range(cfg["warmup"]):
@@ -162,6 +163,7 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         with open(PROFILE["path"], "a") as fh:
             fh.write(f"\n===== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
+    half.__exit__(None, None, None)
     trainable = sum(p.numel() for p in params)
     opt.state.clear()  # free the optimizer state before the next method is built
     uncompile(compiled)

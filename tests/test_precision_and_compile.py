@@ -11,7 +11,7 @@ from medpeft.config import load_config
 from medpeft.dataset import load_train_set
 from medpeft.errors import ConfigError
 from medpeft.models import LoadedModel, load_model, tiny_config
-from medpeft.precision import autocast_for, prepare_mixed_precision
+from medpeft.precision import autocast_for, half_precision_adapters
 from medpeft.train import answer_loss_sum, compile_decoder_layers, compile_wanted, train, uncompile
 from test_birg import randomize_B, train_batch
 
@@ -122,7 +122,6 @@ def test_bf16_base_keeps_fp32_adapter_weights_and_trains_them(preset):
     torch.manual_seed(0)
     model16 = apply_method(loaded16.model, method)
     model32.train(), model16.train()
-    prepare_mixed_precision(model16)
     trainable = [p for p in model16.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert loaded16.model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -138,9 +137,16 @@ def test_bf16_base_keeps_fp32_adapter_weights_and_trains_them(preset):
     losses = {}
     for name, m in (("fp32", model32), ("bf16", model16)):
         set_routing(m, batch.prompt_mask, batch.specialty, batch.operation)
-        with autocast_for(m):
+        with autocast_for(m), half_precision_adapters(m):
             losses[name] = answer_loss_sum(m, batch) / batch.n_answer_tokens
     assert float(losses["bf16"]) == pytest.approx(float(losses["fp32"]), rel=0.05)
+    peft_layers = [m for m in model16.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    with half_precision_adapters(model16):
+        assert not any(m.cast_input_dtype_enabled for m in peft_layers)
+    assert all(m.cast_input_dtype_enabled for m in peft_layers)  # restored: the model works without autocast too
+    with torch.no_grad():
+        plain = answer_loss_sum(model16, batch) / batch.n_answer_tokens
+    assert float(plain) == pytest.approx(float(losses["bf16"]), rel=0.05)
     losses["bf16"].backward()
     before = [p.detach().clone() for p in trainable]
     opt = torch.optim.AdamW(trainable, lr=1e-3)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .adapters import set_routing
 from .dataset import TaggedRecord
 from .io import write_json, write_jsonl
-from .precision import autocast_for, prepare_mixed_precision
+from .precision import autocast_for, half_precision_adapters
 from .prompts import PromptFormatter
 from .stats import accuracy_summary
 
@@ -96,7 +96,6 @@ class Evaluator:
     def __init__(self, model, tokenizer, *, max_length: int = 768, batch_size: int = 16,
                  max_new_tokens: int = 10, open_max_new_tokens: int = 256, device=None):
         self.model, self.tok = model, tokenizer
-        prepare_mixed_precision(model)  # half base: adapters compute in half precision under autocast
         self.fmt = PromptFormatter(tokenizer, max_length)
         self.batch_size, self.max_new_tokens, self.open_max_new_tokens = batch_size, max_new_tokens, open_max_new_tokens
         self.device = device or next(model.parameters()).device
@@ -124,7 +123,7 @@ class Evaluator:
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=False)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast_for(self.model):
+        with autocast_for(self.model), half_precision_adapters(self.model):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1,
                              use_cache=False)
         return out.logits[:, -1].float()
@@ -134,7 +133,7 @@ class Evaluator:
                   allowed_fn=None) -> list[list[int]]:
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=True)  # gates computed at prefill, held while decoding
-        with autocast_for(self.model):
+        with autocast_for(self.model), half_precision_adapters(self.model):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, prefix_allowed_tokens_fn=allowed_fn,

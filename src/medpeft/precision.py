@@ -36,10 +36,20 @@ def autocast_for(model: nn.Module) -> contextlib.AbstractContextManager:
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
-def prepare_mixed_precision(model: nn.Module) -> None:
-    """Let autocast, not ``peft``'s fp32 input casting, choose the adapter matmul dtype (half bases only)."""
-    if base_dtype(model) not in HALF:
-        return
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):  # peft's BaseTunerLayer switch
-            module.cast_input_dtype_enabled = False
+@contextlib.contextmanager
+def half_precision_adapters(model: nn.Module):
+    """Inside: ``peft`` layers leave their input in the base's half dtype, so that autocast (not
+    an fp32 copy of the activations) chooses the adapter matmul dtype. Half bases only; the
+    previous setting is restored on exit, so the model also works outside autocast afterwards.
+    Training holds this for the whole loop (gradient checkpointing recomputes layers in the
+    backward pass, which must see the same setting as the forward pass)."""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")] \
+        if base_dtype(model) in HALF else []  # peft's BaseTunerLayer switch
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before):
+            m.cast_input_dtype_enabled = value

@@ -34,7 +34,7 @@ from .config import RunConfig, dump_config
 from .dataset import TaggedRecord
 from .io import atomic_dir, write_json, write_text
 from .models import LoadedModel
-from .precision import autocast_for, base_dtype, prepare_mixed_precision
+from .precision import autocast_for, base_dtype, half_precision_adapters
 from .prompts import EncodedExample, PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,6 @@ def train(
     pad_id = loaded.tokenizer.pad_token_id
 
     model = apply_method(loaded.model, cfg.method)
-    prepare_mixed_precision(model)
     if tc.gradient_checkpointing:
         causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -319,7 +318,7 @@ def train(
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
     t0 = time.perf_counter()
     progress = tqdm(total=tc.steps, initial=start_step, desc=f"train {cfg.method.name}", unit="step", leave=False)
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    with open(metrics_path, "a", encoding="utf-8") as metrics, half_precision_adapters(model):
         for step in range(start_step, tc.steps):
             indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)
