@@ -123,7 +123,7 @@ class Evaluator:
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=False)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast_for(self.model), half_precision_adapters(self.model):
+        with autocast_for(self.model):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1,
                              use_cache=False)
         return out.logits[:, -1].float()
@@ -133,7 +133,7 @@ class Evaluator:
                   allowed_fn=None) -> list[list[int]]:
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=True)  # gates computed at prefill, held while decoding
-        with autocast_for(self.model), half_precision_adapters(self.model):
+        with autocast_for(self.model):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, prefix_allowed_tokens_fn=allowed_fn,
@@ -152,7 +152,7 @@ class Evaluator:
         choice = [i for i, t in enumerate(items) if t.record.question_type != "open"]
         open_ = [i for i, t in enumerate(items) if t.record.question_type == "open"]
         total = len(items)
-        with tqdm(total=total, desc=desc, unit="q", leave=False) as bar:
+        with tqdm(total=total, desc=desc, unit="q", leave=False) as bar, half_precision_adapters(self.model):
             for group, fn in ((choice, self._score_letters if scorer == "letters" else self._score_generate),
                               (open_, self._score_open)):
                 sub = [items[i] for i in group]

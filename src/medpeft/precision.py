@@ -36,20 +36,13 @@ def autocast_for(model: nn.Module) -> contextlib.AbstractContextManager:
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def half_precision_adapters(model: nn.Module):
+def half_precision_adapters(model: nn.Module) -> contextlib.AbstractContextManager:
     """Inside: ``peft`` layers leave their input in the base's half dtype, so that autocast (not
     an fp32 copy of the activations) chooses the adapter matmul dtype. Half bases only; the
-    previous setting is restored on exit, so the model also works outside autocast afterwards.
-    Training holds this for the whole loop (gradient checkpointing recomputes layers in the
-    backward pass, which must see the same setting as the forward pass)."""
-    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")] \
-        if base_dtype(model) in HALF else []  # peft's BaseTunerLayer switch
-    before = [m.cast_input_dtype_enabled for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, before):
-            m.cast_input_dtype_enabled = value
+    previous setting is restored on exit (``peft.helpers.disable_input_dtype_casting``), so
+    the model also works outside autocast afterwards. Training holds this for the whole loop
+    (gradient checkpointing recomputes layers in the backward pass, which must see the same
+    setting as the forward pass)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=base_dtype(model) in HALF)
