@@ -113,7 +113,8 @@ def pipeline_vs_trainer(cfg: dict) -> dict:
             return load_config("quickstart", [f"output_dir={tmp}/{name}", "methods=[]", f"train.steps={n_steps}",
                                               f"train.batch_size={batch}", f"train.micro_batch_size={micro}",
                                               "train.save_every=0", f"train.log_every={n_steps}",
-                                              f"data.max_length={cfg['max_length']}", f"model.device={cfg['device']}"])
+                                              f"data.max_length={cfg['max_length']}", f"model.device={cfg['device']}",
+                                              "train.compile=auto"])  # the pipeline's default (quickstart turns it off)
 
         items = load_train_set(run_cfg("warm", 4))
         # warm-up, untimed: kernels, allocator and, on CUDA, compilation of the decoder layers
