@@ -96,6 +96,34 @@ def test_train_with_compile_equals_eager_training(tmp_path):
         torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-6)
 
 
+def test_auto_compile_falls_back_to_eager_when_a_layer_cannot_compile():
+    import torch._dynamo
+    from torch._dynamo import config as dynamo_config
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("this backend cannot compile anything")
+
+    loaded = load_model("tiny", device="cpu")
+    batch = train_batch(loaded, n=2)
+    with torch.no_grad():
+        expected = answer_loss_sum(loaded.model, batch)
+    torch._dynamo.reset()
+    layers = compile_decoder_layers(loaded.model, backend=broken_backend)
+    with pytest.raises(Exception, match="cannot compile anything"), torch.no_grad():
+        answer_loss_sum(loaded.model, batch)  # train.compile: true surfaces the failure
+    uncompile(layers)
+    torch._dynamo.reset()
+    suppress = dynamo_config.suppress_errors
+    try:
+        layers = compile_decoder_layers(loaded.model, fallback=True, backend=broken_backend)
+        with torch.no_grad():  # train.compile: auto trains on, eagerly
+            torch.testing.assert_close(answer_loss_sum(loaded.model, batch), expected)
+    finally:
+        uncompile(layers)
+        dynamo_config.suppress_errors = suppress
+        torch._dynamo.reset()
+
+
 def test_compile_setting(monkeypatch):
     import importlib.util
 

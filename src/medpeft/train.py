@@ -142,13 +142,16 @@ def compile_wanted(setting, device: torch.device) -> bool:
     return bool(setting)
 
 
-def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> list[torch.nn.Module]:
+def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None, *, fallback: bool = False,
+                           backend="inductor") -> list[torch.nn.Module]:
     """Regional compilation: ``torch.compile`` each decoder layer in place, as torchtune does.
 
     The decoder layers are identical modules, so all after the first (whose input does not
     require grad) share one compiled graph; adapters, routing gates and their auxiliary
     terms are fused with the layer (docs/performance.md). The rest of the step (embedding,
-    loss, optimizer) stays eager. Returns the compiled layers (see :func:`uncompile`).
+    loss, optimizer) stays eager. ``fallback``: a layer that fails to compile runs eagerly
+    (with a warning) instead of stopping training -- what ``train.compile: auto`` asks for.
+    Returns the compiled layers (see :func:`uncompile`).
     """
     decoder = causal_lm_of(model).get_decoder() if hasattr(causal_lm_of(model), "get_decoder") else None
     layers = list(getattr(decoder, "layers", []))
@@ -159,8 +162,10 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> l
     # Each method (and Med-MoE-LoRA's per-depth expert counts) adds graphs of the same layer
     # code; past the default limit of 8 dynamo would silently fall back to eager.
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+    if fallback:
+        dynamo_config.suppress_errors = True
     for layer in layers:
-        layer.compile(mode=mode)
+        layer.compile(mode=mode, backend=backend)
     return layers
 
 
@@ -296,7 +301,8 @@ def train(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
-    compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) else []
+    compiled = compile_decoder_layers(model, fallback=tc.compile == "auto") \
+        if compile_wanted(tc.compile, loaded.device) else []
     optimizer, scheduler = build_optimizer(model, cfg)
     params = count_parameters(model)
 
