@@ -181,25 +181,33 @@ def main() -> None:
         print()
     qps = eval_throughput(cfg)
     report["eval_questions_per_s"] = qps
-    print(f"Evaluation throughput ({args.config}, {cfg['n_eval']} single-answer questions, batch {cfg['eval_batch']})")
-    print()
-    print("| path | questions/s | ratio | target |")
-    print("|---|---|---|---|")
-    print(f"| bare batched forward (full logits) | {qps['bare forward']:.1f} | 1.000 | - |")
-    print(f"| letters scorer | {qps['letters']:.1f} | {qps['letters'] / qps['bare forward']:.3f} x bare | >= 0.9 |")
-    print(f"| generate scorer (<= 10 new tokens) | {qps['generate']:.1f} | {qps['generate'] / qps['letters']:.3f} x letters "
-          f"| >= 0.5 |")
-    print()
+    save(report, args.json)  # after each table, so a run cut short keeps what it measured
+    print_table(f"Evaluation throughput ({args.config}, {cfg['n_eval']} single-answer questions, "
+                f"batch {cfg['eval_batch']})", ["path", "questions/s", "ratio", "target"], [
+        ["bare batched forward (full logits)", f"{qps['bare forward']:.1f}", "1.000", "-"],
+        ["letters scorer", f"{qps['letters']:.1f}", f"{qps['letters'] / qps['bare forward']:.3f} x bare", ">= 0.9"],
+        ["generate scorer (<= 10 new tokens)", f"{qps['generate']:.1f}",
+         f"{qps['generate'] / qps['letters']:.3f} x letters", ">= 0.5"]])
     pvt = pipeline_vs_trainer(cfg)
     report["pipeline_vs_trainer"] = pvt
-    print(f"Training pipeline vs plain Trainer + peft LoRA r16 ({cfg['train_steps']} steps, batch {cfg['batch']})")
+    save(report, args.json)
+    print_table(f"Training pipeline vs plain Trainer + peft LoRA r16 ({cfg['train_steps']} steps, batch {cfg['batch']})",
+                ["loop", "real tokens/s", "ratio", "target"], [
+        ["transformers.Trainer + peft", f"{pvt['trainer_tokens_per_s']:.0f}", "1.000", "-"],
+        ["medpeft train()", f"{pvt['ours_tokens_per_s']:.0f}", f"{pvt['ratio']:.3f}", ">= 1.3"]])
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    print(title)
     print()
-    print("| loop | real tokens/s | ratio | target |")
-    print("|---|---|---|---|")
-    print(f"| transformers.Trainer + peft | {pvt['trainer_tokens_per_s']:.0f} | 1.000 | - |")
-    print(f"| medpeft train() | {pvt['ours_tokens_per_s']:.0f} | {pvt['ratio']:.3f} | >= 1.3 |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    for cells in (header, ["---"] * len(header), *rows):
+        print("| " + " | ".join(cells) + " |")
+    print()
+
+
+def save(report: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":
