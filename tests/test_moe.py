@@ -105,7 +105,7 @@ def test_load_balance_losses_match_hand_computed_values():
         layer.router.weight[0, 0], layer.router.weight[1, 1] = 1.0, 2.0
     x = torch.zeros(1, 2, 12)
     x[0, 0, 0], x[0, 1, 1] = 1.0, 2.0
-    state.prompt_mask = torch.ones(1, 2, dtype=torch.bool)
+    state.update(torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     layer.train()
     layer(x)
     aux = moe_losses(state, None)

@@ -196,7 +196,7 @@ class RankGatedLoraLinear(nn.Module):
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(zeta [B, R] with straight-through grads, hard mask [B, R], p [B, R], rho [B, 1])."""
         st = self.state
-        if st.prompt_mask is None or st.prompt_mask.shape != x.shape[:2]:
+        if st.pool_weights is None or st.pool_weights.shape != x.shape[:2]:
             raise RuntimeError(
                 f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
                 "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")

@@ -217,8 +217,10 @@ class LoraMixtureLinear(nn.Module):
 
     # ------------------------------------------------------------------------- losses
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's prompt mask, if set_routing gave one for this input's shape."""
         m = self.state.prompt_mask
-        return m if m is not None and m.shape == x.shape[:2] else None
+        ok = m is not None and m.shape == x.shape[:2] and self.state.pool_weights is not None
+        return m if ok else None
 
     def _aux_losses(self, x: torch.Tensor, g: torch.Tensor, p: torch.Tensor | None) -> None:
         """This forward's loss terms, kept in ``routing_out`` for :func:`moe_losses`."""
@@ -239,7 +241,7 @@ class LoraMixtureLinear(nn.Module):
         if "anchor" in self.losses and self.n_anchor and st.parameter_losses:
             out["anchor"] = self._anchor_norm()
         if "con" in self.losses:
-            reps, labels = self._expert_reps(x, g, mask)
+            reps, labels = self._expert_reps(x, g)
             bank, bank_labels = self.queue.filled() if self.queue is not None else (None, None)
             keys = reps if bank is None else torch.cat([reps, bank])
             key_labels = labels if bank_labels is None else torch.cat([labels, bank_labels])
@@ -261,11 +263,10 @@ class LoraMixtureLinear(nn.Module):
             start += r
         return total
 
-    def _expert_reps(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _expert_reps(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised per-question, per-specialist representations ``o_bi`` and their labels."""
-        w = mask.to(x.dtype)
-        w = w / w.sum(1, keepdim=True).clamp(min=1)
-        h = torch.bmm(w.unsqueeze(1), x).squeeze(1)  # [B, d_in] mean prompt input
+        w = self.state.pool_weights  # [B, T]: mean over prompt tokens
+        h = self.state.pooled(x).to(x.dtype)  # [B, d_in] mean prompt input (shared by modules reading x)
         u = h @ self.lora_A.T.to(x.dtype) * self.channel_scale.to(x.dtype)  # [B, sum r]
         spec = torch.arange(self.n_anchor, self.n_anchor + self.n_spec, device=x.device)
         sel = (self.expert_of_channel[None, :] == spec[:, None]).to(x.dtype)  # [n_spec, sum r]

@@ -60,6 +60,22 @@ class RoutingState:
             self._pooled = (x, h)
         return h
 
+    def update(self, prompt_mask: torch.Tensor, specialty: torch.Tensor, operation: torch.Tensor, *,
+               freeze: bool = False, record: bool = False, parameter_losses: bool = True) -> None:
+        """A new batch's context (what :func:`set_routing` does for a model's state)."""
+        from .birg import N_TAG_ROWS, tag_rows
+
+        self.prompt_mask = prompt_mask.bool()
+        self.specialty, self.operation = specialty, operation
+        self.freeze, self.record, self.parameter_losses = freeze, record, parameter_losses
+        self.frozen, self.records, self._cache, self._pooled = {}, {}, {}, None
+        m = self.prompt_mask.float()
+        self.pool_weights = m / m.sum(1, keepdim=True).clamp(min=1)
+        rows = tag_rows(specialty, operation)
+        self.tag_onehot = torch.zeros(rows.shape[0], N_TAG_ROWS, device=rows.device).scatter_(1, rows, 1.0)
+        for layer in self.layers:  # outputs of an abandoned forward (e.g. an exception) must not leak in
+            layer.routing_out = None
+
     def register(self, layer) -> None:
         self.layers.append(layer)
 
@@ -118,17 +134,6 @@ def set_routing(
     them on the first micro-batch of each optimizer step only).
     """
     state = routing_state(model)
-    if state is None:
-        return
-    from .birg import N_TAG_ROWS, tag_rows
-
-    state.prompt_mask = prompt_mask.bool()
-    state.specialty, state.operation = specialty, operation
-    state.freeze, state.record, state.parameter_losses = freeze, record, parameter_losses
-    state.frozen, state.records, state._cache, state._pooled = {}, {}, {}, None
-    m = state.prompt_mask.float()
-    state.pool_weights = m / m.sum(1, keepdim=True).clamp(min=1)
-    rows = tag_rows(specialty, operation)
-    state.tag_onehot = torch.zeros(rows.shape[0], N_TAG_ROWS, device=rows.device).scatter_(1, rows, 1.0)
-    for layer in state.layers:  # outputs of an abandoned forward (e.g. an exception) must not leak in
-        layer.routing_out = None
+    if state is not None:
+        state.update(prompt_mask, specialty, operation, freeze=freeze, record=record,
+                     parameter_losses=parameter_losses)
