@@ -15,6 +15,7 @@ a token uses: top-k experts, all soft-merged experts, one route; timed in the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -134,8 +135,8 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times, peak, warmup_s = [], None, 0.0
-    half = half_precision_adapters(model)  # as train(): fp32 adapter weights, bf16 compute under autocast
-    half.__enter__()
+    half = contextlib.ExitStack()  # as train(): fp32 adapter weights, bf16 compute under autocast
+    half.enter_context(half_precision_adapters(model))
     try:
         t_warm = time.perf_counter()
         for _ in range(cfg["warmup"]):
@@ -163,7 +164,7 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
         sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         with open(PROFILE["path"], "a") as fh:
             fh.write(f"\n===== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
-    half.__exit__(None, None, None)
+    half.close()
     trainable = sum(p.numel() for p in params)
     opt.state.clear()  # free the optimizer state before the next method is built
     uncompile(compiled)
@@ -174,7 +175,6 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     for p in base.parameters():  # `full` made every weight trainable
         p.grad = None
         p.requires_grad_(False)
-    del opt, params
     gc.collect()
     return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base,
             "warmup_s": warmup_s}

@@ -12,7 +12,8 @@ from medpeft.dataset import load_train_set
 from medpeft.errors import ConfigError
 from medpeft.models import LoadedModel, load_model, tiny_config
 from medpeft.precision import autocast_for, half_precision_adapters
-from medpeft.train import answer_loss_sum, compile_decoder_layers, compile_wanted, train, uncompile
+from medpeft.train import (answer_loss_sum, compile_decoder_layers, compile_fallback, compile_wanted, train,
+                           uncompile)
 from test_birg import randomize_B, train_batch
 
 
@@ -113,15 +114,14 @@ def test_auto_compile_falls_back_to_eager_when_a_layer_cannot_compile():
         answer_loss_sum(loaded.model, batch)  # train.compile: true surfaces the failure
     uncompile(layers)
     torch._dynamo.reset()
-    suppress = dynamo_config.suppress_errors
+    layers = compile_decoder_layers(loaded.model, backend=broken_backend)
     try:
-        layers = compile_decoder_layers(loaded.model, fallback=True, backend=broken_backend)
-        with torch.no_grad():  # train.compile: auto trains on, eagerly
+        with compile_fallback(True), torch.no_grad():  # train.compile: auto trains on, eagerly
             torch.testing.assert_close(answer_loss_sum(loaded.model, batch), expected)
     finally:
         uncompile(layers)
-        dynamo_config.suppress_errors = suppress
         torch._dynamo.reset()
+    assert not dynamo_config.suppress_errors  # scoped to the loop, not left on for the process
 
 
 def test_compile_setting(monkeypatch):

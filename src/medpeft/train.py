@@ -142,16 +142,14 @@ def compile_wanted(setting, device: torch.device) -> bool:
     return bool(setting)
 
 
-def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None, *, fallback: bool = False,
+def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None,
                            backend="inductor") -> list[torch.nn.Module]:
     """Regional compilation: ``torch.compile`` each decoder layer in place, as torchtune does.
 
     The decoder layers are identical modules, so all after the first (whose input does not
     require grad) share one compiled graph; adapters, routing gates and their auxiliary
     terms are fused with the layer (docs/performance.md). The rest of the step (embedding,
-    loss, optimizer) stays eager. ``fallback``: a layer that fails to compile runs eagerly
-    (with a warning) instead of stopping training -- what ``train.compile: auto`` asks for.
-    Returns the compiled layers (see :func:`uncompile`).
+    loss, optimizer) stays eager. Returns the compiled layers (see :func:`uncompile`).
     """
     decoder = causal_lm_of(model).get_decoder() if hasattr(causal_lm_of(model), "get_decoder") else None
     layers = list(getattr(decoder, "layers", []))
@@ -162,11 +160,18 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None, *, f
     # Each method (and Med-MoE-LoRA's per-depth expert counts) adds graphs of the same layer
     # code; past the default limit of 8 dynamo would silently fall back to eager.
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
-    if fallback:
-        dynamo_config.suppress_errors = True
     for layer in layers:
         layer.compile(mode=mode, backend=backend)
     return layers
+
+
+def compile_fallback(enabled: bool):
+    """Inside (if ``enabled``): a layer that fails to compile runs eagerly with a warning instead
+    of stopping training -- what ``train.compile: auto`` asks for. Compilation happens at the
+    first call (and at recompiles), so this must span the training loop."""
+    from torch._dynamo import config as dynamo_config
+
+    return dynamo_config.patch(suppress_errors=enabled)
 
 
 def uncompile(layers: list[torch.nn.Module]) -> None:
@@ -301,8 +306,7 @@ def train(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
-    compiled = compile_decoder_layers(model, fallback=tc.compile == "auto") \
-        if compile_wanted(tc.compile, loaded.device) else []
+    compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) else []
     optimizer, scheduler = build_optimizer(model, cfg)
     params = count_parameters(model)
 
@@ -324,7 +328,8 @@ def train(
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
     t0 = time.perf_counter()
     progress = tqdm(total=tc.steps, initial=start_step, desc=f"train {cfg.method.name}", unit="step", leave=False)
-    with open(metrics_path, "a", encoding="utf-8") as metrics, half_precision_adapters(model):
+    with open(metrics_path, "a", encoding="utf-8") as metrics, half_precision_adapters(model), \
+            compile_fallback(tc.compile == "auto"):
         for step in range(start_step, tc.steps):
             indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)

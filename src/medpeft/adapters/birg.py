@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tags import OPERATIONS, SPECIALTIES
+from .inject import adapter_dtype
 from .routing import RoutingState
 
 N_SPECIALTY, N_OPERATION = len(SPECIALTIES), len(OPERATIONS)
@@ -136,10 +137,6 @@ def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.
     """``((x A^T) * scale) B^T`` with a per-question ``scale`` [B, R] over the rank atoms, in x's dtype."""
     return ((x @ a.T.to(x.dtype)) * scale.unsqueeze(1).to(x.dtype)) @ b.T.to(x.dtype)
 
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """fp32 master weights for a half-precision base (bf16/fp16), else the base's dtype."""
-    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
 
 
 
@@ -269,7 +266,7 @@ def routing_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
     loss costs a handful of tensor operations per forward instead of per module; the
     rank atoms of all modules go through :class:`OffDiagonalCos2` as a few same-shape stacks.
     """
-    gates = [out for _, out in state.collect()]
+    gates = state.collect()
     out = {}
     if method.l_orth > 0 and state.parameter_losses:
         layers = [m for m in state.layers if "orth" in m.losses]

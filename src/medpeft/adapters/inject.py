@@ -22,6 +22,12 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of an injected layer's weights: fp32 master weights for a half-precision base
+    (bf16/fp16, as ``peft``'s ``autocast_adapter_dtype``), else the base's dtype."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
 def inject_adapters(
     model: nn.Module,
     target_modules: list[str],

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tags import SPECIALTIES
-from .birg import adapter_dtype
+from .inject import adapter_dtype
 from .routing import RoutingState
 
 MOE_LOSSES = ("balance", "var", "anchor", "con")
@@ -320,7 +320,7 @@ class MoeLayerFactory:
 
 def moe_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
     """Every auxiliary loss of the last forward, each a mean over the modules that reported it."""
-    outs = [out for _, out in state.collect()]
+    outs = state.collect()
     terms: dict[str, list[torch.Tensor]] = {}
     for out in outs:
         for key, value in out.items():

@@ -79,13 +79,13 @@ class RoutingState:
     def register(self, layer) -> None:
         self.layers.append(layer)
 
-    def collect(self) -> list[tuple]:
-        """``(layer, routing_out)`` of every routed layer that ran in training mode since the
-        last call; the outputs are cleared."""
+    def collect(self) -> list:
+        """``routing_out`` of every routed layer that ran in training mode since the last call,
+        in model order; the outputs are cleared."""
         out = []
         for layer in self.layers:
-            if getattr(layer, "routing_out", None) is not None:
-                out.append((layer, layer.routing_out))
+            if layer.routing_out is not None:
+                out.append(layer.routing_out)
                 layer.routing_out = None
         return out
 
