@@ -65,12 +65,25 @@ def _layer(router="topk", n=4, k=2, ranks=(8,), n_anchor=0, **kw):
 
 @pytest.mark.parametrize("router", ["topk", "soft"])
 def test_gate_weights_sum_to_one(router):
-    layer, _ = _layer(router)
+    layer, _ = _layer(router, losses=("balance",))
     g, p = layer.gates(torch.randn(3, 5, 12))
     torch.testing.assert_close(g.sum(-1), torch.ones(3, 5))
     torch.testing.assert_close(p.sum(-1), torch.ones(3, 5))
     if router == "topk":
         assert ((g > 0).sum(-1) == 2).all()
+        assert _layer(router)[0].gates(torch.randn(3, 5, 12))[1] is None  # p only when the balance loss needs it
+
+
+@pytest.mark.parametrize("router", ["topk", "soft", "route"])
+def test_channel_weights_match_per_channel_gather(router):
+    """w = g @ spec_to_channel + anchor_scale equals the definition: each channel's expert gate
+    (anchors 1) times that expert's alpha/r, with anchors and unequal ranks."""
+    layer, state = _layer(router, n=3, ranks=(4, 8, 2), n_anchor=1)  # alpha/r: 2 (anchor), 4, 2, 8
+    state.update(torch.ones(2, 5, dtype=torch.bool), torch.tensor([1, 5]), torch.tensor([0, 3]))
+    g, _ = layer.gates(torch.randn(2, 5, 12))
+    expert_w = torch.cat([torch.ones(*g.shape[:-1], 1), g], dim=-1)
+    reference = expert_w[..., layer.expert_of_channel] * layer.channel_scale
+    torch.testing.assert_close(layer.channel_weights(g), reference)
 
 
 def test_learnable_temperature_gets_gradients():
@@ -137,6 +150,32 @@ def test_route_router_trains_only_the_routes_expert():
     layer = next(m for m in model.modules() if isinstance(m, LoraMixtureLinear))
     per_expert = torch.stack([layer.lora_B.grad[:, layer.expert_of_channel == e].abs().sum() for e in range(8)])
     assert per_expert[3] > 0 and per_expert[torch.arange(8) != 3].sum() == 0
+
+
+@pytest.mark.parametrize("gate_contrast", [False, True])
+def test_expert_representations_match_the_definition(gate_contrast):
+    """o_bi = (alpha_i/r_i) B_i A_i h_b (SparseDoctor: times the question's mean prompt gate of
+    expert i), h_b the mean input over prompt tokens; L2-normalised, labelled by expert."""
+    layer, state = _layer("topk", n=3, k=2, ranks=(4, 8, 2), n_anchor=1, gate_contrast=gate_contrast)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    state.update(mask, torch.tensor([1, 5]), torch.tensor([0, 3]))
+    g, _ = layer.gates(x)
+    reps, labels = layer._expert_reps(x, g)
+    starts = [0, 8, 12, 20]  # channels: anchor 8, then the specialists 4, 8, 2
+    expected = []
+    for b in range(2):
+        h = x[b][mask[b]].mean(0)
+        for i in range(3):
+            lo, hi = starts[i + 1], starts[i + 1] + (4, 8, 2)[i]
+            o = (16.0 / (hi - lo)) * layer.lora_B[:, lo:hi] @ (layer.lora_A[lo:hi] @ h)
+            if gate_contrast:
+                o = o * g[b, mask[b], i].mean()
+            expected.append(torch.nn.functional.normalize(o, dim=0))
+    torch.testing.assert_close(reps, torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
 
 
 def test_supcon_golden_and_queue_semantics():

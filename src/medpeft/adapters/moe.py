@@ -165,6 +165,14 @@ class LoraMixtureLinear(nn.Module):
         self.register_buffer("channel_scale", torch.tensor(
             [a / r for a, r in zip(alphas, ranks) for _ in range(r)], device=device, dtype=torch.float32),
             persistent=False)
+        # channel weights w = g @ spec_to_channel + anchor_scale: each specialist gate spread
+        # over its rank channels times alpha_i/r_i, plus the always-on anchors' alpha_a/r_a --
+        # one addmm (an mm in the backward) instead of a gather, whose backward is a scatter-add
+        is_anchor = self.expert_of_channel < n_anchor
+        spec = torch.arange(n_anchor, len(ranks), device=device)
+        self.register_buffer("spec_to_channel", (self.expert_of_channel[None, :] == spec[:, None]).float()
+                             * self.channel_scale, persistent=False)  # [n_spec, sum r]
+        self.register_buffer("anchor_scale", self.channel_scale * is_anchor, persistent=False)  # [sum r]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(d_in, self.n_spec, bias=False, device=device, dtype=dtype) if router != "route" else None
         self.log_tau = nn.Parameter(torch.tensor(math.log(init_tau), device=device)) if router == "soft" and learn_tau \
@@ -186,33 +194,36 @@ class LoraMixtureLinear(nn.Module):
         return self.log_tau.exp() if self.log_tau is not None else self.fixed_tau
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Specialist gates ``g`` [B, T, n_spec] and router probabilities ``p`` (None for ``route``)."""
+        """Specialist gates ``g`` [B, T, n_spec] and router probabilities ``p`` (None for ``route``;
+        for ``topk`` only when the balance loss needs them). ``route`` gates are per question:
+        ``[B, 1, n_spec]``, broadcast over tokens."""
         if self.router_kind == "route":
             st = self.state
             if st.specialty is None or st.specialty.shape[0] != x.shape[0]:
                 raise RuntimeError(f"{self.name}: the route router needs set_routing(...) with the batch's tags")
-            g = F.one_hot(st.specialty % self.n_spec, self.n_spec).to(x.dtype)
-            return g[:, None, :].expand(x.shape[0], x.shape[1], self.n_spec), None
+            return F.one_hot(st.specialty % self.n_spec, self.n_spec).float()[:, None, :], None
         logits = F.linear(x, self.router.weight.to(x.dtype)).float()
         if self.router_kind == "soft":
             p = torch.softmax(logits / self.tau, dim=-1)
             return p, p
-        p = torch.softmax(logits, dim=-1)
         top = logits.topk(self.top_k, dim=-1)
-        g = torch.zeros_like(p).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
-        return g, p
+        g = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
+        return g, (torch.softmax(logits, dim=-1) if "balance" in self.losses else None)
+
+    def channel_weights(self, g: torch.Tensor) -> torch.Tensor:
+        """``w`` [..., sum r]: each rank channel's gate times its ``alpha_i/r_i`` (anchors: gate 1)."""
+        flat = torch.addmm(self.anchor_scale, g.reshape(-1, g.shape[-1]), self.spec_to_channel)
+        return flat.reshape(*g.shape[:-1], flat.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, p = self.gates(x)
-        ones = g.new_ones(*g.shape[:-1], self.n_anchor)
-        expert_w = torch.cat([ones, g], dim=-1)  # anchors always on
-        w = (expert_w[..., self.expert_of_channel] * self.channel_scale).to(x.dtype)  # [B, T, sum r]
+        w = self.channel_weights(g).to(x.dtype)  # [B, T, sum r] ([B, 1, sum r] for route)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         out = self.base(x) + ((self.dropout(x) @ a.T) * w) @ b.T
         if self.training and self.losses:
             self._aux_losses(x, g, p)
         if self.state.record:
-            self.state.records[self.name] = {"gates": g.detach()}
+            self.state.records[self.name] = {"gates": g.detach().expand(*x.shape[:2], -1)}
         return out
 
     # ------------------------------------------------------------------------- losses
@@ -267,15 +278,14 @@ class LoraMixtureLinear(nn.Module):
         """Normalised per-question, per-specialist representations ``o_bi`` and their labels."""
         w = self.state.pool_weights  # [B, T]: mean over prompt tokens
         h = self.state.pooled(x).to(x.dtype)  # [B, d_in] mean prompt input (shared by modules reading x)
-        u = h @ self.lora_A.T.to(x.dtype) * self.channel_scale.to(x.dtype)  # [B, sum r]
-        spec = torch.arange(self.n_anchor, self.n_anchor + self.n_spec, device=x.device)
-        sel = (self.expert_of_channel[None, :] == spec[:, None]).to(x.dtype)  # [n_spec, sum r]
-        o = (u[:, None, :] * sel[None]) @ self.lora_B.T.to(x.dtype)  # [B, n_spec, d_out]
+        u = h @ self.lora_A.T.to(x.dtype)  # [B, sum r]
+        # spec_to_channel [n_spec, sum r] selects expert i's channels, scaled by alpha_i/r_i
+        o = (u[:, None, :] * self.spec_to_channel.to(x.dtype)) @ self.lora_B.T.to(x.dtype)  # [B, n_spec, d_out]
         if self.gate_contrast:
             gbar = (g * w.unsqueeze(-1).to(g.dtype)).sum(1)  # [B, n_spec] mean gate over prompt tokens
             o = o * gbar.unsqueeze(-1).to(o.dtype)
         reps = F.normalize(o.float().reshape(-1, o.shape[-1]), dim=-1)
-        labels = spec.repeat(x.shape[0]) - self.n_anchor
+        labels = torch.arange(self.n_spec, device=x.device).repeat(x.shape[0])  # [B * n_spec]: expert index
         return reps, labels
 
 
