@@ -9,7 +9,8 @@ import torch
 
 from medpeft.adapters import after_backward, apply_method, auxiliary_losses, load_trained, save_trained, set_routing
 from medpeft.adapters.accounting import count_method
-from medpeft.adapters.moe import ExpertQueue, LoraMixtureLinear, experts_at_layer, moe_losses, supcon
+from medpeft.adapters.moe import (ExpertQueue, LoraMixtureLinear, expert_representations, experts_at_layer,
+                                  moe_losses, supcon)
 from medpeft.adapters.routing import RoutingState
 from medpeft.config import LoraMethod, MoeMethod, load_config
 from medpeft.models import load_model
@@ -163,7 +164,9 @@ def test_expert_representations_match_the_definition(gate_contrast):
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
     state.update(mask, torch.tensor([1, 5]), torch.tensor([0, 3]))
     g, _ = layer.gates(x)
-    reps, labels = layer._expert_reps(x, g)
+    h, gbar = layer.contrast_inputs(x, g)
+    reps = expert_representations(h[None], layer.lora_A[None], layer.lora_B[None], layer.spec_to_channel[None],
+                                  gbar[None] if gate_contrast else None)[0]
     starts = [0, 8, 12, 20]  # channels: anchor 8, then the specialists 4, 8, 2
     expected = []
     for b in range(2):
@@ -175,7 +178,42 @@ def test_expert_representations_match_the_definition(gate_contrast):
                 o = o * g[b, mask[b], i].mean()
             expected.append(torch.nn.functional.normalize(o, dim=0))
     torch.testing.assert_close(reps, torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
-    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_stacked_contrastive_loss_equals_the_mean_of_per_module_losses():
+    """Modules of two shapes, each with its own partly filled queue: the stacked L_con is the
+    mean over modules of SupCon(own representations, expert labels, own queue), and each
+    module's representations are what it will push to its queue."""
+    from types import SimpleNamespace
+
+    state = RoutingState()
+    torch.manual_seed(0)
+    layers = [LoraMixtureLinear(torch.nn.Linear(12, d_out), ranks=[4, 8, 2], alphas=[16.0] * 3, n_anchor=0,
+                                router="topk", top_k=2, init_tau=1.0, learn_tau=False, dropout=0.0, losses=("con",),
+                                gate_contrast=True, con_temperature=0.5, queue_size=7, state=state, name=f"l{i}")
+              for i, d_out in enumerate([10, 6, 10])]
+    for i, layer in enumerate(layers):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        layer.queue.push(torch.randn(3 + i, layer.base.out_features), torch.tensor([0, 2, 1, 1, 0])[:3 + i])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    state.update(mask, torch.tensor([1, 5]), torch.tensor([0, 3]))
+    xs = [torch.randn(2, 4, 12) for _ in layers]
+    for layer, x in zip(layers, xs):
+        layer.train()(x)
+    loss = moe_losses(state, SimpleNamespace(con_temperature=0.5))["con"]
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = []
+    for layer, x in zip(layers, xs):
+        h, gbar = layer.contrast_inputs(x, layer.gates(x)[0])
+        reps = expert_representations(h[None], layer.lora_A[None], layer.lora_B[None], layer.spec_to_channel[None],
+                                      gbar[None])[0]
+        expected.append(supcon(reps, labels, layer.queue.items, layer.queue.labels, 0.5))
+        torch.testing.assert_close(layer.pending_push[0], reps.detach())
+        assert layer.pending_push[1].tolist() == labels.tolist()
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    assert all(layer.routing_out is None for layer in layers)  # consumed
 
 
 def test_supcon_golden_and_queue_semantics():

@@ -44,7 +44,8 @@ carry label -1 and are masked out of the loss, so the queue always has one shape
 sync to count entries, no recompilation under ``torch.compile``).
 
 Precision: with a half-precision base model the experts and router keep fp32 parameters
-(master weights) and compute in the input's dtype.
+(master weights) and compute in the input's dtype; ``L_con`` runs in fp32, for all modules
+of one shape at once (:func:`contrastive_losses`).
 """
 
 from __future__ import annotations
@@ -106,31 +107,77 @@ def supcon(reps: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor | None, 
 def supcon_from_similarities(sims: torch.Tensor, labels: torch.Tensor, key_labels: torch.Tensor,
                              temperature: float) -> torch.Tensor:
     """The SupCon loss from stacked similarity matrices ``sims`` [M, n, n + q] (rows: the n
-    representations, columns: themselves then the bank), averaged over the M modules."""
+    representations, columns: themselves then the bank), averaged over the M modules.
+    ``key_labels``: [n + q], or [M, n + q] when the modules' banks differ."""
     n = sims.shape[1]
+    key_labels = key_labels.reshape(-1, 1, sims.shape[2])  # [1 or M, 1, n + q]
     self_mask = torch.zeros(sims.shape[1:], dtype=torch.bool, device=sims.device)
     self_mask[:, :n] = torch.eye(n, dtype=torch.bool, device=sims.device)
-    self_mask |= (key_labels < 0)[None, :]  # empty queue slots are neither positives nor negatives
+    self_mask = self_mask | (key_labels < 0)  # empty queue slots are neither positives nor negatives
     logits = (sims / temperature).masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    positive = (labels[:, None] == key_labels[None, :]) & ~self_mask
-    n_pos = positive.sum(1)
+    positive = (labels[:, None] == key_labels) & ~self_mask
+    n_pos = positive.sum(-1)  # [1 or M, n]
     per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(-1) / n_pos.clamp(min=1)  # [M, n]
     has = (n_pos > 0).to(per_anchor.dtype)  # anchors without a positive do not count (no host sync)
-    return ((per_anchor * has).sum(-1) / has.sum().clamp(min=1)).mean()
+    return ((per_anchor * has).sum(-1) / has.sum(-1).clamp(min=1)).mean()
 
 
-def contrastive_losses(entries: list[tuple], method) -> dict[str, torch.Tensor]:
-    """``L_con`` over the modules' ``(similarities, labels, key labels)``, all at once (their
-    similarity matrices normally share a shape)."""
-    if not entries:
+def expert_representations(h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                           spec_to_channel: torch.Tensor, gbar: torch.Tensor | None) -> torch.Tensor:
+    """Normalised ``o_bi = gbar_bi (alpha_i/r_i) B_i A_i h_b`` of M same-shape modules at once.
+
+    ``h`` [M, B, d_in] mean prompt inputs, ``lora_a`` [M, R, d_in], ``lora_b`` [M, d_out, R],
+    ``spec_to_channel`` [M, n_spec, R] (expert i's channels times alpha_i/r_i), ``gbar``
+    [M, B, n_spec] mean prompt gates or None (MoELoRA: 1). Returns [M, B * n_spec, d_out]
+    (rows: question-major, expert-minor), in fp32.
+    """
+    u = torch.bmm(h, lora_a.transpose(1, 2))  # [M, B, R]
+    per_expert = u[:, :, None, :] * spec_to_channel[:, None]  # [M, B, n_spec, R]
+    o = torch.bmm(per_expert.flatten(1, 2), lora_b.transpose(1, 2))  # [M, B * n_spec, d_out]
+    if gbar is not None:
+        o = o * gbar.flatten(1, 2).unsqueeze(-1)
+    return F.normalize(o, dim=-1)
+
+
+def contrastive_losses(layers: list["LoraMixtureLinear"], method) -> dict[str, torch.Tensor]:
+    """``L_con`` of the modules that kept contrast inputs in this forward, averaged over them.
+
+    Modules of one shape (q, k/v, o, gate/up, down) go through :func:`expert_representations`
+    and the similarity products as one stack, so the term costs a few kernels per shape and
+    forward instead of per module (launch-bound on a GPU otherwise, docs/performance.md).
+    In fp32, also under mixed precision (small products; normalised vectors over a temperature).
+    """
+    if not layers:
         return {}
     groups: dict[tuple, list] = {}
-    for sims, labels, key_labels in entries:  # queues fill alike, so normally one group
-        groups.setdefault(tuple(sims.shape), []).append((sims, labels, key_labels))
-    total = sum(len(g) * supcon_from_similarities(torch.stack([e[0] for e in g]), g[0][1], g[0][2],
-                                                  method.con_temperature) for g in groups.values())
-    return {"con": total / len(entries)}
+    for layer in layers:
+        h = layer.routing_out["con"][0]
+        key = (tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), layer.n_spec, tuple(h.shape),
+               layer.queue.size if layer.queue is not None else 0)
+        groups.setdefault(key, []).append(layer)
+    total = 0.0
+    with torch.autocast(layers[0].lora_A.device.type, enabled=False):
+        for members in groups.values():
+            inputs = [m.routing_out["con"] for m in members]
+            gbars = [g for _, g in inputs]
+            reps = expert_representations(
+                torch.stack([h for h, _ in inputs]).float(), torch.stack([m.lora_A for m in members]).float(),
+                torch.stack([m.lora_B for m in members]).float(), torch.stack([m.spec_to_channel for m in members]),
+                torch.stack(gbars).float() if gbars[0] is not None else None)
+            n_questions = inputs[0][0].shape[0]
+            labels = torch.arange(members[0].n_spec, device=reps.device).repeat(n_questions)  # expert index
+            keys, key_labels = reps, labels
+            if members[0].queue is not None:  # each module's memory queue: extra positives/negatives
+                banks = [m.queue.filled() for m in members]
+                keys = torch.cat([reps, torch.stack([b for b, _ in banks]).to(reps.dtype)], dim=1)
+                key_labels = torch.cat([labels.expand(len(members), -1),
+                                        torch.stack([lab for _, lab in banks])], dim=1)
+                for m, r in zip(members, reps.detach()):
+                    m.pending_push = (r, labels)
+            sims = torch.bmm(reps, keys.transpose(1, 2))
+            total = total + len(members) * supcon_from_similarities(sims, labels, key_labels, method.con_temperature)
+    return {"con": total / len(layers)}
 
 
 class LoraMixtureLinear(nn.Module):
@@ -251,16 +298,8 @@ class LoraMixtureLinear(nn.Module):
             out["var"] = g_mean.var(unbiased=False)
         if "anchor" in self.losses and self.n_anchor and st.parameter_losses:
             out["anchor"] = self._anchor_norm()
-        if "con" in self.losses:
-            reps, labels = self._expert_reps(x, g)
-            bank, bank_labels = self.queue.filled() if self.queue is not None else (None, None)
-            keys = reps if bank is None else torch.cat([reps, bank])
-            key_labels = labels if bank_labels is None else torch.cat([labels, bank_labels])
-            # the similarity matrices of all modules go through the rest of the loss together
-            # (contrastive_losses), so it costs a few kernels per forward, not per module
-            out["con"] = (reps @ keys.T, labels, key_labels)
-            if self.queue is not None:
-                self.pending_push = (reps.detach(), labels)
+        if "con" in self.losses:  # the representations of all modules are computed together (contrastive_losses)
+            out["con"] = self.contrast_inputs(x, g)
         self.routing_out = out
 
     def _anchor_norm(self) -> torch.Tensor:
@@ -274,19 +313,13 @@ class LoraMixtureLinear(nn.Module):
             start += r
         return total
 
-    def _expert_reps(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised per-question, per-specialist representations ``o_bi`` and their labels."""
-        w = self.state.pool_weights  # [B, T]: mean over prompt tokens
-        h = self.state.pooled(x).to(x.dtype)  # [B, d_in] mean prompt input (shared by modules reading x)
-        u = h @ self.lora_A.T.to(x.dtype)  # [B, sum r]
-        # spec_to_channel [n_spec, sum r] selects expert i's channels, scaled by alpha_i/r_i
-        o = (u[:, None, :] * self.spec_to_channel.to(x.dtype)) @ self.lora_B.T.to(x.dtype)  # [B, n_spec, d_out]
-        if self.gate_contrast:
-            gbar = (g * w.unsqueeze(-1).to(g.dtype)).sum(1)  # [B, n_spec] mean gate over prompt tokens
-            o = o * gbar.unsqueeze(-1).to(o.dtype)
-        reps = F.normalize(o.float().reshape(-1, o.shape[-1]), dim=-1)
-        labels = torch.arange(self.n_spec, device=x.device).repeat(x.shape[0])  # [B * n_spec]: expert index
-        return reps, labels
+    def contrast_inputs(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``L_con`` needs from this forward: the mean prompt input ``h`` [B, d_in] (one
+        pooling shared by the modules reading x) and, for SparseDoctor, the mean prompt gates
+        ``gbar`` [B, n_spec]."""
+        h = self.state.pooled(x)
+        gbar = (g * self.state.pool_weights.unsqueeze(-1).to(g.dtype)).sum(1) if self.gate_contrast else None
+        return h, gbar
 
 
 def commit_queues(state: RoutingState) -> None:
@@ -330,14 +363,14 @@ class MoeLayerFactory:
 
 def moe_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
     """Every auxiliary loss of the last forward, each a mean over the modules that reported it."""
-    outs = state.collect()
+    contrasting = [m for m in state.layers if m.routing_out is not None and "con" in m.routing_out]
+    con = contrastive_losses(contrasting, method)  # before collect(), which clears routing_out
     terms: dict[str, list[torch.Tensor]] = {}
-    for out in outs:
+    for out in state.collect():
         for key, value in out.items():
             if key != "con":
                 terms.setdefault(key, []).append(value)
-    means = {k: torch.stack(v).mean() for k, v in terms.items()}
-    return {**means, **contrastive_losses([out["con"] for out in outs if "con" in out], method)}
+    return {**{k: torch.stack(v).mean() for k, v in terms.items()}, **con}
 
 
 def moe_aux_loss(aux: dict[str, torch.Tensor], method, share: float) -> torch.Tensor | None:
