@@ -33,6 +33,23 @@ def _step_grads(model, method, batches):
     return total, grads
 
 
+def test_compiled_topk_mask_equals_eager_topk():
+    """Under torch.compile the gate's top-k mask is built from pairwise ranks (fused, no sort
+    kernel): same mask as eager topk + scatter; ties go to the lower index."""
+    import torch._dynamo
+
+    from medpeft.adapters.birg import topk_mask
+
+    torch._dynamo.reset()
+    compiled = torch.compile(topk_mask, backend="inductor", fullgraph=True)
+    p = torch.softmax(torch.randn(64, 16), dim=-1)
+    for k in (1, 4, 16):
+        assert torch.equal(compiled(p, k), topk_mask(p, k))
+        assert torch.equal(compiled(p, k).sum(-1), torch.full((64,), float(k)))
+    tied = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    assert compiled(tied, 2).tolist() == [[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+
+
 @pytest.mark.parametrize("preset", ["birg", "sparsedoctor"])
 def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph(preset):
     """Regional compilation of a 4-layer model with BiRG (gates, all four losses) and SparseDoctor
