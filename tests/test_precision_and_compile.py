@@ -38,7 +38,7 @@ def test_compiled_topk_mask_equals_eager_topk():
     kernel): same mask as eager topk + scatter; ties go to the lower index."""
     import torch._dynamo
 
-    from medpeft.adapters.birg import topk_mask
+    from medpeft.adapters.routing import topk_mask
 
     torch._dynamo.reset()
     compiled = torch.compile(topk_mask, backend="inductor", fullgraph=True)

@@ -57,7 +57,7 @@ from torch import nn
 
 from ..tags import OPERATIONS, SPECIALTIES
 from .inject import adapter_dtype
-from .routing import RoutingState
+from .routing import RoutingState, topk_mask
 
 N_SPECIALTY, N_OPERATION = len(SPECIALTIES), len(OPERATIONS)
 N_TAG_ROWS = N_SPECIALTY + N_OPERATION + N_SPECIALTY * N_OPERATION
@@ -69,24 +69,6 @@ def tag_rows(specialty: torch.Tensor, operation: torch.Tensor) -> torch.Tensor:
     """Rows of ``gate_tags`` a question reads: ``[s, 8 + o, 17 + 9 s + o]`` -> ``[B, 3]``."""
     return torch.stack([specialty, N_SPECIALTY + operation,
                         N_SPECIALTY + N_OPERATION + specialty * N_OPERATION + operation], dim=-1)
-
-
-def topk_mask(p: torch.Tensor, k: int) -> torch.Tensor:
-    """1 at the ``k`` largest entries of each row of ``p`` [..., R], else 0.
-
-    Eagerly a sort kernel and a scatter. Under ``torch.compile`` the same mask as pairwise
-    ranks, ``rank_j = #{l : p_l > p_j or (p_l = p_j and l < j)}``, ``mask_j = rank_j < k``:
-    R x R comparisons per row (R is the adapter rank, ~16) that the compiler fuses with the
-    softmax around them into one kernel, where top-k and scatter are two more launches per
-    module (the routed step is launch-bound on a GPU, docs/performance.md). Ties (equal
-    probabilities) go to the lower index; eager ``topk`` may break them differently.
-    """
-    if not torch.compiler.is_compiling():
-        return torch.zeros_like(p).scatter_(-1, p.topk(k, dim=-1).indices, 1.0)
-    idx = torch.arange(p.shape[-1], device=p.device)
-    p_j, p_l = p.unsqueeze(-1), p.unsqueeze(-2)
-    ahead = (p_l > p_j) | ((p_l == p_j) & (idx[None, :] < idx[:, None]))  # [..., j, l]: l ranks before j
-    return (ahead.sum(-1) < k).to(p.dtype)
 
 
 def straight_through_topk(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ from torch import nn
 
 from ..tags import SPECIALTIES
 from .inject import adapter_dtype
-from .routing import RoutingState
+from .routing import RoutingState, topk_mask
 
 MOE_LOSSES = ("balance", "var", "anchor", "con")
 
@@ -253,8 +253,9 @@ class LoraMixtureLinear(nn.Module):
         if self.router_kind == "soft":
             p = torch.softmax(logits / self.tau, dim=-1)
             return p, p
-        top = logits.topk(self.top_k, dim=-1)
-        g = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
+        # softmax over the top-k logits, 0 elsewhere (the mask fuses under torch.compile: topk_mask)
+        keep = topk_mask(logits, self.top_k).bool()
+        g = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
         return g, (torch.softmax(logits, dim=-1) if "balance" in self.losses else None)
 
     def channel_weights(self, g: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,25 @@ from torch import nn
 ROUTING_ATTR = "medpeft_routing"
 
 
+def topk_mask(p: torch.Tensor, k: int) -> torch.Tensor:
+    """1 at the ``k`` largest entries of each row of ``p`` [..., R], else 0.
+
+    Used by the BiRG gate (over rank atoms) and the MoE top-k router (over experts). Eagerly
+    a sort kernel and a scatter. Under ``torch.compile`` the same mask from pairwise ranks,
+    ``rank_j = #{l : p_l > p_j or (p_l = p_j and l < j)}``, ``mask_j = rank_j < k``: R x R
+    comparisons per row (R = 16 ranks or a few experts) that the compiler fuses with the
+    softmax around them into one kernel, where top-k and scatter are two more launches per
+    module (the routed step is launch-bound on a GPU, docs/performance.md). Ties (equal
+    values) go to the lower index; eager ``topk`` may break them differently.
+    """
+    if not torch.compiler.is_compiling():
+        return torch.zeros_like(p).scatter_(-1, p.topk(k, dim=-1).indices, 1.0)
+    idx = torch.arange(p.shape[-1], device=p.device)
+    p_j, p_l = p.unsqueeze(-1), p.unsqueeze(-2)
+    ahead = (p_l > p_j) | ((p_l == p_j) & (idx[None, :] < idx[:, None]))  # [..., j, l]: l ranks before j
+    return (ahead.sum(-1) < k).to(p.dtype)
+
+
 @dataclass
 class RoutingState:
     prompt_mask: torch.Tensor | None = None  # [B, T] bool: prompt tokens (answers excluded)
