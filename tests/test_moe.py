@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 
 from medpeft.adapters import after_backward, apply_method, auxiliary_losses, load_trained, save_trained, set_routing
 from medpeft.adapters.accounting import count_method
@@ -85,6 +86,8 @@ def test_channel_weights_match_per_channel_gather(router):
     expert_w = torch.cat([torch.ones(*g.shape[:-1], 1), g], dim=-1)
     reference = expert_w[..., layer.expert_of_channel] * layer.channel_scale
     torch.testing.assert_close(layer.channel_weights(g), reference)
+    torch._dynamo.reset()  # compiled, the same weights come from a gather the compiler fuses
+    torch.testing.assert_close(torch.compile(layer.channel_weights, fullgraph=True)(g), reference)
 
 
 def test_learnable_temperature_gets_gradients():

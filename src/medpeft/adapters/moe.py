@@ -259,7 +259,15 @@ class LoraMixtureLinear(nn.Module):
         return g, (torch.softmax(logits, dim=-1) if "balance" in self.losses else None)
 
     def channel_weights(self, g: torch.Tensor) -> torch.Tensor:
-        """``w`` [..., sum r]: each rank channel's gate times its ``alpha_i/r_i`` (anchors: gate 1)."""
+        """``w`` [..., sum r]: each rank channel's gate times its ``alpha_i/r_i`` (anchors: gate 1).
+
+        Eagerly one addmm, ``g @ spec_to_channel + anchor_scale`` (an mm in the backward; a
+        gather's backward is a slow scatter-add). Compiled, the gather itself: the compiler
+        fuses it into the kernels around it, where the addmm is a library call each way.
+        """
+        if torch.compiler.is_compiling():
+            expert_w = torch.cat([g.new_ones(*g.shape[:-1], self.n_anchor), g], dim=-1)  # anchors always on
+            return expert_w[..., self.expert_of_channel] * self.channel_scale
         flat = torch.addmm(self.anchor_scale, g.reshape(-1, g.shape[-1]), self.spec_to_channel)
         return flat.reshape(*g.shape[:-1], flat.shape[-1])
 
