@@ -50,6 +50,26 @@ def test_compiled_topk_mask_equals_eager_topk():
     assert compiled(tied, 2).tolist() == [[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
 
 
+def test_compiled_small_matmul_equals_the_library_product_with_gradients():
+    """The gate's few-row products become fused reductions when compiled: same values and gradients."""
+    import torch._dynamo
+
+    from medpeft.adapters.routing import small_matmul
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(4, 64, requires_grad=True), torch.randn(64, 17, requires_grad=True), torch.randn(17)
+    bias.requires_grad_(True)
+    compiled = torch.compile(small_matmul, backend="inductor", fullgraph=True)
+    for args in ((a, b, bias), (a, b)):
+        got = compiled(*args)
+        want = torch.addmm(bias, a, b) if len(args) == 3 else a @ b
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(got.square().sum(), args)
+        for g, w in zip(grads, torch.autograd.grad(want.square().sum(), args)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("preset", ["birg", "sparsedoctor"])
 def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph(preset):
     """Regional compilation of a 4-layer model with BiRG (gates, all four losses) and SparseDoctor

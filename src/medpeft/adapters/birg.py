@@ -57,7 +57,7 @@ from torch import nn
 
 from ..tags import OPERATIONS, SPECIALTIES
 from .inject import adapter_dtype
-from .routing import RoutingState, topk_mask
+from .routing import RoutingState, small_matmul, topk_mask
 
 N_SPECIALTY, N_OPERATION = len(SPECIALTIES), len(OPERATIONS)
 N_TAG_ROWS = N_SPECIALTY + N_OPERATION + N_SPECIALTY * N_OPERATION
@@ -197,10 +197,10 @@ class RankGatedLoraLinear(nn.Module):
                 f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
                 "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")
         with torch.autocast(x.device.type, enabled=False):  # the gate in fp32, also under mixed precision
-            hidden = F.linear(st.pooled(x), self.gate_in.weight.float(), self.gate_in.bias.float()) \
+            hidden = small_matmul(st.pooled(x), self.gate_in.weight.float().T, self.gate_in.bias.float()) \
                 if self.gate_in is not None else None
             # a question's three table rows, summed, as one matmul with the batch's 3-hot tag matrix
-            clinical = st.tag_onehot @ self.gate_tags.float() if self.gate_tags is not None else None
+            clinical = small_matmul(st.tag_onehot, self.gate_tags.float()) if self.gate_tags is not None else None
             return gate_math(hidden, clinical, self.r, self.kappa, self.tau, self.hidden_gate, self.injection)
 
     def _aux_losses(self, p: torch.Tensor, hard: torch.Tensor) -> None:

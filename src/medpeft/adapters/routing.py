@@ -46,6 +46,21 @@ def topk_mask(p: torch.Tensor, k: int) -> torch.Tensor:
     return (ahead.sum(-1) < k).to(p.dtype)
 
 
+def small_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b (+ bias)`` for a few rows ``a`` [B, k] (a gate's per-question products).
+
+    Compiled: the broadcast product ``a[:, :, None] * b[None]`` summed over k, which the
+    compiler turns into fused reductions in the forward and backward, where a matrix-product
+    library call is one launch forward and two backward per module (the routed step is
+    launch-bound on a GPU, docs/performance.md; BiRG's layer graph: 137 -> 94 launches).
+    Only for a few rows: the product has B x k x n elements. Eager: the library product.
+    """
+    if not torch.compiler.is_compiling():
+        return torch.addmm(bias, a, b) if bias is not None else a @ b
+    out = (a.unsqueeze(-1) * b.unsqueeze(0)).sum(1)
+    return out + bias if bias is not None else out
+
+
 @dataclass
 class RoutingState:
     prompt_mask: torch.Tensor | None = None  # [B, T] bool: prompt tokens (answers excluded)
