@@ -225,3 +225,33 @@ def test_fp16_training_is_refused_with_a_clear_error(tmp_path):
     loaded = load_model("tiny", device="cpu", dtype="fp16")
     with pytest.raises(ConfigError, match="loss scaling"):
         train(cfg, LoadedModel(loaded.model, loaded.tokenizer, "tiny", torch.device("cpu")), load_train_set(cfg))
+
+
+@pytest.mark.parametrize("preset", ["birg", "lora-r16"])
+def test_compiled_static_cache_decoding_gives_the_same_tokens(preset):
+    """eval.compile_decode: static KV cache + compiled decoding step (forced on for CPU) decodes
+    the same tokens as the default dynamic cache -- BiRG (gates held from the prefill) and peft
+    LoRA -- over batches of different widths that reuse one cache."""
+    import torch._dynamo
+
+    from medpeft.evaluate import Evaluator
+
+    loaded = load_model("tiny", device="cpu")
+    torch.manual_seed(0)
+    model = apply_method(loaded.model, _method_config(preset))
+    randomize_B(model)
+    model.eval()
+    items = load_train_set(load_config("quickstart"))[:6]
+    eager = Evaluator(model, loaded.tokenizer, batch_size=3, max_new_tokens=5, max_length=512)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    static = Evaluator(model, loaded.tokenizer, batch_size=3, max_new_tokens=5, max_length=512, compile_decode=True)
+    batches = list(eager._batches(items))
+    assert len({len(seqs[-1]) for _, seqs in batches}) == 2  # two prompt widths
+    for idx, seqs in batches:
+        batch_items = [items[i] for i in idx]
+        assert static._generate(seqs, batch_items, 5) == eager._generate(seqs, batch_items, 5)
+    assert len(static._static_caches) == 1  # both batches decoded into the same cache
+    assert counters["stats"]["unique_graphs"] >= 1  # the decoding step did run compiled

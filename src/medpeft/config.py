@@ -204,6 +204,10 @@ class EvalConfig:
     scorer: str = "letters"  # letters | generate
     batch_size: int = 16
     max_new_tokens: int = 10
+    # Experimental: the generate scorer decodes with a static KV cache and a compiled
+    # decoding step (transformers' CompileConfig; CUDA graphs on a GPU). Same tokens as the
+    # default (tested on CPU); its GPU speed is not measured yet (docs/performance.md).
+    compile_decode: bool = False
     benchmarks: list[SourceConfig] = field(default_factory=list)
     # Weak-axis perturbation: re-evaluate with the tags of this share of items replaced by a
     # random other value, once per perturbation seed (tag-routed methods only).

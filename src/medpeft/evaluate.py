@@ -8,7 +8,8 @@
   ``generate`` with ``prefix_allowed_tokens_fn`` and the KV cache. The predicted set is
   then compared with the gold set exactly.
 * ``generate``: greedy decoding (at most ``max_new_tokens``, batched, KV cache, stops when
-  every item has ended), then :func:`parse_answer`.
+  every item has ended), then :func:`parse_answer`. ``compile_decode``: the same with a
+  static cache and a compiled decoding step (experimental).
 
 Open-ended items (GSM8K) are always generated and scored by the final number.
 """
@@ -94,8 +95,11 @@ class Evaluator:
     """Scores tagged records with a model; one instance per (model, tokenizer)."""
 
     def __init__(self, model, tokenizer, *, max_length: int = 768, batch_size: int = 16,
-                 max_new_tokens: int = 10, open_max_new_tokens: int = 256, device=None):
+                 max_new_tokens: int = 10, open_max_new_tokens: int = 256, device=None,
+                 compile_decode: bool = False):
         self.model, self.tok = model, tokenizer
+        self.compile_decode = compile_decode
+        self._static_caches: dict[tuple[int, int], object] = {}
         self.fmt = PromptFormatter(tokenizer, max_length)
         self.batch_size, self.max_new_tokens, self.open_max_new_tokens = batch_size, max_new_tokens, open_max_new_tokens
         self.device = device or next(model.parameters()).device
@@ -133,13 +137,38 @@ class Evaluator:
                   allowed_fn=None) -> list[list[int]]:
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=True)  # gates computed at prefill, held while decoding
+        static = self._static_decoding(ids.shape, max_new_tokens) if self.compile_decode and allowed_fn is None else {}
         with autocast_for(self.model):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, prefix_allowed_tokens_fn=allowed_fn,
-                temperature=None, top_p=None, top_k=None,
+                temperature=None, top_p=None, top_k=None, **static,
             )
         return [row[ids.shape[1]:].tolist() for row in out]
+
+    def _static_decoding(self, shape: torch.Size, max_new_tokens: int) -> dict:
+        """``generate`` arguments for a static KV cache and a compiled decoding step.
+
+        transformers compiles the decoding forward when the cache is static (on CPU only if
+        asked, ``_compile_all_devices``). One cache per (batch size, length), reused across
+        batches: its length is the prompt limit plus the new tokens whatever the batch's
+        width, so every batch of that size decodes with the same shapes (no recompilation)
+        and, on a GPU, into the same memory (CUDA graphs need fixed addresses).
+        """
+        from transformers import StaticCache
+        from transformers.generation import CompileConfig
+
+        length = max(self.fmt.max_length, shape[1]) + max_new_tokens
+        cache = self._static_caches.get((shape[0], length))
+        if cache is None:
+            cache = self._static_caches[(shape[0], length)] = StaticCache(config=self.model.config,
+                                                                          max_cache_len=length)
+        else:
+            cache.reset()
+        on_gpu = self.device.type == "cuda"
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else "default")
+        compile_config._compile_all_devices = True  # CPU too (tests); the GPU is compiled anyway
+        return {"past_key_values": cache, "compile_config": compile_config}
 
     def _decode(self, tokens: list[int]) -> str:
         if self.end_id in tokens:

@@ -50,7 +50,8 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
     loaded = _loaded(cfg)
     model = loaded.model if run_dir is None else load_run_model(cfg, run_dir)[0]
     evaluator = Evaluator(model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
-                          max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device)
+                          max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device,
+                          compile_decode=cfg.eval.compile_decode)
     out = out_dir or ((run_dir / "eval") if run_dir is not None else Path(cfg.output_dir) / "eval")
     meta = {"model": cfg.model.name, "method": cfg.method.name if run_dir is not None else "base",
             "run_dir": str(run_dir) if run_dir is not None else None}
