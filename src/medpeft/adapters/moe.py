@@ -144,8 +144,9 @@ def contrastive_losses(layers: list["LoraMixtureLinear"], method) -> dict[str, t
     """``L_con`` of the modules that kept contrast inputs in this forward, averaged over them.
 
     Modules of one shape (q, k/v, o, gate/up, down) go through :func:`expert_representations`
-    and the similarity products as one stack, so the term costs a few kernels per shape and
-    forward instead of per module (launch-bound on a GPU otherwise, docs/performance.md).
+    and the similarities among this batch's representations as one stack, so the term costs a
+    few kernels per shape and forward instead of per module (launch-bound on a GPU otherwise,
+    docs/performance.md); only the products with each module's queue stay per module.
     In fp32, also under mixed precision (small products; normalised vectors over a temperature).
     """
     if not layers:
@@ -167,15 +168,16 @@ def contrastive_losses(layers: list["LoraMixtureLinear"], method) -> dict[str, t
                 torch.stack(gbars).float() if gbars[0] is not None else None)
             n_questions = inputs[0][0].shape[0]
             labels = torch.arange(members[0].n_spec, device=reps.device).repeat(n_questions)  # expert index
-            keys, key_labels = reps, labels
+            sims, key_labels = torch.bmm(reps, reps.transpose(1, 2)), labels
             if members[0].queue is not None:  # each module's memory queue: extra positives/negatives
+                # one product per module against its own queue: stacking the queues would copy
+                # all of them (GBs for an 8B model) every micro-batch and keep the copy for backward
                 banks = [m.queue.filled() for m in members]
-                keys = torch.cat([reps, torch.stack([b for b, _ in banks]).to(reps.dtype)], dim=1)
+                sims = torch.cat([sims, torch.stack([r @ b.to(r.dtype).T for r, (b, _) in zip(reps, banks)])], dim=2)
                 key_labels = torch.cat([labels.expand(len(members), -1),
                                         torch.stack([lab for _, lab in banks])], dim=1)
                 for m, r in zip(members, reps.detach()):
                     m.pending_push = (r, labels)
-            sims = torch.bmm(reps, keys.transpose(1, 2))
             total = total + len(members) * supcon_from_similarities(sims, labels, key_labels, method.con_temperature)
     return {"con": total / len(layers)}
 
