@@ -214,9 +214,9 @@ class LoraMixtureLinear(nn.Module):
         self.register_buffer("channel_scale", torch.tensor(
             [a / r for a, r in zip(alphas, ranks) for _ in range(r)], device=device, dtype=torch.float32),
             persistent=False)
-        # channel weights w = g @ spec_to_channel + anchor_scale: each specialist gate spread
-        # over its rank channels times alpha_i/r_i, plus the always-on anchors' alpha_a/r_a --
-        # one addmm (an mm in the backward) instead of a gather, whose backward is a scatter-add
+        # eager channel weights w = g @ spec_to_channel + anchor_scale (channel_weights): each
+        # specialist gate spread over its rank channels times alpha_i/r_i, plus the always-on
+        # anchors' alpha_a/r_a; spec_to_channel also selects expert i's channels for L_con
         is_anchor = self.expert_of_channel < n_anchor
         spec = torch.arange(n_anchor, len(ranks), device=device)
         self.register_buffer("spec_to_channel", (self.expert_of_channel[None, :] == spec[:, None]).float()
