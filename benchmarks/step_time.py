@@ -211,7 +211,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_model(cfg["arch"], cfg["device"], cfg["dtype"])
     batches = make_batches(cfg, model.config.vocab_size, cfg["device"])
-    rows = {name: {"method": name, "times": [], "peak_gib": None, "warmup_s": []} for name in names}
+    rows = {name: {"method": name, "times": [], "round_medians": [], "peak_gib": None, "warmup_s": []}
+            for name in names}
     n_matmul = matmul_params(model)
     peak = peak_flops()
     for _ in range(cfg["rounds"]):
@@ -220,6 +221,8 @@ def main() -> None:
             model = res.pop("model")
             row = rows[name]
             row["times"] += res["times"]
+            if res["times"]:
+                row["round_medians"].append(statistics.median(res["times"]))
             row["trainable_params"] = res["trainable_params"]
             row["warmup_s"].append(res["warmup_s"])
             if args.json:  # after every method, so a run cut short by a time limit keeps what it measured
@@ -256,7 +259,8 @@ def main() -> None:
           f"seq {cfg['seq']}, effective batch {cfg['batch']} (micro {cfg['micro']}), "
           f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps, "
           f"{'compiled decoder layers' if cfg['compile'] else 'eager'}"
-          f"{', gradient checkpointing' if cfg['gradient_checkpointing'] else ''}")
+          f"{', gradient checkpointing' if cfg['gradient_checkpointing'] else ''}"
+          f"{'; [min-max] of the ratio to LoRA r16 within each round' if cfg['rounds'] > 1 else ''}")
     print()
     by_name = {r["method"]: r for r in rows}
     print("| method | trainable | active rank | step (s) | tokens/s | x LoRA r16 | x LoRA of equal active rank | "
@@ -266,6 +270,10 @@ def main() -> None:
         if r["step_s"] is None:
             print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | - | out of memory | - | - | - | - | - | - | - |")
             continue
+        # the same ratio within each round (methods interleaved: drift cancels), min-max over rounds
+        paired = [m / lm for m, lm in zip(r["round_medians"], ref["round_medians"])]
+        r["x_lora_r16_rounds"] = paired
+        spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         mem_ratio = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
@@ -274,7 +282,7 @@ def main() -> None:
         eq_ratio = f"{r['step_s'] / by_name[eq]['step_s']:.3f} ({eq})" if eq else "-"
         r["x_equal_active_rank"] = r["step_s"] / by_name[eq]["step_s"] if eq else None
         print(f"| {r['method']} | {r['trainable_params'] / 1e6:.2f}M | {active_rank.get(r['method'], '-')} | "
-              f"{r['step_s']:.4f} | {tokens / r['step_s']:,.0f} | {r['step_s'] / ref['step_s']:.3f} | {eq_ratio} | "
+              f"{r['step_s']:.4f} | {tokens / r['step_s']:,.0f} | {r['step_s'] / ref['step_s']:.3f}{spread} | {eq_ratio} | "
               f"{mem} | {mem_ratio} | "
               f"{mfu} | {r['warmup_s'][0]:.1f} |")
     if args.json:
