@@ -44,6 +44,24 @@ def test_truncation_keeps_the_answer_and_the_end_of_the_prompt(tiny):
     assert ex.input_ids == full.input_ids[-120:]
 
 
+def test_batched_prompt_encoding_equals_one_at_a_time(tiny):
+    """encode_prompts (one tokenizer call, used by the scorers) = encode_prompt per record,
+    truncation included, with and without a chat template."""
+    from medpeft.models import build_tiny_tokenizer
+
+    records = [rec(q="long " * 120, rid="a"), rec(lang="zh", q="哪种药物？", rid="b"), rec(answer="AC", rid="c")]
+    plain = build_tiny_tokenizer()
+    plain.chat_template = None
+    for tokenizer in (tiny.tokenizer, plain):
+        fmt = PromptFormatter(tokenizer, 500)
+        batched = fmt.encode_prompts(records)
+        assert batched == [fmt.encode_prompt(r) for r in records]
+        assert batched[0].truncated and len(batched[0].input_ids) == 500
+        assert not batched[1].truncated and not batched[2].truncated
+        assert batched[2].input_ids == tokenizer(fmt.prompt_text(records[2]), add_special_tokens=False)["input_ids"]
+    assert PromptFormatter(tiny.tokenizer).encode_prompts([]) == []
+
+
 @pytest.mark.parametrize("text, options, multi, expected", [
     ("B", "ABCD", False, "B"),
     ("B<|im_end|>", "ABCD", False, "B"),

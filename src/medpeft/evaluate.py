@@ -110,7 +110,7 @@ class Evaluator:
     # -- batching -------------------------------------------------------------------------
     def _batches(self, items: list[TaggedRecord]):
         """Length bucketing: sort by prompt length, then cut into batches."""
-        encoded = [self.fmt.encode_prompt(t.record).input_ids for t in items]
+        encoded = [e.input_ids for e in self.fmt.encode_prompts([t.record for t in items])]
         order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]

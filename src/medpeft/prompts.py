@@ -73,15 +73,25 @@ class PromptFormatter:
 
     def encode_prompt(self, record: QARecord, reserve: int = 0) -> EncodedExample:
         """Prompt ids, left-truncated to ``max_length - reserve`` (the end holds the options and cue)."""
-        ids = self._ids(self.prompt_text(record))
+        return self.encode_prompts([record], reserve)[0]
+
+    def encode_prompts(self, records: list[QARecord], reserve: int = 0) -> list[EncodedExample]:
+        """:meth:`encode_prompt` of many records with one batched tokenizer call (the scorers
+        encode whole evaluation sets; one call per prompt was ~15% of a CPU scoring pass)."""
+        if not records:
+            return []
         bos = [self.tokenizer.bos_token_id] if not self.chat and self.tokenizer.bos_token_id is not None \
             and getattr(self.tokenizer, "add_bos_token", False) else []
-        ids = bos + ids
         limit = self.max_length - reserve
-        truncated = len(ids) > limit
-        if truncated:
-            ids = ids[len(ids) - limit:]
-        return EncodedExample(ids, len(ids), truncated)
+        out = []
+        encoded = self.tokenizer([self.prompt_text(r) for r in records], add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            ids = bos + ids
+            truncated = len(ids) > limit
+            if truncated:
+                ids = ids[len(ids) - limit:]
+            out.append(EncodedExample(ids, len(ids), truncated))
+        return out
 
     def encode_train(self, record: QARecord) -> EncodedExample:
         """Prompt + target ids; the prompt and target are tokenized apart so no token spans both."""
