@@ -172,6 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
     ap.add_argument("--skip-steps", action="store_true", help="skip table 1 (training step times)")
+    ap.add_argument("--skip-eval", action="store_true", help="skip table 2 (evaluation throughput)")
+    ap.add_argument("--skip-pipeline", action="store_true", help="skip table 3 (pipeline vs Trainer)")
     ap.add_argument("--json", help="also write every number here")
     ap.add_argument("--compile-decode", action="store_true",
                     help="also time the generate scorer with eval.compile_decode (static cache, compiled decoding)")
@@ -188,6 +190,13 @@ def main() -> None:
         step_time.main()
         report["train_steps"] = json.loads(Path("/tmp/medpeft_step_time.json").read_text())
         print()
+    if not args.skip_eval:
+        evaluation_table(args, cfg, report)
+    if not args.skip_pipeline:
+        pipeline_table(cfg, report, args.json)
+
+
+def evaluation_table(args, cfg: dict, report: dict) -> None:
     qps = eval_throughput(cfg, args.compile_decode)
     report["eval_questions_per_s"] = qps
     save(report, args.json)  # after each table, so a run cut short keeps what it measured
@@ -200,9 +209,12 @@ def main() -> None:
         ["generate scorer, compiled decoding (eval.compile_decode)", f"{qps['generate, compiled decoding']:.1f}",
          f"{qps['generate, compiled decoding'] / qps['letters']:.3f} x letters", ">= 0.5"]]
         if "generate, compiled decoding" in qps else []))
+
+
+def pipeline_table(cfg: dict, report: dict, json_path: str | None) -> None:
     pvt = pipeline_vs_trainer(cfg)
     report["pipeline_vs_trainer"] = pvt
-    save(report, args.json)
+    save(report, json_path)
     print_table(f"Training pipeline vs plain Trainer + peft LoRA r16 ({cfg['train_steps']} steps, batch {cfg['batch']})",
                 ["loop", "real tokens/s", "ratio", "target"], [
         ["transformers.Trainer + peft", f"{pvt['trainer_tokens_per_s']:.0f}", "1.000", "-"],

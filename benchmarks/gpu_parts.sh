@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The gpu-8b suite in parts that each fit a 10-minute device call (docs/performance.md).
+#
+#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..7 or all; OUT_DIR default: $OUT or .
+#
+# Each part prints its table and writes OUT_DIR/partN.json (rewritten as it goes, so a part
+# cut short keeps what it measured). About 30 s of compilation per method on an H100.
+#   1  step time: lora-r16 birg rankwise (+ lora-r4, their equal active rank)
+#   2  step time: moelora sparsedoctor moe-vanilla (+ lora-r16)
+#   3  step time: lora-r16 medmoe multilora (+ lora-r104, lora-r8)
+#   4  step time: lora-r16 dora-r24 full (+ lora-r24); full fine-tuning may print "out of memory"
+#   5  step time with gradient checkpointing: lora-r16 birg
+#   6  evaluation throughput, with eval.compile_decode
+#   7  pipeline vs plain Trainer + peft
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?usage: gpu_parts.sh PART [OUT_DIR]}"
+out="${2:-${OUT:-.}}"
+mkdir -p "$out"
+export TQDM_DISABLE=1
+step() { python benchmarks/step_time.py --config gpu-8b --rounds 1 "$@"; }
+run_part() {
+  case "$1" in
+    1) step --methods lora-r16 birg rankwise --json "$out/part1.json" ;;
+    2) step --methods moelora sparsedoctor moe-vanilla --json "$out/part2.json" ;;
+    3) step --methods lora-r16 medmoe multilora --json "$out/part3.json" ;;
+    4) step --methods lora-r16 dora-r24 full --json "$out/part4.json" ;;
+    5) step --methods lora-r16 birg --gradient-checkpointing --json "$out/part5.json" ;;
+    6) python benchmarks/run.py --config gpu-8b --skip-steps --skip-pipeline --compile-decode --json "$out/part6.json" ;;
+    7) python benchmarks/run.py --config gpu-8b --skip-steps --skip-eval --json "$out/part7.json" ;;
+    *) echo "unknown part: $1 (1..7 or all)" >&2; exit 2 ;;
+  esac
+}
+if [ "$part" = all ]; then
+  for p in 1 2 3 4 5 6 7; do run_part "$p"; done
+else
+  run_part "$part"
+fi
