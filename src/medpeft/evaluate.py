@@ -167,7 +167,8 @@ class Evaluator:
             cache.reset()
         on_gpu = self.device.type == "cuda"
         compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else "default")
-        compile_config._compile_all_devices = True  # CPU too (tests); the GPU is compiled anyway
+        if not on_gpu:  # transformers auto-compiles on accelerators only; this private flag allows CPU (tests)
+            compile_config._compile_all_devices = True
         return {"past_key_values": cache, "compile_config": compile_config}
 
     def _decode(self, tokens: list[int]) -> str:
