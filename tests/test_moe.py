@@ -135,6 +135,39 @@ def test_load_balance_losses_match_hand_computed_values():
     assert float(aux["var"]) == pytest.approx(float(g_mean.var(unbiased=False)), abs=1e-7)
 
 
+def test_stacked_gate_losses_equal_the_mean_of_per_module_losses():
+    """L_balance and L_var over modules of different shapes (2 or 3 experts, top-1 or top-2,
+    one without the balance loss) and a partial prompt mask = the mean of each module's own."""
+    state = RoutingState()
+    torch.manual_seed(0)
+    specs = [(2, 1, ("balance", "var")), (3, 2, ("balance", "var")), (3, 2, ("balance", "var")), (3, 2, ("var",))]
+    layers = [LoraMixtureLinear(torch.nn.Linear(12, 10), ranks=[4] * n, alphas=[8.0] * n, n_anchor=0, router="topk",
+                                top_k=k, init_tau=1.0, learn_tau=False, dropout=0.0, losses=losses, gate_contrast=False,
+                                con_temperature=0.1, queue_size=0, state=state, name=f"l{i}")
+              for i, (n, k, losses) in enumerate(specs)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    state.update(mask, torch.tensor([1, 5]), torch.tensor([0, 3]))
+    xs = [torch.randn(2, 5, 12) for _ in layers]
+    for layer, x in zip(layers, xs):
+        layer.train()(x)
+    aux = moe_losses(state, None)
+
+    m = mask.float().unsqueeze(-1)
+    balance, var = [], []
+    for layer, x, (n, k, losses) in zip(layers, xs, specs):
+        logits = layer.router(x)
+        p = torch.softmax(logits, -1)
+        top = logits.topk(k, -1)
+        g = torch.zeros_like(p).scatter(-1, top.indices, torch.softmax(top.values, -1))
+        g_mean = (g * m).sum((0, 1)) / m.sum()
+        var.append(g_mean.var(unbiased=False))
+        if "balance" in losses:
+            f = ((g > 0).float() * m).sum((0, 1)) / (m.sum() * k)
+            balance.append(n * (f * (p * m).sum((0, 1)) / m.sum()).sum())
+    torch.testing.assert_close(aux["balance"], torch.stack(balance).mean())
+    torch.testing.assert_close(aux["var"], torch.stack(var).mean())
+
+
 def test_anchor_norm_is_the_frobenius_norm_of_the_update():
     layer, _ = _layer("soft", n=2, n_anchor=1)
     with torch.no_grad():

@@ -255,9 +255,14 @@ class LoraMixtureLinear(nn.Module):
         if self.router_kind == "soft":
             p = torch.softmax(logits / self.tau, dim=-1)
             return p, p
-        # softmax over the top-k logits, 0 elsewhere (the mask fuses under torch.compile: topk_mask)
-        keep = topk_mask(logits, self.top_k).bool()
-        g = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        # softmax over the top-k logits, 0 elsewhere. Compiled: a masked softmax whose mask
+        # (topk_mask) fuses with it; eagerly: topk + scatter, fewer operations
+        if torch.compiler.is_compiling():
+            keep = topk_mask(logits, self.top_k).bool()
+            g = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        else:
+            top = logits.topk(self.top_k, dim=-1)
+            g = torch.zeros_like(logits).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
         return g, (torch.softmax(logits, dim=-1) if "balance" in self.losses else None)
 
     def channel_weights(self, g: torch.Tensor) -> torch.Tensor:
@@ -298,15 +303,8 @@ class LoraMixtureLinear(nn.Module):
         if mask is None:
             return
         out: dict = {}
-        m = mask.to(torch.float32).unsqueeze(-1)
-        n_tok = m.sum().clamp(min=1)
-        g_mean = (g.float() * m).sum((0, 1)) / n_tok  # [n_spec], mean gate over prompt tokens
-        if "balance" in self.losses and p is not None:
-            p_mean = (p * m).sum((0, 1)) / n_tok
-            f = ((g > 0).float() * m).sum((0, 1)) / (n_tok * max(self.top_k, 1))
-            out["balance"] = self.n_spec * (f * p_mean).sum()
-        if "var" in self.losses:
-            out["var"] = g_mean.var(unbiased=False)
+        if "balance" in self.losses or "var" in self.losses:  # computed for all modules together (gate_losses)
+            out["gates"] = (g, p if "balance" in self.losses else None)
         if "anchor" in self.losses and self.n_anchor and st.parameter_losses:
             out["anchor"] = self._anchor_norm()
         if "con" in self.losses:  # the representations of all modules are computed together (contrastive_losses)
@@ -372,16 +370,48 @@ class MoeLayerFactory:
                                  queue_size=m.queue_size, state=state, name=name)
 
 
+def gate_losses(layers: list[LoraMixtureLinear], prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``L_balance`` and ``L_var`` of the modules that kept their gates, each a mean over them.
+
+    Over the prompt tokens: ``gbar_i`` / ``P_i`` the mean gate / router probability of expert
+    i, ``f_i`` its share of top-k slots; ``L_balance = N sum_i f_i P_i`` and ``L_var =
+    Var_i(gbar_i)`` per module. Modules with gates of one shape are stacked, so the terms cost
+    a few operations per shape and forward instead of ~15 per module.
+    """
+    if not layers:
+        return {}
+    m = prompt_mask.to(torch.float32)[:, :, None]  # [B, T, 1]
+    n_tok = m.sum().clamp(min=1)
+    groups: dict[tuple, list] = {}
+    for layer in layers:
+        g, p = layer.routing_out["gates"]
+        key = (tuple(g.shape), p is not None, "var" in layer.losses, layer.top_k, layer.n_spec)
+        groups.setdefault(key, []).append(layer)
+    balance, var = [], []
+    for (_, with_p, with_var, top_k, n_spec), members in groups.items():
+        gates = torch.stack([layer.routing_out["gates"][0] for layer in members]).float()  # [M, B, T, n]
+        if with_var:
+            var.append(((gates * m).sum((1, 2)) / n_tok).var(-1, unbiased=False))
+        if with_p:
+            probs = torch.stack([layer.routing_out["gates"][1] for layer in members]).float()
+            p_mean = (probs * m).sum((1, 2)) / n_tok
+            f = ((gates > 0).float() * m).sum((1, 2)) / (n_tok * max(top_k, 1))
+            balance.append(n_spec * (f * p_mean).sum(-1))
+    return {k: torch.cat(v).mean() for k, v in (("balance", balance), ("var", var)) if v}
+
+
 def moe_losses(state: RoutingState, method) -> dict[str, torch.Tensor]:
     """Every auxiliary loss of the last forward, each a mean over the modules that reported it."""
-    contrasting = [m for m in state.layers if m.routing_out is not None and "con" in m.routing_out]
-    con = contrastive_losses(contrasting, method)  # before collect(), which clears routing_out
+    reported = [m for m in state.layers if m.routing_out is not None]
+    # before collect(), which clears routing_out
+    con = contrastive_losses([m for m in reported if "con" in m.routing_out], method)
+    gated = gate_losses([m for m in reported if "gates" in m.routing_out], state.prompt_mask)
     terms: dict[str, list[torch.Tensor]] = {}
     for out in state.collect():
         for key, value in out.items():
-            if key != "con":
+            if key not in ("con", "gates"):
                 terms.setdefault(key, []).append(value)
-    return {**{k: torch.stack(v).mean() for k, v in terms.items()}, **con}
+    return {**{k: torch.stack(v).mean() for k, v in terms.items()}, **gated, **con}
 
 
 def moe_aux_loss(aux: dict[str, torch.Tensor], method, share: float) -> torch.Tensor | None:
