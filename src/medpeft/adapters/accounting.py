@@ -28,10 +28,6 @@ DEFAULT_METHODS = ["lora-r4", "lora-r16", "lora-r24", "dora-r24", "birg", "rankw
 LIBRARY_PREFIX = "lora-library-"  # lora-library-<N>x-r<r>: N independent LoRA adapters of rank r
 
 
-def known_archs() -> list[str]:
-    return sorted(p.stem for p in ARCH_DIR.glob("*.json")) + ["tiny"]
-
-
 def build_meta_model(arch: str) -> torch.nn.Module:
     """A causal LM with the architecture ``arch`` (shipped name, config.json path, or hub id), on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM

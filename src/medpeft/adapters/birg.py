@@ -137,21 +137,6 @@ def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.
     return ((x @ a.T.to(x.dtype)) * scale.unsqueeze(1).to(x.dtype)) @ b.T.to(x.dtype)
 
 
-
-
-
-
-def _prototype_separation(p: torch.Tensor, averager: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
-    """Sum over tag axes of the mean cosine similarity between prototypes of distinct values.
-
-    ``averager`` [G, B] averages the rows of ``p`` per tag value (both axes stacked);
-    ``pair_weights`` [G, G] is 1/(number of present pairs of its axis) on distinct pairs of
-    present values of the same axis, else 0. No data-dependent shapes, so no host sync.
-    """
-    n = F.normalize(averager @ p, dim=-1)
-    return ((n @ n.T) * pair_weights).sum()
-
-
 class RankGatedLoraLinear(nn.Module):
     """``nn.Linear`` plus a rank-gated LoRA update (see the module docstring)."""
 

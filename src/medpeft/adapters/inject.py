@@ -8,7 +8,6 @@ save/load only the adapter's trainable tensors (safetensors) with a JSON config.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -84,10 +83,6 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     with torch.no_grad():
         for name, value in saved.items():
             own[name].copy_(value)
-
-
-def saved_method(folder: Path) -> dict:
-    return json.loads((folder / ADAPTER_CONFIG).read_text())["method"]
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
