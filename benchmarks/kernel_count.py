@@ -35,7 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step_time  # noqa: E402
 
-METHODS = ["lora-r16", "birg", "rankwise", "moelora", "sparsedoctor", "moe-vanilla", "medmoe", "multilora"]
+
+def default_methods() -> list[str]:
+    """LoRA r16 (the reference) and every routed preset the benchmarks time."""
+    from medpeft.adapters import family_of, preset_config
+    from medpeft.adapters.registry import benchmark_presets
+
+    return [step_time.REFERENCE] + [p for p in benchmark_presets() if family_of(preset_config(p)).routed]
+
 _CALL = re.compile(r"^\s+(?:buf\d+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.aten\.\w+"
                    r"|aten\.\w+)[.\w]*\(", re.M)
 
@@ -86,11 +93,11 @@ def launches(method: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--methods", nargs="+", default=None, help="presets (default: LoRA r16 and the routed ones)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    rows = [launches(m) for m in args.methods]
-    ref = next((r for r in rows if r["method"] == "lora-r16"), rows[0])
+    rows = [launches(m) for m in args.methods or default_methods()]
+    ref = next((r for r in rows if r["method"] == step_time.REFERENCE), rows[0])
     print(f"Kernel launches per compiled decoder layer (tiny model, 7 adapted modules, torch {torch.__version__})\n")
     print("| method | forward (fused / library / aten) | backward (fused / library / aten) | total | x LoRA r16 |")
     print("|---|---|---|---|---|")

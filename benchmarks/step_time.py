@@ -3,10 +3,13 @@
     python benchmarks/step_time.py --config cpu-tiny          # the tiny model on CPU
     python benchmarks/step_time.py --config gpu-8b            # qwen3-8b architecture, random bf16 weights
 
-Every method trains on the same base model (adapters are removed between methods), the
-same batch of random tokens (answer = the last 2 tokens of each row) and the same
-optimizer, through medpeft's own training step (routing context, answer-only loss with
-logits at answer positions only, auxiliary losses, AdamW). Prints a Markdown table with
+Every method trains on the same base model (adapters are removed between methods) and the
+same batch of random tokens (answer = the last 2 tokens of each row), through the step
+training runs (``medpeft.train.training_step``: routing context, answer-only loss with
+logits at answer positions only, auxiliary losses, backward, the family's after-backward
+work such as SparseDoctor's queue, clipping, and training's own optimizer and schedule,
+``build_optimizer``). The default methods are the registry's ``benchmark`` presets.
+Prints a Markdown table with
 ratios to peft LoRA r16 and, for each method, to peft LoRA of equal *active* rank (the rank
 a token uses: top-k experts, all soft-merged experts, one route; timed in the same run as
 ``lora-rN``); ``--json PATH`` also writes the numbers.
@@ -27,12 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from medpeft.adapters import apply_method, auxiliary_losses, set_routing  # noqa: E402
-from medpeft.adapters.accounting import _method_config, build_meta_model  # noqa: E402
-from medpeft.adapters.inject import remove_adapters  # noqa: E402
-from medpeft.precision import autocast_for, half_precision_adapters  # noqa: E402
-from medpeft.train import (IGNORE, Batch, answer_loss_sum, causal_lm_of, compile_decoder_layers,  # noqa: E402
-                           uncompile)
+from medpeft.adapters import family_of, preset_config  # noqa: E402
+from medpeft.adapters.accounting import build_meta_model  # noqa: E402
+from medpeft.adapters.registry import benchmark_presets  # noqa: E402
+from medpeft.config import TrainConfig  # noqa: E402
+from medpeft.precision import half_precision_adapters  # noqa: E402
+from medpeft.train import (IGNORE, Batch, build_optimizer, causal_lm_of, compile_decoder_layers,  # noqa: E402
+                           training_step, uncompile)
 
 # Methods are timed in interleaved rounds (A B C A B C ...) so that drift of the machine
 # (frequency, other load) affects every method alike; the table shows medians over all
@@ -43,8 +47,7 @@ CONFIGS = {
     "gpu-8b": {"arch": "qwen3-8b", "device": "cuda", "dtype": torch.bfloat16, "seq": 768, "batch": 8, "micro": 4,
                "warmup": 2, "steps": 5, "rounds": 3},
 }
-METHODS = ["lora-r16", "dora-r24", "birg", "rankwise", "moelora", "sparsedoctor", "moe-vanilla", "medmoe", "multilora",
-           "full"]
+REFERENCE = "lora-r16"  # every ratio is to this preset (and to lora-r<N> of equal active rank)
 PROFILE: dict = {"path": None}
 # Dense bf16 tensor-core peak (FLOP/s) for model FLOPs utilisation, by device name.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -99,40 +102,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def method_config(name: str):
-    """A preset, or ``lora-rN`` for any N (alpha = 2N)."""
-    if name.startswith("lora-r") and name[6:].isdigit() and name not in ("lora-r4", "lora-r16", "lora-r24"):
-        from medpeft.config import LoraMethod
-
-        return LoraMethod(r=int(name[6:]), alpha=2.0 * int(name[6:]))
-    return _method_config(name)
-
-
 def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
-    method = method_config(name)
+    method = preset_config(name)  # a preset, or lora-rN for any N
+    family = family_of(method)
     torch.manual_seed(0)
-    model = apply_method(model, method)
+    model = family.apply(model, method)
     if cfg.get("gradient_checkpointing"):  # as train.gradient_checkpointing
         causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     compiled = compile_decoder_layers(model, cfg.get("compile_mode")) if cfg.get("compile") else []
     params = [p for p in model.parameters() if p.requires_grad]
     device = cfg["device"]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
-    n_answer = sum(b.n_answer_tokens for b in batches)
+    tc = TrainConfig(steps=cfg["warmup"] + cfg["steps"] + 1, batch_size=cfg["batch"], micro_batch_size=cfg["micro"],
+                     lr=1e-5)
+    opt, scheduler = build_optimizer(model, tc)
 
     def step():
-        for i, b in enumerate(batches):
-            set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
-            with autocast_for(model):
-                loss = answer_loss_sum(model, b) / n_answer
-                aux_total, _ = auxiliary_losses(model, method, b.input_ids.shape[0] / cfg["batch"])
-            if aux_total is not None:
-                loss = loss + aux_total
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(model, method, batches, opt, scheduler, batch_size=tc.batch_size, max_grad_norm=tc.max_grad_norm)
 
     times, peak, warmup_s = [], None, 0.0
     half = contextlib.ExitStack()  # as train(): fp32 adapter weights, bf16 compute under autocast
@@ -170,11 +156,9 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
     uncompile(compiled)
     if cfg.get("gradient_checkpointing"):
         causal_lm_of(model).gradient_checkpointing_disable()
-    # give the base model back, bare, for the next method
-    base = model.unload() if hasattr(model, "unload") else remove_adapters(model)
-    for p in base.parameters():  # `full` made every weight trainable
+    base = family.remove(model)  # the bare base model, for the next method
+    for p in base.parameters():
         p.grad = None
-        p.requires_grad_(False)
     gc.collect()
     return {"method": name, "times": times, "peak_gib": peak, "trainable_params": trainable, "model": base,
             "warmup_s": warmup_s}
@@ -183,7 +167,7 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
-    ap.add_argument("--methods", nargs="+", default=METHODS, help="method presets to time")
+    ap.add_argument("--methods", nargs="+", default=benchmark_presets(), help="method presets to time")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--rounds", type=int, help="override the config's number of interleaved rounds")
     ap.add_argument("--profile", help="write a torch.profiler table of one step of each method to this file")
@@ -204,10 +188,11 @@ def main() -> None:
         sys.exit("gpu-8b needs a CUDA GPU")
     from medpeft.adapters.accounting import count_method
 
+    # each routed method is also compared with peft LoRA of its active rank (timed in the same run)
     active_rank = {name: count_method(cfg["arch"], name).active_rank for name in args.methods
-                   if not name.startswith("lora-") and name != "full"}
+                   if family_of(preset_config(name)).routed}
     reference = {name: f"lora-r{rank}" for name, rank in active_rank.items()}
-    names = list(dict.fromkeys([*args.methods, *reference.values()]))
+    names = list(dict.fromkeys([REFERENCE, *args.methods, *reference.values()]))
     torch.manual_seed(0)
     model = random_model(cfg["arch"], cfg["device"], cfg["dtype"])
     batches = make_batches(cfg, model.config.vocab_size, cfg["device"])
@@ -253,7 +238,7 @@ def main() -> None:
         # frozen weights get no weight gradients), over the step time and the device's peak
         r["mfu"] = 4 * n_matmul * tokens / r["step_s"] / peak if peak else None
         r["step_s_iqr"] = [statistics.quantiles(r["times"], n=4)[0], statistics.quantiles(r["times"], n=4)[2]]
-    ref = next((r for r in rows if r["method"] == "lora-r16"), rows[0])
+    ref = next(r for r in rows if r["method"] == REFERENCE)
     device_name = torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"Training step, {args.config}: {cfg['arch']}, {device_name}, {str(cfg['dtype']).replace('torch.', '')}, "
           f"seq {cfg['seq']}, effective batch {cfg['batch']} (micro {cfg['micro']}), "

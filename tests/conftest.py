@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import example_family  # noqa: F401  (registers the tagscale family from outside src/: the contract suite covers it)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDPEFT_TEST_DATA", REPO.parent / "shared" / "data"))
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from medpeft.adapters import apply_method
+from medpeft.adapters.audit_tools import mutual_information
 from medpeft.adapters.birg import RankGatedLoraLinear, effective_rank
-from medpeft.audit import active_effective_rank, audit, mutual_information
+from medpeft.adapters.birg.audit import active_effective_rank
+from medpeft.audit import audit
 from medpeft.cli import main
 from medpeft.config import load_config
 from medpeft.data.record import QARecord
@@ -63,10 +65,10 @@ def test_trained_gate_routes_tags_to_different_atoms(tmp_path):
                              "train.steps=60", "train.lr=1e-2", "train.save_every=0", "train.log_every=60",
                              "data.max_length=128", "train.micro_batch_size=8"])
     untrained = apply_method(load_model("tiny", device="cpu").model, cfg.method)
-    before = audit(untrained, load_model("tiny", device="cpu").tokenizer, items, plot=False)
+    before = audit(untrained, cfg.method, load_model("tiny", device="cpu").tokenizer, items, plot=False).summary
     loaded = load_model("tiny", device="cpu")
     trained = train(cfg, loaded, items).model
-    after = audit(trained, loaded.tokenizer, items, tmp_path / "audit")
+    after = audit(trained, cfg.method, loaded.tokenizer, items, tmp_path / "audit").summary
     mi_before = before["mutual_information_bits"]["specialty"]
     mi_after = after["mutual_information_bits"]["specialty"]
     print(f"MI(specialty; atoms) before {mi_before:.3f} after {mi_after:.3f} bits")

@@ -10,11 +10,13 @@ import torch
 
 from conftest import copy_lora_into_peft
 from medpeft.adapters import apply_method, load_trained, save_trained, set_routing
-from medpeft.adapters.birg import (RankGatedLoraLinear, _offdiag_cos2, effective_rank, merge_fixed_gate,
-                                   routing_losses, straight_through_topk, tag_rows)
-from medpeft.adapters.routing import RoutingState
-from medpeft.adapters.routing import routing_state
-from medpeft.config import BirgMethod, LoraMethod, load_config
+from medpeft.adapters.birg import (BirgMethod, OffDiagonalCos2, RankGatedLoraLinear, birg_losses, effective_rank,
+                                   merge_fixed_gate, straight_through_topk)
+from medpeft.adapters.peft_lora import LoraMethod
+from medpeft.adapters.routing import RoutingState, routing_state
+from medpeft.config import load_config
+from medpeft.errors import MedpeftError
+from medpeft.tags import tag_table_rows
 from medpeft.dataset import load_train_set
 from medpeft.models import load_model
 from medpeft.prompts import PromptFormatter
@@ -100,7 +102,7 @@ def test_straight_through_gradients_reach_every_gate_parameter():
     layer = next(m for m in model.modules() if isinstance(m, RankGatedLoraLinear))
     w = layer.gate_in.weight.grad
     assert w[:16].abs().sum() > 0 and w[16].abs().sum() > 0  # a_h rows and the rho row
-    rows = set(tag_rows(batch.specialty, batch.operation).flatten().tolist())
+    rows = set(tag_table_rows(batch.specialty, batch.operation).flatten().tolist())
     used = layer.gate_tags.grad.abs().sum(1) > 0
     assert set(used.nonzero().flatten().tolist()) == rows  # exactly the specialty, operation and pair rows read
     for p in (layer.lora_A, layer.lora_B):
@@ -192,14 +194,13 @@ def test_save_load_round_trip(tmp_path):
     loaded, model, method = birg_model()
     randomize_B(model)
     save_trained(model, method, tmp_path)
-    reloaded = load_trained(load_model("tiny", device="cpu").model, method, tmp_path)
+    reloaded = load_trained(load_model("tiny", device="cpu").model, tmp_path)
     batch = train_batch(loaded)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(forward(model, batch), forward(reloaded, batch))
-    wrong = BirgMethod(r=8)
-    with pytest.raises(RuntimeError, match="does not fit"):
-        load_trained(load_model("tiny", device="cpu").model, wrong, tmp_path)
+    with pytest.raises(MedpeftError, match="differs from the config's method 'birg' in r"):
+        load_trained(load_model("tiny", device="cpu").model, tmp_path, expected=BirgMethod(r=8))
 
 
 def test_merge_is_exact_for_a_tag_only_gate():
@@ -237,9 +238,9 @@ def test_auxiliary_losses_match_hand_computed_values():
         with torch.no_grad():
             layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]))
             layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 1.0], [0, 1.0, 1.0, 0]]))
-        layer._aux_losses(p, hard)
+        layer.keep_for_losses(p, hard)
     method = BirgMethod(r=4, kappa=1)
-    losses = {k: float(v) for k, v in routing_losses(state, method).items()}
+    losses = {k: float(v) for k, v in birg_losses(state, method).items()}
     h = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
     assert losses["ent"] == pytest.approx(-h / math.log(4))
     # f = [0.5, 0.5, 0, 0], P = [0.4, 0.4, 0.1, 0.1] -> 4 * (0.2 + 0.2)
@@ -248,12 +249,12 @@ def test_auxiliary_losses_match_hand_computed_values():
     assert losses["orth"] == pytest.approx(2 / 12 + 4 / 12)
     # two specialty prototypes p0, p1; one operation value contributes 0
     assert losses["axis"] == pytest.approx((0.7 * 0.1 * 2 + 0.01 * 2) / (0.49 + 0.03), rel=1e-5)
-    assert float(_offdiag_cos2(torch.eye(3))) == 0.0
+    assert float(OffDiagonalCos2.apply(torch.eye(3)[None])) == 0.0
     assert all(layer.routing_out is None for layer in layers)  # collected once
     # orth is skipped on micro-batches after the first of a step
     state.parameter_losses = False
-    layers[0]._aux_losses(p, hard)
-    later = routing_losses(state, method)
+    layers[0].keep_for_losses(p, hard)
+    later = birg_losses(state, method)
     assert "orth" not in later and later["ent"] == pytest.approx(-h / math.log(4))
 
 
@@ -278,8 +279,6 @@ def test_presets_are_flags_of_one_method():
 
 
 def test_orthogonality_loss_hand_written_backward_passes_gradcheck():
-    from medpeft.adapters.birg import OffDiagonalCos2
-
     torch.manual_seed(0)
     a = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)  # a stack of two 5 x 7 matrices
     b = torch.randn(1, 5, 3, dtype=torch.float64, requires_grad=True)

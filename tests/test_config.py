@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from medpeft.cli import main
-from medpeft.config import LoraMethod, load_config
+from medpeft.adapters.peft_lora import LoraMethod
+from medpeft.config import load_config
 from medpeft.errors import ConfigError
 
 

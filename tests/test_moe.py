@@ -8,16 +8,27 @@ import pytest
 import torch
 import torch._dynamo
 
-from medpeft.adapters import after_backward, apply_method, auxiliary_losses, load_trained, save_trained, set_routing
+from medpeft.adapters import apply_method, load_trained, save_trained, set_routing
 from medpeft.adapters.accounting import count_method
-from medpeft.adapters.moe import (ExpertQueue, LoraMixtureLinear, expert_representations, experts_at_layer,
-                                  moe_losses, supcon)
+from medpeft.adapters.moe import (ExpertQueue, LoraMixtureLinear, MoeMethod, expert_representations, experts_at_layer,
+                                  moe_losses, supcon_from_similarities)
+from medpeft.adapters.peft_lora import LoraMethod
 from medpeft.adapters.routing import RoutingState
-from medpeft.config import LoraMethod, MoeMethod, load_config
+from medpeft.config import load_config
 from medpeft.models import load_model
+from medpeft.train import accumulate_gradients
 
 from conftest import copy_lora_into_peft
 from test_birg import forward, train_batch
+
+
+def supcon(reps: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor | None, bank_labels: torch.Tensor | None,
+           temperature: float) -> torch.Tensor:
+    """The SupCon loss of one module's ``reps`` [n, d] (normalised) against themselves and a bank:
+    the reference the stacked implementation is tested against."""
+    keys = reps if bank is None or bank.numel() == 0 else torch.cat([reps, bank.to(reps.dtype)])
+    key_labels = labels if bank_labels is None or bank_labels.numel() == 0 else torch.cat([labels, bank_labels])
+    return supcon_from_similarities((reps @ keys.T).unsqueeze(0), labels, key_labels, temperature)
 
 
 def moe_method(**kw) -> MoeMethod:
@@ -104,7 +115,9 @@ def test_expert_schedule_matches_the_formula():
     for layer in range(1, 37):
         assert experts_at_layer(layer, 36, 2, 8, 2.0) == 2 + math.floor(6 * (layer / 36) ** 2)
     assert experts_at_layer(36, 36, 2, 8, 2.0) == 8 and experts_at_layer(1, 36, 2, 8, 2.0) == 2
-    assert experts_at_layer(36, 36, 8, 2, 2.0) == 2 and experts_at_layer(1, 36, 8, 2, 2.0) == 7  # bottom-heavy
+    for layer in range(1, 37):  # bottom-heavy: the mirror image, N_max at the bottom
+        assert experts_at_layer(layer, 36, 2, 8, 2.0, "bottom") == experts_at_layer(37 - layer, 36, 2, 8, 2.0)
+    assert experts_at_layer(1, 36, 2, 8, 2.0, "bottom") == 8 and experts_at_layer(36, 36, 2, 8, 2.0, "bottom") == 2
     loaded, model, _ = moe_model(preset="medmoe")
     n_spec = {n: m.n_spec for n, m in model.named_modules() if isinstance(m, LoraMixtureLinear)}
     assert n_spec["model.layers.0.self_attn.q_proj"] == experts_at_layer(1, 2, 2, 8, 2.0) == 3
@@ -113,6 +126,10 @@ def test_expert_schedule_matches_the_formula():
     assert ranks == [8, 8, 16, 32]  # one anchor, then specialists cycling over {8, 16, 32}
     uniform = apply_method(load_model("tiny", device="cpu").model, moe_method(preset="medmoe-uniform"))
     assert {m.n_spec for m in uniform.modules() if isinstance(m, LoraMixtureLinear)} == {4}
+    bottom = apply_method(load_model("tiny", device="cpu").model, moe_method(preset="medmoe-bottom-heavy"))
+    n_bottom = {n: m.n_spec for n, m in bottom.named_modules() if isinstance(m, LoraMixtureLinear)}
+    assert n_bottom["model.layers.0.self_attn.q_proj"] == 8 and n_bottom["model.layers.1.mlp.down_proj"] == 3
+    assert count_method("tiny", "medmoe-bottom-heavy").trainable_params == count_method("tiny", "medmoe").trainable_params
 
 
 def test_load_balance_losses_match_hand_computed_values():
@@ -288,14 +305,7 @@ def test_sparsedoctor_queue_fills_stays_flat_and_carries_no_gradient():
     assert layer.gate_contrast and layer.queue is not None
     sizes = []
     for step in range(6):
-        batch = train_batch(loaded, n=2)
-        set_routing(model, batch.prompt_mask, batch.specialty, batch.operation)
-        from medpeft.train import answer_loss_sum
-
-        loss = answer_loss_sum(model, batch)
-        aux_total, aux = auxiliary_losses(model, method)
-        (loss + aux_total).backward()
-        after_backward(model)
+        aux = accumulate_gradients(model, method, [train_batch(loaded, n=2)], batch_size=2).aux
         sizes.append(int((layer.queue.labels >= 0).sum()))
         assert layer.queue.items.shape == (16, layer.base.out_features) and not layer.queue.items.requires_grad
     assert sizes == [8, 16, 16, 16, 16, 16]  # 2 questions x 4 experts per step, then a full ring
@@ -308,7 +318,7 @@ def test_save_load_round_trip(tmp_path, preset):
     randomize(model)
     model.eval()
     save_trained(model, method, tmp_path)
-    reloaded = load_trained(load_model("tiny", device="cpu").model, method, tmp_path)
+    reloaded = load_trained(load_model("tiny", device="cpu").model, tmp_path)
     batch = train_batch(loaded)
     with torch.no_grad():
         torch.testing.assert_close(forward(model, batch), forward(reloaded, batch))
@@ -384,7 +394,7 @@ def test_sparsedoctor_resume_restores_the_expert_queues(tmp_path):
 
     with pytest.raises(Killed):
         train(cfg("b"), load_model("tiny", device="cpu"), items, on_step=kill)
-    assert (tmp_path / "b" / "checkpoints" / "step-0000002" / "buffers.safetensors").exists()
+    assert (tmp_path / "b" / "checkpoints" / "step-0000002" / "training_state.safetensors").exists()
     train(cfg("b"), load_model("tiny", device="cpu"), items, resume=True)
     wa = load_file(str(Path(tmp_path / "a" / "adapter" / "adapter.safetensors")))
     wb = load_file(str(Path(tmp_path / "b" / "adapter" / "adapter.safetensors")))

@@ -5,31 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medpeft.adapters import apply_method, auxiliary_losses, set_routing
-from medpeft.adapters.accounting import _method_config
+from medpeft.adapters import apply_method, preset_config, set_routing
 from medpeft.config import load_config
 from medpeft.dataset import load_train_set
 from medpeft.errors import ConfigError
 from medpeft.models import LoadedModel, load_model, tiny_config
 from medpeft.precision import autocast_for, half_precision_adapters
-from medpeft.train import (answer_loss_sum, compile_decoder_layers, compile_fallback, compile_wanted, train,
-                           uncompile)
+from medpeft.train import (accumulate_gradients, answer_loss_sum, compile_decoder_layers, compile_fallback,
+                           compile_wanted, train, uncompile)
 from test_birg import randomize_B, train_batch
 
 
 def _step_grads(model, method, batches):
-    """Loss and gradients of one optimizer step (two micro-batches) through the training path."""
-    total = 0.0
-    for i, b in enumerate(batches):
-        set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
-        with autocast_for(model):
-            loss = answer_loss_sum(model, b) / 16
-            aux_total, _ = auxiliary_losses(model, method, 0.5)
-        loss = loss + aux_total if aux_total is not None else loss
-        loss.backward()
-        total += float(loss)
+    """Loss and gradients of one optimizer step (two micro-batches) through the training path;
+    the family's training state (expert queues, which the step pushes to) is put back after."""
+    from medpeft.adapters import family_of
+
+    state = {k: v.clone() for k, v in family_of(method).training_state(model).items()}
+    total = float(accumulate_gradients(model, method, batches, batch_size=4).objective)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
+    family_of(method).load_training_state(model, state)
     return total, grads
 
 
@@ -85,7 +81,7 @@ def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph(prese
     config.layer_types = ["full_attention"] * 4
     torch.manual_seed(0)
     base = Qwen3ForCausalLM(config)
-    method = _method_config(preset)
+    method = preset_config(preset)
     method.dropout = 0.0
     torch.manual_seed(0)
     model = apply_method(base, method)
@@ -180,7 +176,7 @@ def test_bf16_base_keeps_fp32_adapter_weights_and_trains_them(preset):
     autocast, its loss is close to the fp32 model's, and an optimizer step moves the fp32 weights."""
     loaded32 = load_model("tiny", device="cpu")
     loaded16 = load_model("tiny", device="cpu", dtype="bf16")
-    method = _method_config(preset)
+    method = preset_config(preset)
     method.dropout = 0.0
     torch.manual_seed(0)
     model32 = apply_method(loaded32.model, method)
@@ -238,7 +234,7 @@ def test_compiled_static_cache_decoding_gives_the_same_tokens(preset):
 
     loaded = load_model("tiny", device="cpu")
     torch.manual_seed(0)
-    model = apply_method(loaded.model, _method_config(preset))
+    model = apply_method(loaded.model, preset_config(preset))
     randomize_B(model)
     model.eval()
     items = load_train_set(load_config("quickstart"))[:6]

@@ -111,7 +111,7 @@ def test_dora_and_full_round_trip_through_eval(tmp_path, method):
                     "train.steps=2", "train.lr=0.01")
     result = train(cfg, load_model("tiny", device="cpu"), load_train_set(cfg))
     trained = result.model.eval()
-    reloaded = load_trained(load_model("tiny", device="cpu").model, cfg.method, Path(cfg.output_dir))
+    reloaded = load_trained(load_model("tiny", device="cpu").model, Path(cfg.output_dir))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)

@@ -90,20 +90,11 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     from .io import write_json
-    from .pipeline import run_eval, run_train
+    from .pipeline import run_cells
     from .report import results_table
 
     cfg, variants = _variants(args)
-    table = {}
-    for variant in variants:
-        summary = run_train(variant, resume=args.resume)
-        run_dir = Path(variant.output_dir)
-        done = run_dir / "eval" / "results.json"
-        results = json.loads(done.read_text()) if args.resume and done.exists() else run_eval(variant, run_dir=run_dir)
-        label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
-        print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
-              f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
-        table[label] = results
+    table = run_cells(cfg, variants, resume=args.resume)
     print(results_table(table), end="")
     if cfg.methods or len(cfg.seeds) > 1 or cfg.grid:
         write_json(Path(cfg.output_dir) / "results.json", table)
@@ -133,10 +124,10 @@ def cmd_tag(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from .adapters.accounting import DEFAULT_METHODS, count_method, params_table
+    from .adapters.accounting import count_method, default_rows, params_table
 
     counts = []
-    for name in args.methods or DEFAULT_METHODS:
+    for name in args.methods or default_rows():
         try:
             counts.append(count_method(args.arch, name))
         except ValueError as err:
@@ -151,9 +142,7 @@ def cmd_params(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import audit
-    from .pipeline import load_run_model
-    from .dataset import load_eval_sets
+    from .pipeline import run_audit
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides)
@@ -166,19 +155,9 @@ def cmd_audit(args) -> int:
             sources.append(f"{{benchmark: {bench}, name: {bench}, path: '{Path(path).resolve()}'}}")
         overrides.append(f"eval.benchmarks=[{', '.join(sources)}]")
     cfg = _load(str(run_dir / "config.yaml"), overrides, args.skip_invalid)
-    model, tokenizer = load_run_model(cfg, run_dir)
-    items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets if t.record.question_type != "open"]
     out = Path(args.out) if args.out else run_dir / "audit"
-    try:
-        summary = audit(model, tokenizer, items, out, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
-    except ValueError as err:
-        raise MedpeftError(f"{run_dir}: {err}") from None
-    mi = summary["mutual_information_bits"]
-    what = "atoms" if "mean_rho" in summary else "experts"
-    extra = (f"mean rho {summary['mean_rho']:.3f}, mean effective rank {summary['mean_effective_rank']:.2f}, "
-             if what == "atoms" else "")
-    print(f"audited {summary['n_questions']} questions x {summary['n_modules']} modules: {extra}"
-          f"MI(tags; {what}) specialty {mi['specialty']:.3f} / operation {mi['operation']:.3f} / pair {mi['pair']:.3f} bits")
+    result = run_audit(cfg, run_dir, out)
+    print(result.headline)
     print(f"per-question routes, summary.json and usage heatmaps (PNG) in {out}")
     return 0
 
@@ -211,30 +190,12 @@ def cmd_report(args) -> int:
 def cmd_suite(args) -> int:
     """Every (method, seed) of the config; finished runs are reused; routing audits of the
     routed methods (first seed); then the report."""
-    args.resume = True
-    cmd_run(args)
-    from .adapters import OWN_INJECTION
-    from .audit import audit
-    from .dataset import load_eval_sets
-    from .pipeline import load_run_model
-    from .report import write_report
+    from .pipeline import run_suite
+    from .report import results_table
 
     cfg, variants = _variants(args)
-    audited: set[str] = set()
-    for variant in variants:
-        run_dir = Path(variant.output_dir)
-        method_dir = str(run_dir.parent if run_dir.name.startswith("seed-") else run_dir)
-        if not isinstance(variant.method, OWN_INJECTION) or method_dir in audited:
-            continue
-        audited.add(method_dir)
-        if not (run_dir / "audit" / "summary.json").exists():
-            model, tokenizer = load_run_model(variant, run_dir)
-            items = [t for sets in load_eval_sets(variant.eval.benchmarks).values() for t in sets
-                     if t.record.question_type != "open"]
-            audit(model, tokenizer, items, run_dir / "audit", max_length=variant.data.max_length,
-                  batch_size=variant.eval.batch_size)
-    out = Path(cfg.output_dir) / "report"
-    write_report(Path(cfg.output_dir), out)
+    table, out = run_suite(cfg, variants)
+    print(results_table(table), end="")
     print(f"report.md, report.json and plots in {out}")
     return 0
 

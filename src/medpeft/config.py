@@ -1,25 +1,25 @@
 """Run configs: YAML files validated against dataclasses, overridable with ``key=value``.
 
-Validation happens at load: an unknown key, a wrong type or a missing required field
+Validation happens at load, before any model or data is read and before anything is
+written: an unknown key, a wrong type, a missing required field or an inconsistent value
 raises :class:`ConfigError` with a one-line message naming the dotted key. The method
-section is validated against the schema of the method it names (``method.name``).
+section is validated by the method registry against the schema of the family its
+``method.name`` belongs to (``adapters/registry.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .adapters.registry import is_preset, method_from_dict, preset_config
 from .errors import ConfigError
+from .schema import from_dict, require, require_choice
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -29,121 +29,6 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     device: str | None = None  # default: cuda if available
     attn_implementation: str | None = "sdpa"
-
-
-@dataclass
-class LoraMethod:
-    """``lora`` and ``dora`` (through ``peft``): rank, scale ``alpha/r``, targets."""
-
-    name: str = "lora"
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-
-
-@dataclass
-class FullMethod:
-    """Full fine-tuning: every weight trainable (the plasticity upper bound)."""
-
-    name: str = "full"
-
-
-@dataclass
-class BirgMethod:
-    """``birg`` and ``rankwise``: rank-gated LoRA (adapters/birg.py has the formulas)."""
-
-    name: str = "birg"
-    r: int = 16  # R, rank atoms per module
-    kappa: int = 4  # active atoms per question (top-k)
-    alpha: float = 32.0
-    tau: float = 0.5  # softmax temperature of the gate
-    dropout: float = 0.05
-    hidden_gate: bool = True  # a_h(h_x) branch
-    clinical_gate: bool = True  # a_s, a_o, a_so branches
-    injection: bool = True  # rho(x); false = rho fixed to 1
-    l_ent: float = 0.01
-    l_bal: float = 0.001
-    l_orth: float = 0.1
-    l_axis: float = 0.5
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-
-
-@dataclass
-class MoeMethod:
-    """LoRA mixtures of experts (adapters/moe.py has the formulas)."""
-
-    name: str = "moelora"
-    n_experts: int = 4  # routed (specialist) experts per module; route router: 0 = one per specialty
-    top_k: int = 2  # topk router
-    ranks: list[int] = field(default_factory=lambda: [8])  # specialist i has rank ranks[i % len]
-    alpha: float = 16.0
-    alpha_ratio: float = 0.0  # > 0: alpha_i = alpha_ratio * r_i (Med-MoE-LoRA: 2)
-    n_anchor: int = 0  # always-on base experts
-    anchor_rank: int = 8
-    router: str = "topk"  # topk | soft | route
-    tau: float = 1.0  # soft router temperature (initial value when learned)
-    learn_tau: bool = False
-    n_min: int | None = None  # Med-MoE-LoRA layer schedule N_l (overrides n_experts)
-    n_max: int | None = None
-    gamma: float = 1.0
-    dropout: float = 0.05
-    l_balance: float = 0.0  # Switch load balance (topk)
-    l_var: float = 0.0  # variance of batch-mean gates across experts (Med-MoE-LoRA L_aux)
-    l_anchor: float = 0.0  # ||B_a A_a||^2 of anchors
-    l_con: float = 0.0  # contrastive expert loss (MoELoRA / SparseDoctor)
-    gate_contrast: bool = False  # SparseDoctor: the contrastive term also supervises the router
-    con_temperature: float = 0.1
-    queue_size: int = 0  # SparseDoctor expert memory queue (entries per module)
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-
-
-METHOD_SCHEMAS: dict[str, type] = {"lora": LoraMethod, "dora": LoraMethod, "full": FullMethod,
-                                   "birg": BirgMethod, "rankwise": BirgMethod,
-                                   "moelora": MoeMethod, "sparsedoctor": MoeMethod, "medmoe": MoeMethod,
-                                   "moe-vanilla": MoeMethod, "multilora": MoeMethod}
-
-# Named presets: the paper's rows and ablations are settings of a few methods, not copies.
-# ``method: {preset: NAME, ...}`` starts from the preset; keys given beside it win. A method
-# ``name`` that is itself a preset (``rankwise``) implies it.
-PRESETS: dict[str, dict[str, Any]] = {
-    "lora-r4": {"name": "lora", "r": 4, "alpha": 8.0},
-    "lora-r16": {"name": "lora", "r": 16, "alpha": 32.0},
-    "lora-r24": {"name": "lora", "r": 24, "alpha": 48.0},
-    "dora-r24": {"name": "dora", "r": 24, "alpha": 48.0},
-    "full": {"name": "full"},
-    "birg": {"name": "birg"},
-    # the paper's generic rank-wise control: same rank-16/top-4 adapter, hidden branch only,
-    # no injection, no orthogonality or axis losses
-    "rankwise": {"name": "rankwise", "clinical_gate": False, "injection": False, "l_orth": 0.0, "l_axis": 0.0},
-    "birg-clinical-only": {"name": "birg", "hidden_gate": False},
-    "birg-hidden-only": {"name": "birg", "clinical_gate": False},
-    "birg-no-injection": {"name": "birg", "injection": False},
-    "birg-top2": {"name": "birg", "kappa": 2},
-    "birg-top4": {"name": "birg", "kappa": 4},
-    "birg-top8": {"name": "birg", "kappa": 8},
-    "birg-no-orth": {"name": "birg", "l_orth": 0.0},
-    "birg-no-axis": {"name": "birg", "l_axis": 0.0},
-    # LoRA mixtures of experts
-    "moelora": {"name": "moelora", "n_experts": 4, "top_k": 2, "ranks": [8], "alpha": 16.0, "l_con": 0.1},
-    "sparsedoctor": {"name": "sparsedoctor", "n_experts": 4, "top_k": 2, "ranks": [8], "alpha": 16.0,
-                     "l_con": 0.1, "gate_contrast": True, "queue_size": 1024},
-    "moe-vanilla": {"name": "moe-vanilla", "n_experts": 4, "top_k": 2, "ranks": [8], "alpha": 16.0,
-                    "l_balance": 0.01},
-    "medmoe": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32], "alpha_ratio": 2.0,
-               "n_anchor": 1, "anchor_rank": 8, "n_min": 2, "n_max": 8, "gamma": 2.0, "l_var": 0.01,
-               "l_anchor": 0.01},
-    "medmoe-uniform": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32],
-                       "alpha_ratio": 2.0, "n_anchor": 1, "anchor_rank": 8, "n_min": 4, "n_max": 4, "gamma": 1.0,
-                       "l_var": 0.01, "l_anchor": 0.01},
-    "medmoe-bottom-heavy": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32],
-                            "alpha_ratio": 2.0, "n_anchor": 1, "anchor_rank": 8, "n_min": 8, "n_max": 2,
-                            "gamma": 2.0, "l_var": 0.01, "l_anchor": 0.01},
-    "medmoe-asymmetric": {"name": "medmoe", "router": "soft", "learn_tau": True, "ranks": [8, 16, 32],
-                          "alpha_ratio": 2.0, "n_anchor": 1, "anchor_rank": 8, "n_min": 2, "n_max": 8,
-                          "gamma": 2.0, "l_var": 0.01, "l_anchor": 0.01},
-    "multilora": {"name": "multilora", "router": "route", "n_experts": 0, "ranks": [8], "alpha": 16.0},
-}
 
 
 @dataclass
@@ -228,7 +113,7 @@ class RunConfig:
     # each in output_dir/<cell> (see grid_cells).
     grid: Any = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: Any = field(default_factory=LoraMethod)
+    method: Any = field(default_factory=lambda: preset_config("lora-r16"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -238,7 +123,6 @@ class RunConfig:
 
 
 CHOICES = {
-    "method.router": ("topk", "soft", "route"),
     "model.dtype": ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
     "train.lr_schedule": ("linear", "cosine", "constant"),
     "train.compile": ("auto", True, False),
@@ -246,96 +130,40 @@ CHOICES = {
 }
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+def run_config_from_dict(raw: dict) -> RunConfig:
+    """Build and validate a run config (the method section through the method registry)."""
+    cfg = from_dict(RunConfig, raw, special={"method": lambda value, key: method_from_dict(value, key)})
+    validate_run_config(cfg)
+    return cfg
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, naming the dotted key of any problem."""
-    where = prefix or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key '{where}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix + '.' if prefix else ''}{key}'{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            if cls is RunConfig and name == "method":
-                kwargs[name] = _method_from_dict(data[name])
-            else:
-                kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key '{key}'")
-        if key in CHOICES and name in kwargs and kwargs[name] not in CHOICES[key]:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(str(c).lower() for c in CHOICES[key])}, got {kwargs[name]!r}")
-    return cls(**kwargs)
+def validate_run_config(cfg: RunConfig) -> None:
+    """Values that types alone do not check (the method's own are checked by its family)."""
+    values = {"model.dtype": cfg.model.dtype, "train.lr_schedule": cfg.train.lr_schedule,
+              "train.compile": cfg.train.compile, "eval.scorer": cfg.eval.scorer}
+    for key, value in values.items():
+        require_choice(value, CHOICES[key], key)
+    tc = cfg.train
+    require(tc.steps >= 1, "train.steps", f"must be >= 1, got {tc.steps}")
+    require(tc.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {tc.micro_batch_size}")
+    require(tc.batch_size >= 1 and tc.batch_size % tc.micro_batch_size == 0, "train.batch_size",
+            f"({tc.batch_size}) must be a multiple of 'train.micro_batch_size' ({tc.micro_batch_size})")
+    require(tc.lr > 0, "train.lr", f"must be > 0, got {tc.lr}")
+    require(tc.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tc.warmup_steps}")
+    require(tc.save_every >= 0, "train.save_every", f"must be >= 0, got {tc.save_every}")
+    require(tc.log_every >= 1, "train.log_every", f"must be >= 1, got {tc.log_every}")
+    require(cfg.data.max_length >= 8, "data.max_length", f"must be >= 8, got {cfg.data.max_length}")
+    require(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    require(all(0 <= r <= 1 for r in cfg.eval.perturb_rates), "eval.perturb_rates",
+            f"must be shares in [0, 1], got {cfg.eval.perturb_rates}")
+    if not isinstance(cfg.grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
+                                                 for k, v in cfg.grid.items()):
+        raise ConfigError("config key 'grid' must map dotted config keys to non-empty lists of values")
+    for preset in cfg.methods:
+        if not is_preset(preset):
+            from .adapters.registry import catalogue
 
-
-def expand_preset(data: dict) -> dict:
-    """``{preset: P, **keys}`` -> the preset's keys updated with ``keys``; the preset names the method."""
-    data = dict(data)
-    preset = data.pop("preset", None)
-    if preset is None and data.get("name") in PRESETS:
-        preset = data["name"]
-    if preset is None:
-        return data
-    if preset not in PRESETS:
-        raise ConfigError(f"config key 'method.preset' must be one of {', '.join(PRESETS)}, got {preset!r}")
-    return {**PRESETS[preset], **data, "name": PRESETS[preset]["name"]}
-
-
-def _method_from_dict(data: Any) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key 'method' must be a mapping, got {data!r}")
-    data = expand_preset(data)
-    name = data.get("name", "lora")
-    if name not in METHOD_SCHEMAS:
-        raise ConfigError(f"config key 'method.name' must be one of {', '.join(METHOD_SCHEMAS)}, got {name!r}")
-    return from_dict(METHOD_SCHEMAS[name], data, "method")
-
-
-def register_method(name: str, schema: type) -> None:
-    """Later method families add their schema here (one config class per method)."""
-    METHOD_SCHEMAS[name] = schema
+            raise ConfigError(f"config key 'methods' names {preset!r}, not a preset ({', '.join(catalogue())})")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -403,14 +231,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         _resolve_paths(raw, path.parent)
     raw = apply_overrides(raw, overrides or [])
     _resolve_paths(raw, Path.cwd())  # paths given as overrides are relative to the working folder
-    cfg = from_dict(RunConfig, raw)
-    if not isinstance(cfg.grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
-                                                 for k, v in cfg.grid.items()):
-        raise ConfigError("config key 'grid' must map dotted config keys to non-empty lists of values")
-    for preset in cfg.methods:
-        if preset not in PRESETS:
-            raise ConfigError(f"config key 'methods' names {preset!r}, not a preset ({', '.join(PRESETS)})")
-    return cfg
+    return run_config_from_dict(raw)
 
 
 def _slug(value: Any) -> str:
@@ -455,8 +276,7 @@ def method_variants(cfg: RunConfig) -> list[RunConfig]:
     if not cfg.methods:
         variants.append(dataclasses.replace(cfg, methods=[]))
     for preset in cfg.methods:
-        data = expand_preset({"preset": preset})
-        method = from_dict(METHOD_SCHEMAS[data["name"]], data, "method")
+        method = preset_config(preset)
         variants.append(dataclasses.replace(cfg, methods=[], method=method,
                                             output_dir=str(Path(cfg.output_dir) / preset)))
     if len(cfg.seeds) <= 1:

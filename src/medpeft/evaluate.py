@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import set_routing
+from .adapters import routing_state, set_routing
 from .dataset import TaggedRecord
 from .io import write_json, write_jsonl
 from .precision import autocast_for, half_precision_adapters
@@ -116,21 +116,36 @@ class Evaluator:
             idx = order[start:start + self.batch_size]
             yield idx, [encoded[i] for i in idx]
 
-    def _route(self, items: list[TaggedRecord], mask: torch.Tensor, freeze: bool) -> None:
+    def _route(self, items: list[TaggedRecord], mask: torch.Tensor, freeze: bool, record: bool = False) -> None:
         """Routing context of routed adapters: every non-pad token of a prompt is prompt."""
         spec = torch.tensor([t.tags.specialty_id for t in items], device=self.device)
         op = torch.tensor([t.tags.operation_id for t in items], device=self.device)
-        set_routing(self.model, mask.bool(), spec, op, freeze=freeze)
+        set_routing(self.model, mask.bool(), spec, op, freeze=freeze, record=record)
 
     @torch.no_grad()
-    def _last_logits(self, seqs: list[list[int]], items: list[TaggedRecord]) -> torch.Tensor:
+    def _prompt_forward(self, seqs: list[list[int]], items: list[TaggedRecord],
+                        record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass over left-padded prompts: (next-token logits [B, V], attention mask)."""
         ids, mask = left_pad(seqs, self.pad_id, self.device)
-        self._route(items, mask, freeze=False)
+        self._route(items, mask, freeze=False, record=record)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with autocast_for(self.model):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1,
                              use_cache=False)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float(), mask
+
+    def _last_logits(self, seqs: list[list[int]], items: list[TaggedRecord]) -> torch.Tensor:
+        return self._prompt_forward(seqs, items)[0]
+
+    def recorded_batches(self, items: list[TaggedRecord]):
+        """The scoring forward pass over the items' prompts with the routing state recording
+        each routed module's gate outputs: yields ``(item indices, records, prompt mask)``
+        per batch (the audit reads these)."""
+        with half_precision_adapters(self.model):
+            for idx, seqs in self._batches(items):
+                _, mask = self._prompt_forward(seqs, [items[i] for i in idx], record=True)
+                state = routing_state(self.model)
+                yield idx, (state.records if state is not None else {}), mask.bool()
 
     @torch.no_grad()
     def _generate(self, seqs: list[list[int]], items: list[TaggedRecord], max_new_tokens: int,

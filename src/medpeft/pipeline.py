@@ -1,21 +1,23 @@
-"""The jobs behind the CLI: train, eval, run (train then eval)."""
+"""The jobs behind the CLI: train, eval, audit, run (train then eval), suite (every cell, then the report)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 
-from .adapters import load_trained, uses_tags
+from .adapters import family_of, load_trained, reads_tags
 from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .errors import MedpeftError
 from .evaluate import Evaluator, evaluate_sets
-from .models import load_model
+from .models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 
-def _loaded(cfg: RunConfig):
+def _loaded(cfg: RunConfig) -> LoadedModel:
     return load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
                       attn_implementation=cfg.model.attn_implementation)
 
@@ -25,8 +27,6 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
 
     run_dir = Path(cfg.output_dir)
     if resume and (run_dir / "summary.json").exists():
-        import json
-
         log.info("%s is already trained; reusing it", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
     eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
@@ -34,12 +34,18 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     return train(cfg, _loaded(cfg), train_set, resume=resume).summary
 
 
-def load_run_model(cfg: RunConfig, run_dir: Path):
-    """The base model of ``cfg`` with the trained adapter of ``run_dir``, and its tokenizer."""
-    if not (run_dir / "adapter").exists():
-        raise MedpeftError(f"{run_dir}: no trained adapter (folder 'adapter' is missing); train it first")
-    loaded = _loaded(cfg)
-    return load_trained(loaded.model, cfg.method, run_dir), loaded.tokenizer
+def load_run_model(cfg: RunConfig, run_dir: Path, loaded: LoadedModel | None = None) -> LoadedModel:
+    """The base model of ``cfg`` (loaded once, or ``loaded``) with the trained adapter of
+    ``run_dir``; the adapter's own method must equal the config's."""
+    loaded = loaded or _loaded(cfg)
+    model = load_trained(loaded.model, run_dir, expected=cfg.method)
+    return LoadedModel(model, loaded.tokenizer, loaded.name, loaded.device)
+
+
+def _evaluator(cfg: RunConfig, loaded: LoadedModel) -> Evaluator:
+    return Evaluator(loaded.model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                     max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device,
+                     compile_decode=cfg.eval.compile_decode)
 
 
 def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
@@ -48,15 +54,14 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
         raise MedpeftError("config key 'eval.benchmarks' is empty: nothing to evaluate")
     eval_sets = load_eval_sets(cfg.eval.benchmarks)
     loaded = _loaded(cfg)
-    model = loaded.model if run_dir is None else load_run_model(cfg, run_dir)[0]
-    evaluator = Evaluator(model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
-                          max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device,
-                          compile_decode=cfg.eval.compile_decode)
+    if run_dir is not None:
+        loaded = load_run_model(cfg, run_dir, loaded)
+    evaluator = _evaluator(cfg, loaded)
     out = out_dir or ((run_dir / "eval") if run_dir is not None else Path(cfg.output_dir) / "eval")
     meta = {"model": cfg.model.name, "method": cfg.method.name if run_dir is not None else "base",
             "run_dir": str(run_dir) if run_dir is not None else None}
     results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
-    if cfg.eval.perturb_rates and run_dir is not None and uses_tags(cfg.method):
+    if cfg.eval.perturb_rates and run_dir is not None and reads_tags(cfg.method):
         results["perturbation"] = run_perturbation(evaluator, eval_sets, cfg, out, results["macro_accuracy"])
     return results
 
@@ -82,3 +87,52 @@ def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out:
     write_json(out / "perturbation.json", summary)
     return summary
 
+
+def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
+    """Routing audit of a trained run on ``cfg``'s eval sets (multiple-choice items)."""
+    from .audit import audit
+
+    if not family_of(cfg.method).routed:
+        raise MedpeftError(f"{run_dir}: method {cfg.method.name!r} has no routed adapters to audit "
+                           "(lora, dora and full have no gate)")
+    loaded = load_run_model(cfg, run_dir)
+    items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets
+             if t.record.question_type != "open"]
+    return audit(loaded.model, cfg.method, loaded.tokenizer, items, out_dir or run_dir / "audit",
+                 max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
+
+
+def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False) -> dict[str, dict]:
+    """Train then evaluate every run config (finished ones reused with ``resume``), by label."""
+    table = {}
+    for variant in variants:
+        summary = run_train(variant, resume=resume)
+        run_dir = Path(variant.output_dir)
+        done = run_dir / "eval" / "results.json"
+        results = json.loads(done.read_text()) if resume and done.exists() else run_eval(variant, run_dir=run_dir)
+        label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
+        print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
+              f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
+        table[label] = results
+    return table
+
+
+def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict], Path]:
+    """Every cell of a suite under one budget (finished cells reused), a routing audit of each
+    routed method (its first seed), then the report; returns the cells' results and the
+    report folder."""
+    from .report import write_report
+
+    table = run_cells(cfg, variants, resume=True)
+    audited: set[str] = set()
+    for variant in variants:
+        run_dir = Path(variant.output_dir)
+        method_dir = str(run_dir.parent if run_dir.name.startswith("seed-") else run_dir)
+        if not family_of(variant.method).routed or method_dir in audited:
+            continue
+        audited.add(method_dir)
+        if not (run_dir / "audit" / "summary.json").exists():
+            run_audit(variant, run_dir)
+    out = Path(cfg.output_dir) / "report"
+    write_report(Path(cfg.output_dir), out)
+    return table, out

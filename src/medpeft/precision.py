@@ -8,6 +8,10 @@ input to fp32 (a full-size copy of the activations per adapted module, then fp32
 matrix products) is switched off, since autocast already gives the adapter matmuls
 bf16 inputs with fp32 weights; updates still accumulate in fp32.
 
+Full fine-tuning of a half-precision base keeps fp32 master copies of every weight (the
+``full`` family upcasts the model and records the base's dtype as the compute dtype,
+:data:`COMPUTE_DTYPE_ATTR`), so the forward still runs under bf16 autocast.
+
 fp16 bases are not trained (fp16 needs loss scaling, which medpeft does not implement):
 load the model in bf16 or fp32. Evaluation in fp16 is fine.
 """
@@ -20,10 +24,15 @@ import torch
 from torch import nn
 
 HALF = (torch.bfloat16, torch.float16)
+COMPUTE_DTYPE_ATTR = "medpeft_compute_dtype"  # set on a model whose weights were upcast for training
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the (frozen) base model: its input embeddings' weights."""
+    """The compute dtype of the base model: the dtype it was loaded in (its input embeddings'
+    weights, unless the weights were upcast to fp32 master copies for training)."""
+    recorded = getattr(model, COMPUTE_DTYPE_ATTR, None)
+    if recorded is not None:
+        return recorded
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return emb.weight.dtype if emb is not None else next(model.parameters()).dtype
 

@@ -27,9 +27,11 @@ def results_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-FAMILIES = {"lora": "Fixed LoRA", "dora": "PEFT", "full": "Full fine-tuning", "birg": "Single adapter",
-            "rankwise": "Rank-wise control", "moelora": "LoRA-MoE", "sparsedoctor": "LoRA-MoE",
-            "medmoe": "LoRA-MoE", "moe-vanilla": "LoRA-MoE", "multilora": "Adapter library", "base": "Base model"}
+def family_label(method: str) -> str:
+    """The Family column: the method family's label from the registry."""
+    from .adapters import method_label
+
+    return "Base model" if method == "base" else method_label(method)
 
 
 def collect_runs(root: Path) -> dict[str, dict]:
@@ -70,9 +72,9 @@ def method_table(runs: dict[str, dict]) -> tuple[str, list[dict]]:
         macro = _mean_std([100 * s["results"]["macro_accuracy"] for s in r["seeds"]])
         n = len(r["seeds"])
         fmt = (lambda m, sd: f"{m:.2f} +- {sd:.2f}") if n > 1 else (lambda m, sd: f"{m:.2f}")
-        lines.append(f"| {FAMILIES.get(method, method)} | {label} | {r['summary']['trainable_params'] / 1e6:.2f}M | "
+        lines.append(f"| {family_label(method)} | {label} | {r['summary']['trainable_params'] / 1e6:.2f}M | "
                      + " | ".join(fmt(*per[b]) for b in benches) + f" | {fmt(*macro)} | {n} |")
-        rows.append({"label": label, "method": method, "family": FAMILIES.get(method, method),
+        rows.append({"label": label, "method": method, "family": family_label(method),
                      "trainable_params": r["summary"]["trainable_params"], "seeds": n,
                      "benchmarks": {b: {"mean": per[b][0], "std": per[b][1]} for b in benches},
                      "macro": {"mean": macro[0], "std": macro[1]},
@@ -139,10 +141,31 @@ def plot_perturbation(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_ablation_drops(rows: list[dict], full: str, path: Path) -> bool:
-    """Bar chart of each ablation's macro accuracy minus the full method's (percentage points)."""
+def ablation_groups(labels: list[str]) -> dict[str, list[str]]:
+    """Run labels grouped by the preset they ablate: a label whose last part is a preset built
+    on another preset (its ``base``) that is also a run here, in the same folder."""
+    from .adapters.registry import catalogue, resolve_preset
+
+    presets = set(catalogue())
+    groups: dict[str, list[str]] = {}
+    present = set(labels)
+    for label in labels:
+        folder, _, name = label.rpartition("/")
+        if name not in presets:
+            continue
+        base = resolve_preset(name).base
+        base_label = f"{folder}/{base}" if folder else base
+        if base is not None and base_label in present:
+            groups.setdefault(base_label, []).append(label)
+    return groups
+
+
+def plot_ablation_drops(rows: list[dict], full: str, path: Path, ablations: list[str] | None = None) -> bool:
+    """Bar chart of each ablation's macro accuracy minus the full method's (percentage points);
+    ``ablations``: their labels (default: labels that start with ``full-``)."""
     base = next((r for r in rows if r["label"] == full), None)
-    ablations = [r for r in rows if r["label"].startswith(full + "-")]
+    ablations = [r for r in rows if (r["label"] in ablations if ablations is not None
+                                     else r["label"].startswith(full + "-"))]
     if base is None or not ablations:
         return False
     import matplotlib
@@ -176,8 +199,13 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
     if any(r["perturbation"] for r in rows):
         plot_perturbation(rows, out / "perturbation.png")
         parts += ["## Weak-axis perturbation", "", "![perturbation](perturbation.png)", ""]
-    if plot_ablation_drops(rows, "birg", out / "ablations.png"):
-        parts += ["## Ablations", "", "![ablation drops](ablations.png)", ""]
+    groups = ablation_groups([r["label"] for r in rows])
+    if groups:
+        parts += ["## Ablations", ""]
+        for full, members in groups.items():
+            name = f"ablations-{full.replace('/', '_')}.png"
+            plot_ablation_drops(rows, full, out / name, members)
+            parts += [f"![ablations of {full}]({name})", ""]
     audits = sorted(Path(root).rglob("audit/*.png"))
     if audits:  # usage heatmaps written by `medpeft audit` in the run folders
         parts += ["## Routing audits", ""] + [f"![{p.parent.parent.relative_to(root)}]({Path(p).resolve()})"

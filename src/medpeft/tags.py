@@ -24,6 +24,20 @@ OPERATIONS = (
 )
 UNKNOWN = "unknown"
 
+# Layout of a learned table with one row per tag value of each axis and per pair (a
+# routed adapter's clinical gate): specialty rows, then operation rows, then pair rows.
+N_SPECIALTY, N_OPERATION = len(SPECIALTIES), len(OPERATIONS)
+N_TAG_ROWS = N_SPECIALTY + N_OPERATION + N_SPECIALTY * N_OPERATION
+
+
+def tag_table_rows(specialty, operation):
+    """The three rows a question reads, ``[s, N_S + o, N_S + N_O + N_O s + o]``: ``[B, 3]``
+    from the specialty and operation id tensors ``[B]``."""
+    import torch
+
+    return torch.stack([specialty, N_SPECIALTY + operation,
+                        N_SPECIALTY + N_OPERATION + specialty * N_OPERATION + operation], dim=-1)
+
 
 @dataclass(frozen=True)
 class Tags:

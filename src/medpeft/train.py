@@ -28,9 +28,8 @@ from typing import Callable
 
 import torch
 
-from .adapters import after_backward, apply_method, auxiliary_losses, count_parameters, save_trained, set_routing
-from .adapters.birg import PARAMETER_LOSSES
-from .config import RunConfig, dump_config
+from .adapters import apply_method, family_of, save_trained, set_routing
+from .config import RunConfig, TrainConfig, dump_config
 from .dataset import TaggedRecord
 from .io import atomic_dir, write_json, write_text
 from .models import LoadedModel
@@ -183,6 +182,7 @@ def uncompile(layers: list[torch.nn.Module]) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 CKPT_DIR = "checkpoints"
+TRAINING_STATE = "training_state.safetensors"  # a family's extra state (MethodFamily.training_state)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -191,17 +191,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stats: dict) -> None:
+def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, scheduler, stats: dict) -> None:
     from safetensors.torch import save_file
 
+    family = family_of(method)
     final = run_dir / CKPT_DIR / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
         save_file({n: t.contiguous().cpu() for n, t in
                    ((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)},
                   str(tmp / "trainable.safetensors"))
-        training_buffers = {n: b.contiguous().cpu() for n, b in model.named_buffers() if ".queue." in n}
-        if training_buffers:  # SparseDoctor's expert memory queues: part of the training state
-            save_file(training_buffers, str(tmp / "buffers.safetensors"))
+        extra = {n: t.detach().contiguous().cpu() for n, t in family.training_state(model).items()}
+        if extra:  # e.g. SparseDoctor's expert memory queues: part of the training state
+            save_file(extra, str(tmp / TRAINING_STATE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -212,7 +213,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stats
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     device = next(model.parameters()).device
@@ -221,11 +222,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    if (ckpt / "buffers.safetensors").exists():
-        buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in load_file(str(ckpt / "buffers.safetensors"), device=str(device)).items():
-                buffers[name].copy_(value)
+    extra = ckpt / TRAINING_STATE
+    family_of(method).load_training_state(model, load_file(str(extra), device=str(device)) if extra.exists() else {})
     state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -251,14 +249,86 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def build_optimizer(model, cfg: RunConfig):
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig):
+    """AdamW over the trainable parameters (the fused kernel on CUDA) and the LR schedule."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(cfg.train.lr_schedule if cfg.train.lr_schedule != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.steps)
+    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
+    scheduler = get_scheduler(tc.lr_schedule if tc.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
     return optimizer, scheduler
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, kept on the device (read back only when logged)."""
+
+    loss: torch.Tensor  # the answer loss (mean over the step's answer tokens)
+    objective: torch.Tensor  # what was differentiated: loss + sum_k weight_k * aux_k
+    aux: dict[str, torch.Tensor]  # each auxiliary term, as a mean over the step
+    aux_weights: dict[str, float]  # the weight each term had in the objective
+    tokens: int
+    answer_tokens: int
+    grad_norm: torch.Tensor | None = None
+
+
+def accumulate_gradients(model: torch.nn.Module, method, batches: list[Batch], batch_size: int) -> StepResult:
+    """Forward, losses, backward and the family's after-backward hook over a step's micro-batches.
+
+    ``objective = sum_micro [ L_ans(micro) / n_answer + sum_k w_k s_k L_k(micro) ]`` where
+    ``s_k`` is the micro-batch's share of the step's examples for a batch statistic and 1 for
+    a term of the weights only (computed on the first micro-batch). So ``aux[k]`` is the
+    share-weighted mean of term k over the step and ``objective = loss + sum_k w_k aux[k]``.
+    """
+    family = family_of(method)
+    weights = family.loss_weights(method)
+    device = next(model.parameters()).device
+    n_answer = sum(b.n_answer_tokens for b in batches)
+    loss_value = torch.zeros((), device=device)
+    objective = torch.zeros((), device=device)
+    aux_values: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for i, b in enumerate(batches):
+        b = b.to(device)
+        set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
+        with autocast_for(model):
+            loss = answer_loss_sum(model, b) / n_answer
+            terms = family.aux_losses(model, method)
+        loss_value += loss.detach()
+        share = b.input_ids.shape[0] / batch_size
+        for key, value in terms.items():
+            if weights.get(key, 0.0) <= 0:
+                raise RuntimeError(f"method family {family.name!r} reported loss {key!r}, whose weight is "
+                                   f"{weights.get(key)}; a family reports exactly its terms of non-zero weight")
+            w = 1.0 if key in family.parameter_losses else share
+            loss = loss + weights[key] * w * value
+            aux_values[key] = aux_values.get(key, 0.0) + w * value.detach().float()
+        objective += loss.detach()
+        loss.backward()
+        family.after_backward(model)
+        tokens += b.n_tokens
+    return StepResult(loss_value, objective, aux_values, {k: weights[k] for k in aux_values}, tokens, n_answer)
+
+
+def training_step(model: torch.nn.Module, method, batches: list[Batch], optimizer, scheduler, *,
+                  batch_size: int, max_grad_norm: float) -> StepResult:
+    """One optimizer step as training runs it: :func:`accumulate_gradients`, gradient clipping,
+    the optimizer and scheduler steps. Used by :func:`train` and ``benchmarks/step_time.py``."""
+    result = accumulate_gradients(model, method, batches, batch_size)
+    result.grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
 
 
 def train(
@@ -276,9 +346,6 @@ def train(
     tc = cfg.train
     from .errors import ConfigError
 
-    if tc.batch_size % tc.micro_batch_size:
-        raise ConfigError(f"config key 'train.batch_size' ({tc.batch_size}) must be a multiple of "
-                          f"'train.micro_batch_size' ({tc.micro_batch_size})")
     if base_dtype(loaded.model) == torch.float16:
         raise ConfigError("config key 'model.dtype': training an fp16 model needs loss scaling, which medpeft "
                           "does not implement; use bf16 (mixed precision, fp32 adapter weights) or fp32")
@@ -307,14 +374,14 @@ def train(
             model.enable_input_require_grads()
     model.train()
     compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) else []
-    optimizer, scheduler = build_optimizer(model, cfg)
+    optimizer, scheduler = build_optimizer(model, tc)
     params = count_parameters(model)
 
     start_step, tokens_seen, answer_tokens_seen, elapsed_before = 0, 0, 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler)
         start_step, tokens_seen = state["step"], state["tokens"]
         answer_tokens_seen, elapsed_before = state["answer_tokens"], state["elapsed_s"]
         _truncate_metrics(metrics_path, start_step)
@@ -334,47 +401,26 @@ def train(
             indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)
             batches = [collate([encoded[i] for i in c], [train_set[i].tags for i in c], pad_id) for c in chunks]
-            n_answer = sum(b.n_answer_tokens for b in batches)
-            # kept on the device; read back only when logged, so a step has no host sync
-            loss_value = torch.zeros((), device=loaded.device)
-            aux_values: dict[str, torch.Tensor] = {}
-            for i, b in enumerate(batches):
-                b = b.to(loaded.device)
-                set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
-                with autocast_for(model):
-                    loss = answer_loss_sum(model, b) / n_answer
-                    # batch-mean auxiliary losses are weighted by the micro-batch's share of the step
-                    share = b.input_ids.shape[0] / tc.batch_size
-                    aux_total, aux = auxiliary_losses(model, cfg.method, share)
-                loss_value += loss.detach()
-                if aux_total is not None:
-                    loss = loss + aux_total
-                    for key, value in aux.items():
-                        w = 1.0 if key in PARAMETER_LOSSES or key == "anchor" else share
-                        aux_values[key] = aux_values.get(key, 0.0) + w * value.detach().float()
-                loss.backward()
-                after_backward(model)
-                tokens_seen += b.n_tokens
-            answer_tokens_seen += n_answer
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = training_step(model, cfg.method, batches, optimizer, scheduler, batch_size=tc.batch_size,
+                                   max_grad_norm=tc.max_grad_norm)
+            tokens_seen += result.tokens
+            answer_tokens_seen += result.answer_tokens
             done = step + 1
             progress.update(1)
             if done % tc.log_every == 0 or done == tc.steps or done == 1:
-                row = {"step": done, "loss": float(loss_value), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                aux = sorted(result.aux)
+                row = {"step": done, "loss": float(result.loss), "objective": float(result.objective),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm), "tokens": tokens_seen,
                        "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                       **{f"aux_{k}": float(v) for k, v in sorted(aux_values.items())}}
+                       **{f"aux_{k}": float(result.aux[k]) for k in aux},
+                       "aux_weights": {k: result.aux_weights[k] for k in aux}}
                 progress.set_postfix(loss=f"{row['loss']:.3f}")
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                for key in ("loss", "lr", "grad_norm", *(f"aux_{k}" for k in sorted(aux_values))):
+                for key in ("loss", "objective", "lr", "grad_norm", *(f"aux_{k}" for k in aux)):
                     writer.add_scalar(f"train/{key}", row[key], done)
             if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
-                save_checkpoint(run_dir, done, model, optimizer, scheduler,
+                save_checkpoint(run_dir, done, model, cfg.method, optimizer, scheduler,
                                 {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
                                  "elapsed_s": elapsed_before + time.perf_counter() - t0})
             if on_step is not None:
@@ -387,6 +433,7 @@ def train(
     save_trained(model, cfg.method, run_dir)
     summary = {
         "method": cfg.method.name, "base_model": cfg.model.name, **params,
+        "loss_weights": {k: w for k, w in family_of(cfg.method).loss_weights(cfg.method).items() if w > 0},
         "steps": tc.steps, "batch_size": tc.batch_size, "train_examples": len(encoded),
         "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
         "train_time_s": round(loop_time, 3),  # the training loop, without the final save

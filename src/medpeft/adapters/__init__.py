@@ -1,100 +1,112 @@
-"""Adapter methods: building, counting, saving and loading, behind one interface.
+"""Adapter methods: building, training hooks, saving and loading, behind one registry.
 
-* ``lora``, ``dora``: HF ``peft`` (peft_methods.py); ``full``: every weight trainable.
-* ``birg``, ``rankwise``: rank-gated LoRA (birg.py), injected by our own code (inject.py)
-  since ``peft`` has no supported plug-in API for new layer types.
+Every method family registers a :class:`~medpeft.adapters.registry.MethodFamily` entry
+(registry.py); the functions here, and the rest of the pipeline, only ask the registry.
+Built-in families (each one module or folder and one registration):
+
+* ``peft_lora``: ``lora``, ``dora`` through HF ``peft``;   * ``full``: full fine-tuning;
+* ``birg/``: BiRG-LoRA and the rank-wise control;          * ``moe/``: the LoRA mixtures of experts.
+
+``birg`` and ``moe`` inject their own layers (inject.py), since ``peft`` has no supported
+plug-in API for new layer types.
+
+A trained run's ``adapter/`` folder describes itself: ``medpeft_adapter.json`` holds the
+family and the full method config next to the family's weight files, so the folder loads
+without the run's config and a mismatched or unknown method is a clear error.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..config import BirgMethod, FullMethod, LoraMethod, MoeMethod
+from ..errors import ConfigError, MedpeftError
 from ..io import atomic_dir, write_json
-from . import peft_methods
-from .birg import BirgLayerFactory, routing_losses, weighted_aux_loss
-from .inject import inject_adapters, load_adapter_weights, save_adapter
-from .moe import MoeLayerFactory, commit_queues, moe_aux_loss, moe_losses
+# The built-in families register themselves on import, in the order of the preset catalogue.
+from . import peft_lora  # noqa: F401,I001
+from . import full  # noqa: F401
+from . import birg  # noqa: F401
+from . import moe  # noqa: F401
+from .registry import (MethodCounts, MethodFamily, Preset, catalogue, family_of, method_from_dict, method_label,
+                       preset_config, register_family, unregister_family)
 from .routing import routing_state, set_routing
 
 ADAPTER_DIR = "adapter"
-__all__ = ["apply_method", "count_parameters", "save_trained", "load_trained", "set_routing",
-           "auxiliary_losses", "after_backward", "ADAPTER_DIR"]
-OWN_INJECTION = (BirgMethod, MoeMethod)  # methods whose layers we inject ourselves
+ADAPTER_META = "medpeft_adapter.json"  # not peft's adapter_config.json: a schema peft cannot read
+META_VERSION = 1
+
+__all__ = ["apply_method", "remove_method", "reads_tags", "save_trained", "load_trained", "read_adapter_method",
+           "set_routing", "routing_state", "family_of", "register_family", "unregister_family", "MethodFamily",
+           "Preset", "MethodCounts", "catalogue", "preset_config", "method_from_dict", "method_label",
+           "ADAPTER_DIR", "ADAPTER_META"]
 
 
 def apply_method(model: nn.Module, method) -> nn.Module:
     """Make ``model`` trainable with ``method``; returns the model to train."""
-    if isinstance(method, BirgMethod):
-        inject_adapters(model, list(method.target_modules), BirgLayerFactory(method))
-        return model
-    if isinstance(method, MoeMethod):
-        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
-        inject_adapters(model, list(method.target_modules), MoeLayerFactory(method, n_layers))
-        return model
-    return peft_methods.apply_method(model, method)
+    return family_of(method).apply(model, method)
 
 
-def uses_tags(method) -> bool:
-    """Whether the method reads the clinical tags (so tag perturbation can change its output)."""
-    return (isinstance(method, BirgMethod) and method.clinical_gate) or \
-        (isinstance(method, MoeMethod) and method.router == "route")
+def remove_method(model: nn.Module, method) -> nn.Module:
+    """Undo :func:`apply_method`: the bare base model, frozen."""
+    return family_of(method).remove(model)
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_params": trainable, "total_params": total}
-
-
-def auxiliary_losses(model: nn.Module, method, share: float = 1.0) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The routed adapters' auxiliary losses of the last forward: (weighted sum, each term).
-
-    ``share``: this micro-batch's fraction of the optimizer step's examples.
-    """
-    state = routing_state(model)
-    if state is None:
-        return None, {}
-    if isinstance(method, MoeMethod):
-        aux = moe_losses(state, method)
-        return moe_aux_loss(aux, method, share), aux
-    aux = routing_losses(state, method)
-    return weighted_aux_loss(aux, method, share), aux
-
-
-def after_backward(model: nn.Module) -> None:
-    """Updates that must follow a micro-batch's backward pass (SparseDoctor's expert queues)."""
-    state = routing_state(model)
-    if state is not None:
-        commit_queues(state)
+def reads_tags(method) -> bool:
+    """Whether the method's outputs depend on the clinical tags (tag perturbation applies)."""
+    return family_of(method).reads_tags(method)
 
 
 def save_trained(model: nn.Module, method, run_dir: Path) -> Path:
-    """Save the trained weights to ``run_dir/adapter`` atomically.
-
-    lora/dora: ``peft`` format, loadable with ``PeftModel.from_pretrained``; full: a
-    ``save_pretrained`` folder; birg/rankwise: ``adapter.safetensors`` + ``adapter_config.json``.
-    """
+    """Save the trained weights and the method to ``run_dir/adapter`` atomically."""
     final = Path(run_dir) / ADAPTER_DIR
+    family = family_of(method)
     with atomic_dir(final) as tmp:
-        if isinstance(method, OWN_INJECTION):
-            save_adapter(model, method, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        write_json(tmp / "medpeft_method.json", {"method": method.name})
+        family.save(model, method, tmp)
+        write_json(tmp / ADAPTER_META, {"medpeft_adapter": META_VERSION, "family": family.name,
+                                        "method": dataclasses.asdict(method)})
     return final
 
 
-def load_trained(base_model: nn.Module, method, run_dir: Path) -> nn.Module:
-    """The base model with the trained adapter of ``run_dir`` applied (eval mode)."""
-    path = Path(run_dir) / ADAPTER_DIR
-    if isinstance(method, OWN_INJECTION):
-        apply_method(base_model, method)
-        load_adapter_weights(base_model, path)
-        return base_model.eval()
-    if isinstance(method, (LoraMethod, FullMethod)):
-        return peft_methods.load_trained(base_model, method, path)
-    raise TypeError(f"no loader for method {method!r}")
+def read_adapter_method(run_dir: Path):
+    """The method config an adapter folder was trained with (validated), from its own files."""
+    folder = Path(run_dir) / ADAPTER_DIR
+    if not folder.is_dir():
+        raise MedpeftError(f"{run_dir}: no trained adapter (folder '{ADAPTER_DIR}' is missing); train it first")
+    meta_path = folder / ADAPTER_META
+    if not meta_path.is_file():
+        raise MedpeftError(f"{meta_path}: missing; the folder was not written by this version of medpeft")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MedpeftError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), dict):
+        raise MedpeftError(f"{meta_path}: field 'method' must be the method's config (a mapping)")
+    try:
+        return method_from_dict(meta["method"])
+    except ConfigError as err:
+        raise MedpeftError(f"{meta_path}: {err}") from None
+
+
+def load_trained(base_model: nn.Module, run_dir: Path, expected=None) -> nn.Module:
+    """The base model with the trained adapter of ``run_dir`` applied (eval mode).
+
+    The method comes from the adapter folder; ``expected`` (e.g. the run config's method)
+    must equal it.
+    """
+    method = read_adapter_method(run_dir)
+    folder = Path(run_dir) / ADAPTER_DIR
+    if expected is not None and method != expected:
+        ours, theirs = dataclasses.asdict(method), dataclasses.asdict(expected)
+        keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise MedpeftError(f"{folder / ADAPTER_META}: the adapter was trained as method {method.name!r}, which "
+                           f"differs from the config's method {expected.name!r} in {', '.join(keys)}")
+    from safetensors import SafetensorError
+
+    try:
+        return family_of(method).load(base_model, method, folder)
+    except (ValueError, RuntimeError, OSError, KeyError, SafetensorError) as err:  # unreadable or misfit files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MedpeftError(f"{folder}: cannot load the adapter into this base model: {first}") from None

@@ -52,7 +52,7 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     Compiled: the broadcast product ``a[:, :, None] * b[None]`` summed over k, which the
     compiler turns into fused reductions in the forward and backward, where a matrix-product
     library call is one launch forward and two backward per module (the routed step is
-    launch-bound on a GPU, docs/performance.md; BiRG's layer graph: 137 -> 94 launches).
+    launch-bound on a GPU; launch counts in docs/performance.md).
     Only for a few rows: the product has B x k x n elements. Eager: the library product.
     """
     if not torch.compiler.is_compiling():
@@ -63,6 +63,9 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
 
 @dataclass
 class RoutingState:
+    """The routing context every routed family needs; a family subclasses it to prepare its
+    own per-batch tensors (:meth:`prepare_batch`)."""
+
     prompt_mask: torch.Tensor | None = None  # [B, T] bool: prompt tokens (answers excluded)
     specialty: torch.Tensor | None = None  # [B] long
     operation: torch.Tensor | None = None  # [B] long
@@ -72,11 +75,10 @@ class RoutingState:
     frozen: dict[str, tuple] = field(default_factory=dict)
     records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     layers: list = field(default_factory=list)  # the routed layers sharing this state, in model order
-    # Per-batch tensors every routed layer reads, computed once per set_routing (they
-    # depend on the batch, not on the layer); fp32, cast by the reader.
-    pool_weights: torch.Tensor | None = None  # [B, T]: masked mean over prompt tokens (rows sum to 1)
-    tag_onehot: torch.Tensor | None = None  # [B, 89]: 1 at each of a question's three clinical-table rows
-    _cache: dict = field(default_factory=dict)  # eager-only per-batch helpers (loss computations)
+    # [B, T] fp32: masked mean over prompt tokens (rows sum to 1), computed once per batch
+    # (it depends on the batch, not on the layer); cast by the reader
+    pool_weights: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)  # eager-only per-batch helpers of the loss computations
     _pooled: tuple | None = None  # eager only: (input tensor, its pooling), shared by q/k/v and gate/up
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,18 +99,18 @@ class RoutingState:
     def update(self, prompt_mask: torch.Tensor, specialty: torch.Tensor, operation: torch.Tensor, *,
                freeze: bool = False, record: bool = False, parameter_losses: bool = True) -> None:
         """A new batch's context (what :func:`set_routing` does for a model's state)."""
-        from .birg import N_TAG_ROWS, tag_rows
-
         self.prompt_mask = prompt_mask.bool()
         self.specialty, self.operation = specialty, operation
         self.freeze, self.record, self.parameter_losses = freeze, record, parameter_losses
-        self.frozen, self.records, self._cache, self._pooled = {}, {}, {}, None
+        self.frozen, self.records, self.cache, self._pooled = {}, {}, {}, None
         m = self.prompt_mask.float()
         self.pool_weights = m / m.sum(1, keepdim=True).clamp(min=1)
-        rows = tag_rows(specialty, operation)
-        self.tag_onehot = torch.zeros(rows.shape[0], N_TAG_ROWS, device=rows.device).scatter_(1, rows, 1.0)
         for layer in self.layers:  # outputs of an abandoned forward (e.g. an exception) must not leak in
             layer.routing_out = None
+        self.prepare_batch()
+
+    def prepare_batch(self) -> None:
+        """Per-batch tensors of a family's layers, computed once per batch (override)."""
 
     def register(self, layer) -> None:
         self.layers.append(layer)
@@ -122,25 +124,6 @@ class RoutingState:
                 out.append(layer.routing_out)
                 layer.routing_out = None
         return out
-
-    def tag_group_averager(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both tag axes stacked: ``W [G, B]`` averaging rows per tag value (absent values:
-        zero rows) and ``[G, G]`` pair weights, ``1/n_pairs(axis)`` on distinct present
-        values of the same axis, else 0 -- so ``sum(cos * weights)`` is the sum over axes
-        of the mean prototype similarity."""
-        if "groups" not in self._cache:
-            from ..tags import OPERATIONS, SPECIALTIES
-
-            blocks, weights = [], []
-            for ids, n_values in ((self.specialty, len(SPECIALTIES)), (self.operation, len(OPERATIONS))):
-                onehot = torch.nn.functional.one_hot(ids, n_values).float().T  # [G, B]
-                counts = onehot.sum(1, keepdim=True)
-                present = (counts.squeeze(1) > 0).float()
-                pairs = present[:, None] * present[None, :] * (1 - torch.eye(n_values, device=ids.device))
-                blocks.append(onehot / counts.clamp(min=1))
-                weights.append(pairs / pairs.sum().clamp(min=1))
-            self._cache["groups"] = (torch.cat(blocks), torch.block_diag(*weights))
-        return self._cache["groups"]
 
 
 def routing_state(model: nn.Module) -> RoutingState | None:

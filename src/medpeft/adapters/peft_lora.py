@@ -1,0 +1,112 @@
+"""``lora`` and ``dora`` through HF ``peft`` (``LoraConfig(use_dora=...)``), one registration.
+
+The saved adapter is ``peft``'s own format, loadable with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .registry import DEFAULT_TARGETS, MethodFamily, Preset, register_family
+
+_PARAMETRIC = re.compile(r"^(lora|dora)-r(\d+)$")
+
+
+@dataclass
+class LoraMethod:
+    """``lora`` and ``dora`` (through ``peft``): rank, scale ``alpha/r``, targets."""
+
+    name: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+def _compile_friendly_dora() -> None:
+    """Let ``torch.compile`` trace peft's DoRA layer without graph breaks.
+
+    peft's DoRA forward calls ``dequantize_module_weight``, whose test for torchao weights
+    (``type(weight).__module__.startswith(...)``) dynamo cannot trace: a graph break in every
+    DoRA module of a compiled decoder layer. A plain (unquantized) weight is returned as is
+    before that test, as peft itself would; anything else goes to peft's own function.
+    """
+    from peft.tuners.lora import dora
+
+    original = dora.dequantize_module_weight
+    if getattr(original, "medpeft_plain_first", False):
+        return
+
+    def dequantize_module_weight(module):
+        weight = getattr(module, "weight", None)
+        if not hasattr(module, "W_q") and type(weight) is torch.nn.Parameter:
+            return weight
+        return original(module)
+
+    dequantize_module_weight.medpeft_plain_first = True
+    dora.dequantize_module_weight = dequantize_module_weight
+
+
+class PeftLoraFamily(MethodFamily):
+    name = "peft-lora"
+    methods = {"lora": "Fixed LoRA", "dora": "PEFT"}
+    schema = LoraMethod
+    presets = (
+        Preset("lora-r4", "lora", {"r": 4, "alpha": 8.0}, about="vanilla LoRA r4/alpha8", table=True),
+        Preset("lora-r16", "lora", about="vanilla LoRA r16/alpha32", table=True, benchmark=True),
+        Preset("lora-r24", "lora", {"r": 24, "alpha": 48.0}, about="vanilla LoRA r24/alpha48", table=True),
+        Preset("dora-r24", "dora", {"r": 24, "alpha": 48.0}, about="DoRA r24/alpha48", table=True, benchmark=True),
+    )
+
+    def parametric_preset(self, name):
+        """``lora-rN`` / ``dora-rN`` for any N: rank N, alpha 2N (the papers' ratio)."""
+        found = _PARAMETRIC.match(name)
+        if not found or int(found.group(2)) < 1:
+            return None
+        r = int(found.group(2))
+        return {"name": found.group(1), "r": r, "alpha": 2.0 * r}
+
+    def apply(self, model, method):
+        from peft import LoraConfig, get_peft_model
+
+        if method.name == "dora":
+            _compile_friendly_dora()
+        config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                            target_modules=list(method.target_modules), use_dora=method.name == "dora",
+                            bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+    def remove(self, model):
+        base = model.unload()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+
+    def save(self, model, method, folder: Path):
+        model.save_pretrained(folder, safe_serialization=True)
+
+    def load(self, base_model, method, folder: Path):
+        from peft import PeftModel
+
+        if not (folder / "adapter_model.safetensors").exists():
+            raise ValueError(f"{folder}: no adapter_model.safetensors (pickled adapter files are not read)")
+        config_path = folder / "adapter_config.json"
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        want = {"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
+                "use_dora": method.name == "dora", "target_modules": sorted(method.target_modules)}
+        got = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v
+               for k, v in saved.items() if k in want}
+        differ = sorted(k for k in want if got.get(k) != want[k])
+        if differ:
+            raise ValueError(f"{config_path}: peft's config disagrees with the method in {', '.join(differ)}")
+        if method.name == "dora":
+            _compile_friendly_dora()
+        return PeftModel.from_pretrained(base_model, str(folder)).eval()
+
+
+register_family(PeftLoraFamily())
