@@ -124,10 +124,11 @@ def cmd_tag(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from .adapters.accounting import count_method, default_rows, params_table
+    from .adapters.accounting import count_method, params_table
+    from .adapters.registry import table_rows
 
     counts = []
-    for name in args.methods or default_rows():
+    for name in args.methods or table_rows():
         try:
             counts.append(count_method(args.arch, name))
         except ValueError as err:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .adapters.registry import is_preset, method_from_dict, preset_config
+from .adapters.registry import DEFAULT_PRESET, is_preset, method_from_dict, preset_config
 from .errors import ConfigError
 from .schema import from_dict, require, require_choice
 
@@ -113,7 +113,7 @@ class RunConfig:
     # each in output_dir/<cell> (see grid_cells).
     grid: Any = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: Any = field(default_factory=lambda: preset_config("lora-r16"))
+    method: Any = field(default_factory=lambda: preset_config(DEFAULT_PRESET))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

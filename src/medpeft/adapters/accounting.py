@@ -20,17 +20,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .registry import family_of, preset_config, table_presets
+from .registry import family_of, preset_config
 
 ARCH_DIR = Path(__file__).resolve().parents[1] / "archs"
 LIBRARY = re.compile(r"^library-(\d+)x-(.+)$")
-# The BiRG-LoRA paper's adapter-library baselines: 16 route adapters of LoRA rank 8.
-PAPER_LIBRARY = "library-16x-lora-r8"
-
-
-def default_rows() -> list[str]:
-    """The rows ``medpeft params`` shows by default: the papers' table presets and the library."""
-    return [*table_presets(), PAPER_LIBRARY]
 
 
 def build_meta_model(arch: str) -> torch.nn.Module:

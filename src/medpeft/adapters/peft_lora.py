@@ -62,7 +62,7 @@ class PeftLoraFamily(MethodFamily):
         Preset("lora-r24", "lora", {"r": 24, "alpha": 48.0}, about="vanilla LoRA r24/alpha48", table=True),
         Preset("dora-r24", "dora", {"r": 24, "alpha": 48.0}, about="DoRA r24/alpha48", table=True, benchmark=True),
     )
-
+    table_rows = ("library-16x-lora-r8",)  # the BiRG-LoRA paper's 16-adapter rank-8 library
     def parametric_preset(self, name):
         """``lora-rN`` / ``dora-rN`` for any N: rank N, alpha 2N (the papers' ratio)."""
         found = _PARAMETRIC.match(name)

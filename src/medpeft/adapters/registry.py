@@ -26,6 +26,7 @@ from ..schema import from_dict, require
 # The linear layers adapters wrap by default (every attention and MLP projection of a
 # Llama/Qwen-style decoder), as peft's ``target_modules``.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_PRESET = "lora-r16"  # the method of a config without a ``method:`` section
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +81,9 @@ class MethodFamily:
     parameter_losses: frozenset[str] = frozenset()
     # Every parameter of the model trains (full fine-tuning), not only added ones.
     trains_base_weights: bool = False
+    # Rows of the papers' parameter tables that are not presets (``accounting``'s
+    # ``library-<N>x-<preset>`` form, e.g. an adapter library), shown by ``medpeft params``.
+    table_rows: tuple[str, ...] = ()
 
     # -- config ---------------------------------------------------------------------------
     def validate(self, method, prefix: str = "method") -> None:
@@ -232,6 +236,11 @@ def catalogue() -> list[str]:
 def table_presets() -> list[str]:
     """The presets that are rows of the papers' tables."""
     return [name for name, p in _PRESETS.items() if p.table]
+
+
+def table_rows() -> list[str]:
+    """Every row of the papers' parameter tables: the table presets, then the families' other rows."""
+    return [*table_presets(), *(row for f in _FAMILIES.values() for row in f.table_rows)]
 
 
 def benchmark_presets() -> list[str]:
