@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -247,11 +248,15 @@ def test_routed_presets_audit_and_configs_round_trip(name, runs, tmp_path):
 
 # ------------------------------------------------------------------------------ 6
 
+COMPILE_BACKEND = os.environ.get("MEDPEFT_CONTRACT_BACKEND", "aot_eager")
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_compiled_equals_eager_without_graph_breaks(name):
     """Regional compilation (train.compile) traced by dynamo and AOT autograd (``aot_eager``:
     the compiled code paths and graph breaks, without C++ code generation, which the inductor
-    tests in test_precision_and_compile.py cover for BiRG and SparseDoctor)."""
+    tests in test_precision_and_compile.py cover for BiRG and SparseDoctor;
+    ``MEDPEFT_CONTRACT_BACKEND=inductor`` runs this test with code generation for every preset)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -274,7 +279,7 @@ def test_compiled_equals_eager_without_graph_breaks(name):
     eager, eager_grads = step()
     torch._dynamo.reset()
     counters.clear()
-    layers = compile_decoder_layers(model, backend="aot_eager")
+    layers = compile_decoder_layers(model, backend=COMPILE_BACKEND)
     try:
         compiled, compiled_grads = step()
     finally:

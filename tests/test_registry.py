@@ -50,6 +50,16 @@ def test_aliases_and_parametric_presets():
         preset_config("lora-r0")
 
 
+def test_methods_command_lists_the_catalogue(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["preset"] for r in rows] == catalogue()
+    sparse = next(r for r in rows if r["preset"] == "sparsedoctor")
+    assert sparse["base"] == "moelora" and sparse["changes"] == {"gate_contrast": True, "queue_size": 1024}
+    assert next(r for r in rows if r["preset"] == "birg")["aliases"] == ["birg-top4"]
+    assert main(["methods"]) == 0 and "| medmoe (= medmoe-asymmetric) | medmoe | LoRA-MoE |" in capsys.readouterr().out
+
+
 def _dummy_family(**attrs):
     @dataclasses.dataclass
     class DummyMethod:

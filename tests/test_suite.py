@@ -85,6 +85,15 @@ def test_ablation_plot(tmp_path):
     assert not plot_ablation_drops(rows[3:], "birg", tmp_path / "b.png")
 
 
+def test_ablations_are_grouped_by_the_preset_they_are_built_on():
+    from medpeft.report import ablation_groups
+
+    labels = ["birg", "birg-no-axis", "birg-top4", "lora-r16", "lora-r4", "medmoe", "medmoe-uniform",
+              "medmoe-bottom-heavy", "sparsedoctor", "x/birg", "x/birg-top8", "y/birg-top2"]
+    assert ablation_groups(labels) == {"birg": ["birg-no-axis"], "medmoe": ["medmoe-uniform", "medmoe-bottom-heavy"],
+                                       "x/birg": ["x/birg-top8"]}  # sparsedoctor's base moelora did not run
+
+
 def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
     """configs/paper/birg-main-tiny.yaml unchanged (7 methods x 2 seeds, perturbation), as CI runs it."""
     out = tmp_path / "tiny"

@@ -142,6 +142,22 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    from .adapters.registry import describe_presets
+
+    rows = describe_presets()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| preset | method | family | built on | changes | about |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        name = r["preset"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
+        changes = ", ".join(f"{k}: {json.dumps(v)}" for k, v in r["changes"].items()) or "-"
+        print(f"| {name} | {r['method']} | {r['label']} | {r['base'] or 'defaults'} | {changes} | {r['about']} |")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from .pipeline import run_audit
 
@@ -261,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_suite)
 
+    p = sub.add_parser("methods", help="the method presets: what each is built on and what it changes")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_methods)
+
     p = sub.add_parser("params", help="trainable and active parameters per method on an architecture")
     p.add_argument("--arch", default="qwen3-8b", help="qwen3-8b, llama-3.1-8b, tiny, a config.json path or a hub id")
     p.add_argument("--methods", nargs="+", help="method presets (default: the paper's table rows)")
@@ -269,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = ("train", "eval", "run", "tag", "params", "audit", "compare", "report", "suite")
+SUBCOMMANDS = ("train", "eval", "run", "tag", "methods", "params", "audit", "compare", "report", "suite")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,7 @@ class TrainConfig:
     log_every: int = 10
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer (regional compilation): true | false | auto (= on CUDA).
-    # Costs a one-off compile (1-5 minutes for an 8B model) and pays back within tens of steps.
+    # A one-off compile that pays back within tens of steps (docs/performance.md).
     compile: Any = "auto"
 
 

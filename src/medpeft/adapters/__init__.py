@@ -30,28 +30,22 @@ from . import peft_lora  # noqa: F401,I001
 from . import full  # noqa: F401
 from . import birg  # noqa: F401
 from . import moe  # noqa: F401
-from .registry import (MethodCounts, MethodFamily, Preset, catalogue, family_of, method_from_dict, method_label,
-                       preset_config, register_family, unregister_family)
+from .registry import (MethodFamily, Preset, catalogue, family_of, method_from_dict, method_label, preset_config,
+                       register_family, unregister_family)
 from .routing import routing_state, set_routing
 
 ADAPTER_DIR = "adapter"
 ADAPTER_META = "medpeft_adapter.json"  # not peft's adapter_config.json: a schema peft cannot read
 META_VERSION = 1
 
-__all__ = ["apply_method", "remove_method", "reads_tags", "save_trained", "load_trained", "read_adapter_method",
-           "set_routing", "routing_state", "family_of", "register_family", "unregister_family", "MethodFamily",
-           "Preset", "MethodCounts", "catalogue", "preset_config", "method_from_dict", "method_label",
-           "ADAPTER_DIR", "ADAPTER_META"]
+__all__ = ["apply_method", "reads_tags", "save_trained", "load_trained", "read_adapter_method", "set_routing",
+           "routing_state", "family_of", "register_family", "unregister_family", "MethodFamily", "Preset",
+           "catalogue", "preset_config", "method_from_dict", "method_label", "ADAPTER_DIR", "ADAPTER_META"]
 
 
 def apply_method(model: nn.Module, method) -> nn.Module:
     """Make ``model`` trainable with ``method``; returns the model to train."""
     return family_of(method).apply(model, method)
-
-
-def remove_method(model: nn.Module, method) -> nn.Module:
-    """Undo :func:`apply_method`: the bare base model, frozen."""
-    return family_of(method).remove(model)
 
 
 def reads_tags(method) -> bool:

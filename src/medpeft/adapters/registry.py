@@ -53,15 +53,6 @@ class Preset:
     benchmark: bool = False
 
 
-@dataclass
-class MethodCounts:
-    """Parameters of a built method: all trainable ones, and those one question's forward uses."""
-
-    trainable_params: int
-    active_params: int
-    active_rank: int
-
-
 class MethodFamily:
     """Everything the pipeline asks of a method family. Subclass, fill in, register.
 
@@ -250,6 +241,17 @@ def benchmark_presets() -> list[str]:
 
 def aliases() -> dict[str, str]:
     return dict(_ALIASES)
+
+
+def describe_presets() -> list[dict[str, Any]]:
+    """One row per preset: its method, family and label, base, the keys it changes, other names."""
+    rows = []
+    for name, p in _PRESETS.items():
+        family = _METHODS[p.method]
+        rows.append({"preset": name, "method": p.method, "family": family.name, "label": family.methods[p.method],
+                     "base": p.base, "changes": dict(p.overrides), "about": p.about,
+                     "aliases": [a for a, target in _ALIASES.items() if target == name]})
+    return rows
 
 
 def resolve_preset(name: str) -> Preset:

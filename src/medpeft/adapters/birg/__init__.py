@@ -26,13 +26,14 @@ class BirgFamily(InjectedFamily):
         # branch only, no injection, no orthogonality or axis losses
         Preset("rankwise", "rankwise", {"clinical_gate": False, "injection": False, "l_orth": 0.0, "l_axis": 0.0},
                about="generic rank-wise gate (SMoRA-like)", table=True, benchmark=True),
-        Preset("birg-clinical-only", "birg", {"hidden_gate": False}, base="birg"),
-        Preset("birg-hidden-only", "birg", {"clinical_gate": False}, base="birg"),
-        Preset("birg-no-injection", "birg", {"injection": False}, base="birg"),
-        Preset("birg-top2", "birg", {"kappa": 2}, base="birg"),
-        Preset("birg-top8", "birg", {"kappa": 8}, base="birg"),
-        Preset("birg-no-orth", "birg", {"l_orth": 0.0}, base="birg"),
-        Preset("birg-no-axis", "birg", {"l_axis": 0.0}, base="birg"),
+        Preset("birg-clinical-only", "birg", {"hidden_gate": False}, base="birg", about="ablation: gate from the tags only"),
+        Preset("birg-hidden-only", "birg", {"clinical_gate": False}, base="birg",
+               about="ablation: gate from the hidden state only"),
+        Preset("birg-no-injection", "birg", {"injection": False}, base="birg", about="ablation: rho fixed to 1"),
+        Preset("birg-top2", "birg", {"kappa": 2}, base="birg", about="ablation: 2 active atoms"),
+        Preset("birg-top8", "birg", {"kappa": 8}, base="birg", about="ablation: 8 active atoms"),
+        Preset("birg-no-orth", "birg", {"l_orth": 0.0}, base="birg", about="ablation: no orthogonality loss"),
+        Preset("birg-no-axis", "birg", {"l_axis": 0.0}, base="birg", about="ablation: no axis contrast"),
     )
     aliases = {"birg-top4": "birg"}  # kappa 4 is the default
 

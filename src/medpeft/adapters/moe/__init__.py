@@ -37,8 +37,10 @@ class MoeFamily(InjectedFamily):
                                     "n_anchor": 1, "n_min": 2, "n_max": 8, "gamma": 2.0, "l_var": 0.01,
                                     "l_anchor": 0.01},
                about="Med-MoE-LoRA: 2 -> 8 experts with depth, anchor expert, soft router", table=True, benchmark=True),
-        Preset("medmoe-uniform", "medmoe", {"n_min": 4, "n_max": 4}, base="medmoe", table=True),
-        Preset("medmoe-bottom-heavy", "medmoe", {"dense_end": "bottom"}, base="medmoe", table=True),
+        Preset("medmoe-uniform", "medmoe", {"n_min": 4, "n_max": 4}, base="medmoe", table=True,
+               about="allocation ablation: 4 experts in every layer"),
+        Preset("medmoe-bottom-heavy", "medmoe", {"dense_end": "bottom"}, base="medmoe", table=True,
+               about="allocation ablation: the schedule mirrored, 8 experts at the bottom, 2 at the top"),
         Preset("multilora", "multilora", {"router": "route", "n_experts": 0},
                about="one LoRA per specialty route", table=True, benchmark=True),
     )
