@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from medpeft.adapters import catalogue, family_of, preset_config, register_family, unregister_family
+from medpeft.adapters import catalogue, family_of, preset_config, register_family
 from medpeft.adapters.registry import (MethodFamily, Preset, aliases, base_values, families, method_names,
                                        preset_dict, resolve_preset)
 from medpeft.cli import main
-from medpeft.config import load_config
 from medpeft.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """Command line: ``medpeft <subcommand>``.
 
-Each subcommand is a small function registered in ``SUBCOMMANDS``; later families add
-theirs the same way. Bad input (config, data) is reported as one line, exit code 2.
+Each subcommand is a small function that parses its arguments and calls a job of
+``pipeline.py`` (or a reader: compare, report, params, methods), added to the parser in
+:func:`build_parser`. Bad input (config, data) is reported as one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -287,9 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_params)
     return parser
-
-
-SUBCOMMANDS = ("train", "eval", "run", "tag", "methods", "params", "audit", "compare", "report", "suite")
 
 
 def main(argv: list[str] | None = None) -> int:

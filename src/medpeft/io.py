@@ -54,12 +54,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file written by :func:`write_jsonl` (ignores blank lines)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def atomic_dir(final: str | os.PathLike) -> "AtomicDir":
     """Build a folder under a temporary name and rename it into place on success."""
     return AtomicDir(Path(final))

@@ -226,7 +226,3 @@ def tag_record(record: QARecord, *, text_only: bool = False) -> Tags:
     op = op or _first_rule(OPERATION_RULES, ask_of(stem)) or _first_rule(OPERATION_RULES, stem) \
         or (UNKNOWN, "no rule matched")
     return Tags(spec[0], op[0], spec[1], op[1])
-
-
-def tag_records(records, *, text_only: bool = False) -> list[Tags]:
-    return [tag_record(r, text_only=text_only) for r in records]

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SINGLE, MULTI, OPEN = "single", "multi", "open"
-LANGUAGES = ("zh", "en")
 
 
 @dataclass(frozen=True)
