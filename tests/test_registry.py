@@ -75,6 +75,11 @@ def _dummy_family(**attrs):
     ({"presets": (Preset("dummy-x", "lora"),)}, "not a method of"),
     ({"presets": (Preset("dummy-r0", "dummy", {"r": 0}),)}, "method.r"),  # presets must validate
     ({"aliases": {"dummy-alias": "nope"}}, "not a preset"),
+    ({"presets": (Preset("dummy-a", "dummy", {"r": 3}, base="dummy-b"),
+                  Preset("dummy-b", "dummy", {"r": 4}, base="dummy-a"))}, "bases loop"),
+    ({"methods": {"dummy": "Dummy", "dummy-r2": "Dummy"}}, "named like a method"),  # dummy-r2 configures 'dummy'
+    ({"aliases": {"dummy": "dummy-r2"}}, "named like a method"),
+    ({"routed": True}, "has no audit"),
 ])
 def test_a_bad_registration_is_refused_and_leaves_the_registry_unchanged(attrs, message):
     before = (list(catalogue()), list(method_names()), [f.name for f in families()], aliases())
@@ -120,6 +125,11 @@ def test_a_family_registered_from_tests_runs_through_every_command(tmp_path, cap
     assert row["trainable_params"] == summary["trainable_params"]
 
 
+# attribute and buffer names of the families' layers, which code outside the families must not look for
+LAYER_ATTRIBUTES = ("lora_A", "lora_B", "queue", "gate_tags", "gate_in", "routing_out", "pending_push",
+                    "spec_to_channel", "expert_of_channel", "log_tau")
+
+
 def test_the_registry_is_the_only_place_that_names_methods():
     """Pipeline modules and benchmarks ask the registry: they import no family's internals and
     hold no method or preset name (the benchmarks' reference row aside)."""
@@ -131,6 +141,9 @@ def test_the_registry_is_the_only_place_that_names_methods():
                  "medpeft.adapters.full", ".adapters.birg", ".adapters.moe", ".birg", ".moe", ".peft_lora", ".full")
     for path in modules:
         tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 module = ("." * node.level) + (node.module or "")
@@ -138,9 +151,21 @@ def test_the_registry_is_the_only_place_that_names_methods():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 allowed = path.parent.name == "benchmarks" and node.value == "lora-r16"
                 assert allowed, f"{path.name}:{node.lineno} names the method {node.value!r}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                # no sniffing of the families' layer attributes (prose in docstrings aside)
+                sniffed = [a for a in LAYER_ATTRIBUTES if a in node.value]
+                assert not sniffed, f"{path.name}:{node.lineno} looks for a family's attribute {sniffed}"
 
 
 # ------------------------------------------------------------------------------ validation first
+
+@pytest.mark.parametrize("section", ["{preset: 5}", "{preset: [birg]}", "{name: [lora]}", "{preset: nope}",
+                                     "{preset: lora-r16, name: dora}"])
+def test_a_malformed_method_section_is_one_line(section, capsys, tmp_path):
+    assert main(["train", "quickstart", f"output_dir={tmp_path / 'r'}", "methods=[]", f"method={section}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config key 'method." in err and "Traceback" not in err, err
+
 
 @pytest.mark.parametrize("overrides, key", [
     (["method={preset: birg}", "method.kappa=20"], "method.kappa"),
@@ -217,6 +242,43 @@ def test_a_copied_run_folder_describes_itself(tmp_path, capsys):
     assert main(["eval", str(copy), "--out", str(tmp_path / "e3")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(meta) in err and "'mystery'" in err
+
+
+def test_adapter_folders_of_the_previous_format_still_load(tmp_path):
+    """Before medpeft_adapter.json: medpeft_method.json (the name) and, for our own layers,
+    adapter_config.json holding the method config; peft folders took the method from the run."""
+    import torch
+
+    from medpeft.adapters import apply_method, load_trained, save_trained
+    from medpeft.errors import MedpeftError
+    from medpeft.models import load_model
+
+    for name in ("birg", "lora-r16"):
+        method = preset_config(name)
+        torch.manual_seed(0)
+        model = apply_method(load_model("tiny", device="cpu").model, method)
+        folder = save_trained(model, method, tmp_path / name)
+        (folder / "medpeft_adapter.json").unlink()
+        (folder / "medpeft_method.json").write_text(json.dumps({"method": method.name}))
+        if name == "birg":
+            (folder / "adapter_config.json").write_text(json.dumps({"method": dataclasses.asdict(method)}))
+            load_trained(load_model("tiny", device="cpu").model, tmp_path / name)
+        else:
+            with pytest.raises(MedpeftError, match="evaluate it through its run folder"):
+                load_trained(load_model("tiny", device="cpu").model, tmp_path / name)
+            load_trained(load_model("tiny", device="cpu").model, tmp_path / name, expected=method)
+
+
+def test_a_suite_does_not_reuse_a_finished_run_of_another_config(tmp_path, capsys):
+    args = ["suite", "quickstart", f"output_dir={tmp_path / 's'}", "methods=[lora-r16]", "train.steps=2",
+            "train.save_every=0", "data.max_length=192"]
+    assert main(args) == 0
+    table = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert set(table) == {"lora-r16"}
+    capsys.readouterr()
+    assert main(args + ["train.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a finished run of another config" in err and "train.lr" in err
 
 
 def test_an_adapter_folder_without_its_method_file_is_refused(tmp_path, capsys):

@@ -48,7 +48,8 @@ def audit(model, method, tokenizer, items: list[TaggedRecord], out_dir: Path | N
     """Run the audit; write ``per_question.jsonl``, ``summary.json`` and heatmaps to ``out_dir``."""
     family = family_of(method)
     if not family.routed:
-        raise ValueError(f"method {method.name!r} has no routed adapters to audit (lora, dora and full have no gate)")
+        raise ValueError(f"method {method.name!r} has no routed adapters to audit "
+                         "(its outputs do not depend on a per-question gate)")
     routes = collect_routing(model, method, tokenizer, items, max_length=max_length, batch_size=batch_size)
     result = family.audit(model, method, routes, items)
     if out_dir is not None:

@@ -211,9 +211,12 @@ def cmd_suite(args) -> int:
     from .pipeline import run_suite
     from .report import results_table
 
+    from .io import write_json
+
     cfg, variants = _variants(args)
     table, out = run_suite(cfg, variants)
     print(results_table(table), end="")
+    write_json(Path(cfg.output_dir) / "results.json", table)
     print(f"report.md, report.json and plots in {out}")
     return 0
 
@@ -251,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
     p.set_defaults(func=cmd_tag)
 
-    p = sub.add_parser("audit", help="routing audit of a rank-gated run: atoms, rho, effective rank, MI")
-    p.add_argument("run_dir", help="a trained birg/rankwise run folder")
+    p = sub.add_parser("audit", help="routing audit of a routed run (rank atoms or experts per question, MI with tags)")
+    p.add_argument("run_dir", help="a trained run folder of a routed method")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
     p.add_argument("--data", action="append", help="BENCHMARK=PATH to audit (repeatable; default: the run's eval sets)")
     p.add_argument("--out", help="output folder (default: RUN/audit)")

@@ -185,6 +185,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
+        if path == ["method", "preset"] and isinstance(raw.get("method"), dict):
+            raw["method"].pop("name", None)  # the new preset names the method (the file's other keys stay)
         node: Any = raw
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):
@@ -307,6 +309,20 @@ def resolve_data_path(value: str, base: Path | None = None) -> Path:
         return Path(__file__).parent / "data" / "examples" / value[4:]
     path = Path(value).expanduser()
     return path if path.is_absolute() or base is None else (base / path)
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """The dotted keys whose values differ between two run configs."""
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            out = {}
+            for key, inner in value.items():
+                out.update(flat(inner, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: value}
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
 def dump_config(cfg: RunConfig) -> str:

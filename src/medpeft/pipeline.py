@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .adapters import family_of, load_trained, reads_tags
+from .adapters import family_of, load_trained, read_adapter_method, reads_tags
 from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .errors import MedpeftError
@@ -22,13 +22,34 @@ def _loaded(cfg: RunConfig) -> LoadedModel:
                       attn_implementation=cfg.model.attn_implementation)
 
 
+def finished_run(cfg: RunConfig, run_dir: Path) -> dict | None:
+    """The summary of the finished run in ``run_dir`` if it was trained with ``cfg``; None if
+    the folder holds no finished run; a finished run of another config is refused."""
+    from .config import config_differences, load_config
+    from .errors import ConfigError
+
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return None
+    try:
+        saved = load_config(str(run_dir / "config.yaml"))
+    except ConfigError as err:  # e.g. a run of an older medpeft whose method settings are no longer valid
+        raise MedpeftError(f"{run_dir / 'config.yaml'}: {err}") from None
+    differ = config_differences(saved, cfg)
+    if differ:
+        raise MedpeftError(f"{run_dir} holds a finished run of another config (it differs in {', '.join(differ[:6])}"
+                           f"{', ...' if len(differ) > 6 else ''}); choose another output_dir or remove that run")
+    return json.loads(summary.read_text())
+
+
 def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     from .train import train
 
     run_dir = Path(cfg.output_dir)
-    if resume and (run_dir / "summary.json").exists():
+    done = finished_run(cfg, run_dir) if resume else None
+    if done is not None:
         log.info("%s is already trained; reusing it", run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return done
     eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
     train_set = load_train_set(cfg, eval_sets)
     return train(cfg, _loaded(cfg), train_set, resume=resume).summary
@@ -52,6 +73,8 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
     """Evaluate the trained run in ``run_dir``, or the bare base model when ``run_dir`` is None."""
     if not cfg.eval.benchmarks:
         raise MedpeftError("config key 'eval.benchmarks' is empty: nothing to evaluate")
+    if run_dir is not None:
+        read_adapter_method(run_dir, cfg.method)  # the adapter fits the config, before anything is loaded
     eval_sets = load_eval_sets(cfg.eval.benchmarks)
     loaded = _loaded(cfg)
     if run_dir is not None:
@@ -94,10 +117,11 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
 
     if not family_of(cfg.method).routed:
         raise MedpeftError(f"{run_dir}: method {cfg.method.name!r} has no routed adapters to audit "
-                           "(lora, dora and full have no gate)")
-    loaded = load_run_model(cfg, run_dir)
+                           "(its outputs do not depend on a per-question gate)")
+    read_adapter_method(run_dir, cfg.method)  # before anything is loaded
     items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets
              if t.record.question_type != "open"]
+    loaded = load_run_model(cfg, run_dir)
     return audit(loaded.model, cfg.method, loaded.tokenizer, items, out_dir or run_dir / "audit",
                  max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
 

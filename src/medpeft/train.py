@@ -183,6 +183,7 @@ def uncompile(layers: list[torch.nn.Module]) -> None:
 
 CKPT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.safetensors"  # a family's extra state (MethodFamily.training_state)
+LEGACY_TRAINING_STATE = "buffers.safetensors"  # its name before the method registry (same tensor names)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -222,8 +223,15 @@ def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    extra = ckpt / TRAINING_STATE
-    family_of(method).load_training_state(model, load_file(str(extra), device=str(device)) if extra.exists() else {})
+    from safetensors import SafetensorError
+
+    from .errors import MedpeftError
+
+    extra = next((p for p in (ckpt / TRAINING_STATE, ckpt / LEGACY_TRAINING_STATE) if p.exists()), None)
+    try:
+        family_of(method).load_training_state(model, load_file(str(extra), device=str(device)) if extra else {})
+    except (ValueError, SafetensorError) as err:  # e.g. a checkpoint without the expert queues the method needs
+        raise MedpeftError(f"{ckpt}: cannot resume: {err}") from None
     state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -64,43 +64,84 @@ def save_trained(model: nn.Module, method, run_dir: Path) -> Path:
     return final
 
 
-def read_adapter_method(run_dir: Path):
-    """The method config an adapter folder was trained with (validated), from its own files."""
+def read_adapter_method(run_dir: Path, expected=None):
+    """The method config an adapter folder was trained with (validated), from its own files;
+    ``expected`` (e.g. the run config's method) must equal it. Cheap: no weights are read.
+
+    Folders written before ``medpeft_adapter.json`` existed (``medpeft_method.json``) are read
+    from their old files: our own adapters kept the config in ``adapter_config.json``, peft's
+    took it from the run's config (``expected``).
+    """
     folder = Path(run_dir) / ADAPTER_DIR
     if not folder.is_dir():
         raise MedpeftError(f"{run_dir}: no trained adapter (folder '{ADAPTER_DIR}' is missing); train it first")
     meta_path = folder / ADAPTER_META
-    if not meta_path.is_file():
-        raise MedpeftError(f"{meta_path}: missing; the folder was not written by this version of medpeft")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MedpeftError(f"{meta_path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("method"), dict):
-        raise MedpeftError(f"{meta_path}: field 'method' must be the method's config (a mapping)")
-    try:
-        return method_from_dict(meta["method"])
-    except ConfigError as err:
-        raise MedpeftError(f"{meta_path}: {err}") from None
+    if not meta_path.is_file() and (folder / LEGACY_META).is_file():
+        method = _legacy_method(folder, expected)
+    elif not meta_path.is_file():
+        raise MedpeftError(f"{meta_path}: missing; the folder was not written by medpeft")
+    else:
+        meta = _read_json(meta_path)
+        if not isinstance(meta, dict) or not isinstance(meta.get("method"), dict):
+            raise MedpeftError(f"{meta_path}: field 'method' must be the method's config (a mapping)")
+        version = meta.get("medpeft_adapter")
+        if not isinstance(version, int) or not 1 <= version <= META_VERSION:
+            raise MedpeftError(f"{meta_path}: field 'medpeft_adapter': format version {version!r} is not one this "
+                               f"medpeft reads (1..{META_VERSION}); a newer medpeft wrote it?")
+        method = _method_from(meta["method"], meta_path)
+        if meta.get("family") != family_of(method).name:
+            raise MedpeftError(f"{meta_path}: field 'family': {meta.get('family')!r}, but method "
+                               f"{method.name!r} belongs to family {family_of(method).name!r}")
+    if expected is not None and method != expected:
+        ours, theirs = dataclasses.asdict(method), dataclasses.asdict(expected)
+        keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise MedpeftError(f"{meta_path}: the adapter was trained as method {method.name!r}, which "
+                           f"differs from the config's method {expected.name!r} in {', '.join(keys)}")
+    return method
 
 
 def load_trained(base_model: nn.Module, run_dir: Path, expected=None) -> nn.Module:
     """The base model with the trained adapter of ``run_dir`` applied (eval mode).
 
-    The method comes from the adapter folder; ``expected`` (e.g. the run config's method)
+    The method comes from the adapter folder (:func:`read_adapter_method`); ``expected``
     must equal it.
     """
-    method = read_adapter_method(run_dir)
-    folder = Path(run_dir) / ADAPTER_DIR
-    if expected is not None and method != expected:
-        ours, theirs = dataclasses.asdict(method), dataclasses.asdict(expected)
-        keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise MedpeftError(f"{folder / ADAPTER_META}: the adapter was trained as method {method.name!r}, which "
-                           f"differs from the config's method {expected.name!r} in {', '.join(keys)}")
     from safetensors import SafetensorError
 
+    method = read_adapter_method(run_dir, expected)
+    folder = Path(run_dir) / ADAPTER_DIR
     try:
         return family_of(method).load(base_model, method, folder)
     except (ValueError, RuntimeError, OSError, KeyError, SafetensorError) as err:  # unreadable or misfit files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MedpeftError(f"{folder}: cannot load the adapter into this base model: {first}") from None
+
+
+LEGACY_META = "medpeft_method.json"  # before medpeft_adapter.json: the method name only
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MedpeftError(f"{path}: not valid JSON ({err})") from None
+
+
+def _method_from(data: dict, path: Path):
+    try:
+        return method_from_dict(data)
+    except ConfigError as err:
+        raise MedpeftError(f"{path}: {err}") from None
+
+
+def _legacy_method(folder: Path, expected):
+    legacy = _read_json(folder / LEGACY_META)
+    name = legacy.get("method") if isinstance(legacy, dict) else None
+    old_config = folder / "adapter_config.json"
+    saved = _read_json(old_config) if old_config.is_file() else {}
+    if isinstance(saved, dict) and isinstance(saved.get("method"), dict):  # medpeft's own injected adapters
+        return _method_from(saved["method"], old_config)
+    if expected is None or expected.name != name:
+        raise MedpeftError(f"{folder / LEGACY_META}: an adapter folder of an older medpeft (method {name!r}); "
+                           "evaluate it through its run folder, whose config.yaml names the method")
+    return expected

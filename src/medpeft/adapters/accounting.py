@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .registry import family_of, preset_config
+from .registry import catalogue, family_of, is_preset, preset_config
 
 ARCH_DIR = Path(__file__).resolve().parents[1] / "archs"
 LIBRARY = re.compile(r"^library-(\d+)x-(.+)$")
@@ -59,8 +59,12 @@ class MethodCount:
 def count_method(arch: str, name: str) -> MethodCount:
     """Trainable and active parameters of preset ``name`` (or a ``library-NX-PRESET``) on ``arch``."""
     library = LIBRARY.match(name)
+    preset = library.group(2) if library else name
+    if not is_preset(preset):
+        raise ValueError(f"unknown method preset {preset!r}; known: {', '.join(catalogue())}, or "
+                         "library-<N>x-<preset>")
     try:
-        method = preset_config(library.group(2) if library else name)
+        method = preset_config(preset)
     except ConfigError as err:
         raise ValueError(f"{name!r}: {err}") from None
     family = family_of(method)
@@ -70,6 +74,8 @@ def count_method(arch: str, name: str) -> MethodCount:
     active, rank = family.count_active(model, method, trainable)
     if library:
         n = int(library.group(1))
+        if n < 1:
+            raise ValueError(f"{name!r}: a library needs at least one adapter")
         return MethodCount(name, n * trainable, active, rank)
     return MethodCount(name, trainable, active, rank)
 

@@ -168,6 +168,21 @@ def register_family(family: MethodFamily) -> MethodFamily:
     for preset in family.presets:
         if preset.method not in family.methods:
             raise ValueError(f"preset {preset.name!r} configures {preset.method!r}, not a method of {family.name!r}")
+        if preset.name in family.methods and preset.method != preset.name:  # method name `m` implies preset `m`
+            raise ValueError(f"preset {preset.name!r} is named like a method but configures {preset.method!r}")
+    for alias in family.aliases:
+        if alias in family.methods:
+            raise ValueError(f"alias {alias!r} is named like a method")
+    own = {p.name: p for p in family.presets}
+    for preset in family.presets:  # bases must not loop
+        seen, current = {preset.name}, preset
+        while current.base is not None and current.base in own:
+            if current.base in seen:
+                raise ValueError(f"preset {preset.name!r}: its bases loop ({' -> '.join([*seen, current.base])})")
+            seen.add(current.base)
+            current = own[current.base]
+    if family.routed and type(family).audit is MethodFamily.audit:
+        raise ValueError(f"method family {family.name!r} is routed but has no audit (implement MethodFamily.audit)")
     _FAMILIES[family.name] = family
     _METHODS.update({m: family for m in family.methods})
     _PRESETS.update({p.name: p for p in family.presets})
@@ -308,12 +323,18 @@ def method_from_dict(data: Any, prefix: str = "method"):
         raise ConfigError(f"config key '{prefix}' must be a mapping, got {data!r}")
     data = dict(data)
     preset = data.pop("preset", None)
-    if preset is None and is_preset(str(data.get("name"))):
+    for key, value in (("preset", preset), ("name", data.get("name"))):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"config key '{prefix}.{key}' must be str, got {value!r}")
+    if preset is None and data.get("name") is not None and is_preset(data["name"]):
         preset = data["name"]
     if preset is not None:
         expanded = preset_dict(preset)
+        if data.get("name") not in (None, expanded["name"], preset):
+            raise ConfigError(f"config key '{prefix}.name' is {data['name']!r}, but '{prefix}.preset' {preset!r} is a "
+                              f"preset of method {expanded['name']!r}; give one of them")
         data = {**expanded, **data, "name": expanded["name"]}
-    name = data.get("name", "lora")
+    name = data.get("name", preset_dict(DEFAULT_PRESET)["name"])
     if name not in _METHODS:
         raise ConfigError(f"config key '{prefix}.name' must be one of {', '.join(_METHODS)}, got {name!r}")
     family = _METHODS[name]
@@ -332,7 +353,8 @@ def check_common_keys(method, prefix: str = "method") -> None:
     if "r" in values:
         require(values["r"] >= 1, f"{prefix}.r", f"must be >= 1, got {values['r']}")
     if "alpha" in values:
-        require(values["alpha"] > 0, f"{prefix}.alpha", f"must be > 0, got {values['alpha']}")
+        require(math.isfinite(values["alpha"]) and values["alpha"] > 0, f"{prefix}.alpha",
+                f"must be a finite number > 0, got {values['alpha']}")
     if "dropout" in values:
         require(0 <= values["dropout"] < 1, f"{prefix}.dropout", f"must be in [0, 1), got {values['dropout']}")
     if "target_modules" in values:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ...schema import require
@@ -31,6 +32,6 @@ class BirgMethod:
 def validate(method: BirgMethod, prefix: str) -> None:
     require(1 <= method.kappa <= method.r, f"{prefix}.kappa",
             f"must be in 1..{prefix}.r ({method.r}), got {method.kappa}")
-    require(method.tau > 0, f"{prefix}.tau", f"must be > 0, got {method.tau}")
+    require(0 < method.tau < math.inf, f"{prefix}.tau", f"must be a finite number > 0, got {method.tau}")
     require(method.hidden_gate or method.clinical_gate, f"{prefix}.hidden_gate",
             f"and {prefix}.clinical_gate are both false: the gate needs at least one branch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ...schema import require, require_choice
@@ -53,8 +54,10 @@ def validate(m: MoeMethod, prefix: str) -> None:
     require(m.alpha_ratio >= 0, key("alpha_ratio"), f"must be >= 0, got {m.alpha_ratio}")
     require(m.n_anchor >= 0, key("n_anchor"), f"must be >= 0, got {m.n_anchor}")
     require(m.anchor_rank >= 1, key("anchor_rank"), f"must be >= 1, got {m.anchor_rank}")
-    require(m.tau > 0, key("tau"), f"must be > 0, got {m.tau}")
-    require(m.con_temperature > 0, key("con_temperature"), f"must be > 0, got {m.con_temperature}")
+    require(0 < m.tau < math.inf, key("tau"), f"must be a finite number > 0, got {m.tau}")
+    require(0 < m.con_temperature < math.inf, key("con_temperature"),
+            f"must be a finite number > 0, got {m.con_temperature}")
+    require(math.isfinite(m.alpha_ratio), key("alpha_ratio"), f"must be finite, got {m.alpha_ratio}")
     require(m.queue_size >= 0, key("queue_size"), f"must be >= 0, got {m.queue_size}")
     if (m.n_min is None) != (m.n_max is None):
         require(False, key("n_min" if m.n_min is None else "n_max"),
@@ -63,7 +66,7 @@ def validate(m: MoeMethod, prefix: str) -> None:
         require(m.n_min >= 1, key("n_min"), f"must be >= 1, got {m.n_min}")
         require(m.n_min <= m.n_max, key("n_min"), f"must be <= {key('n_max')} ({m.n_max}), got {m.n_min} "
                 f"(for more experts in lower layers set {key('dense_end')}: bottom)")
-        require(m.gamma > 0, key("gamma"), f"must be > 0, got {m.gamma}")
+        require(0 < m.gamma < math.inf, key("gamma"), f"must be a finite number > 0, got {m.gamma}")
         fewest = m.n_min
     else:
         require(m.n_experts >= 1 or (m.router == "route" and m.n_experts == 0), key("n_experts"),
