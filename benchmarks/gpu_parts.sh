@@ -7,7 +7,7 @@
 # cut short keeps what it measured). About 30 s of compilation per method on an H100.
 #   1  step time: lora-r16 birg rankwise (+ lora-r4, their equal active rank)
 #   2  step time: moelora sparsedoctor moe-vanilla (+ lora-r16)
-#   3  step time: lora-r16 medmoe multilora (+ lora-r104, lora-r8)
+#   3  step time: lora-r16 medmoe multilora (+ lora-r68, lora-r8: their equal active ranks at 8B)
 #   4  step time: lora-r16 dora-r24 full (+ lora-r24); full fine-tuning may print "out of memory"
 #   5  step time with gradient checkpointing: lora-r16 birg
 #   6  evaluation throughput, with eval.compile_decode

@@ -295,9 +295,7 @@ def base_values(preset: Preset) -> dict[str, Any]:
     """The keys a preset starts from: its base preset's, or the schema defaults of its method."""
     if preset.base is not None:
         return preset_dict(preset.base)
-    schema = _METHODS[preset.method].schema
-    defaults = dataclasses.asdict(schema(name=preset.method))
-    return defaults
+    return dataclasses.asdict(_METHODS[preset.method].schema(name=preset.method))
 
 
 def preset_dict(name: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..inject import InjectedFamily
 from ..registry import Preset, register_family
+from ..routing import routing_state
 from . import config
 from .audit import audit_atoms, effective_rank
 from .config import BirgMethod
@@ -64,16 +65,10 @@ class BirgFamily(InjectedFamily):
         return {k: getattr(method, f"l_{k}") for k in AUX_LOSSES}
 
     def aux_losses(self, model, method):
-        return birg_losses(self._state(model), method)
+        return birg_losses(routing_state(model), method)
 
     def audit(self, model, method, routes, items):
         return audit_atoms(model, routes, items)
-
-    @staticmethod
-    def _state(model):
-        from ..routing import routing_state
-
-        return routing_state(model)
 
 
 register_family(BirgFamily())
