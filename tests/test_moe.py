@@ -370,7 +370,7 @@ def test_sparsedoctor_resume_restores_the_expert_queues(tmp_path):
 
     shutil.copytree(tmp_path / "b", tmp_path / "c")  # a checkpoint without the queues is refused, not resumed empty
     (tmp_path / "c" / "checkpoints" / "step-0000002" / "training_state.safetensors").unlink()
-    with pytest.raises(MedpeftError, match="cannot resume: expert queues do not fit"):
+    with pytest.raises(MedpeftError, match="cannot resume from this checkpoint: expert queues do not fit"):
         train(cfg("c"), load_model("tiny", device="cpu"), items, resume=True)
     train(cfg("b"), load_model("tiny", device="cpu"), items, resume=True)
     wa = load_file(str(Path(tmp_path / "a" / "adapter" / "adapter.safetensors")))

@@ -29,6 +29,12 @@ def _add_skip_invalid(p: argparse.ArgumentParser) -> None:
                    help="skip malformed benchmark records (reported as counts per reason) instead of stopping")
 
 
+def _add_force_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force-resume", action="store_true",
+                   help="with --resume: continue even if the config differs from the interrupted run's "
+                        "(the differing keys are logged and recorded in summary.json)")
+
+
 def _load(config: str, overrides: list[str], skip_invalid: bool):
     from .config import load_config
 
@@ -57,7 +63,7 @@ def cmd_train(args) -> int:
     from .pipeline import run_train
 
     _, variants = _variants(args)
-    summaries = [run_train(variant, resume=args.resume) for variant in variants]
+    summaries = [run_train(variant, resume=args.resume, force_resume=args.force_resume) for variant in variants]
     print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
     return 0
 
@@ -95,7 +101,7 @@ def cmd_run(args) -> int:
     from .report import results_table
 
     cfg, variants = _variants(args)
-    table = run_cells(cfg, variants, resume=args.resume)
+    table = run_cells(cfg, variants, resume=args.resume, force_resume=args.force_resume)
     print(results_table(table), end="")
     if cfg.methods or len(cfg.seeds) > 1 or cfg.grid:
         write_json(Path(cfg.output_dir) / "results.json", table)
@@ -229,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an adapter from a config")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    _add_force_resume(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run folder, or a bare base model")
@@ -242,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train then evaluate, from one config")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    _add_force_resume(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tag", help="write specialty/operation tags of a benchmark file")

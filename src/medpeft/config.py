@@ -29,6 +29,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     device: str | None = None  # default: cuda if available
     attn_implementation: str | None = "sdpa"
+    # Import and run Python code shipped with the model (transformers' trust_remote_code).
+    # Off: such a model is refused with one line, never silently run or asked about on stdin.
+    trust_remote_code: bool = False
 
 
 @dataclass

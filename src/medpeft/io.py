@@ -27,12 +27,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as fh:
             yield fh
             fh.flush()
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -52,6 +59,56 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as fh:
         fh.write(text)
+
+
+_HELD_LOCKS: dict[Path, list] = {}  # run folder -> [open lock file, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``run_dir``'s lock: one process writes a run folder at a time.
+
+    An advisory ``flock`` on ``run_dir/.medpeft.lock``, taken without waiting (a second
+    writer fails at once) and released by the operating system when the holder exits, so a
+    killed run never leaves the folder locked. Re-entrant within a process. Where ``fcntl``
+    does not exist (Windows) there is no lock.
+    """
+    from .errors import MedpeftError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    run_dir = Path(run_dir).resolve()
+    held = _HELD_LOCKS.get(run_dir)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".medpeft.lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise MedpeftError(f"{run_dir} is in use by {owner}; wait for it to finish or choose another "
+                           "output_dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"medpeft process {os.getpid()}")
+    fh.flush()
+    _HELD_LOCKS[run_dir] = [fh, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[run_dir]
+        fh.close()  # releases the flock
 
 
 def atomic_dir(final: str | os.PathLike) -> "AtomicDir":

@@ -108,13 +108,13 @@ def _not_loadable(name: str, err: Exception):
     return MedpeftError(f"model {name!r}: cannot load it as a {kind}: {first}")
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, trust_remote_code: bool = False):
     if name == TINY:
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # missing folder, bad hub id, no network
         raise _not_loadable(name, err) from None
     if tok.pad_token is None:
@@ -123,16 +123,25 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | None = None,
-               attn_implementation: str | None = "sdpa") -> LoadedModel:
-    """Load a causal LM and its tokenizer: ``tiny``, a hub id, or a local folder."""
+               attn_implementation: str | None = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer: ``tiny``, a hub id, or a local folder.
+
+    ``trust_remote_code`` is passed to transformers explicitly (never its interactive
+    default): a model folder that ships code is refused unless it is True.
+    """
     dev = torch.device(device) if device else default_device()
-    tok = load_tokenizer(name)
+    if trust_remote_code and name != TINY:
+        import logging
+
+        logging.getLogger(__name__).warning("model.trust_remote_code is on: running Python code shipped with %s",
+                                            name)
+    tok = load_tokenizer(name, trust_remote_code)
     if name == TINY:
         model = build_tiny_model(len(tok)).to(dtype=resolve_dtype(dtype, dev))
     else:
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"dtype": resolve_dtype(dtype, dev)}
+        kwargs = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -12,6 +13,7 @@ from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .errors import MedpeftError
 from .evaluate import Evaluator, evaluate_sets
+from .io import run_lock
 from .models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def _loaded(cfg: RunConfig) -> LoadedModel:
     return load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
-                      attn_implementation=cfg.model.attn_implementation)
+                      attn_implementation=cfg.model.attn_implementation,
+                      trust_remote_code=cfg.model.trust_remote_code)
 
 
 def finished_run(cfg: RunConfig, run_dir: Path) -> dict | None:
@@ -35,24 +38,31 @@ def finished_run(cfg: RunConfig, run_dir: Path) -> dict | None:
         saved = load_config(str(run_dir / "config.yaml"))
     except ConfigError as err:  # e.g. a run of an older medpeft whose method settings are no longer valid
         raise MedpeftError(f"{run_dir / 'config.yaml'}: {err}") from None
-    differ = config_differences(saved, cfg)
+    differ = [k for k in config_differences(saved, cfg) if k != "output_dir"]  # a folder may have moved
     if differ:
         raise MedpeftError(f"{run_dir} holds a finished run of another config (it differs in {', '.join(differ[:6])}"
                            f"{', ...' if len(differ) > 6 else ''}); choose another output_dir or remove that run")
     return json.loads(summary.read_text())
 
 
-def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
-    from .train import train
+def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
+    """Train one run folder (holding its lock); with ``resume`` a finished run of the same
+    config is reused and an interrupted one continued -- checked before anything is loaded."""
+    from .train import resume_changes, train
 
     run_dir = Path(cfg.output_dir)
-    done = finished_run(cfg, run_dir) if resume else None
-    if done is not None:
-        log.info("%s is already trained; reusing it", run_dir)
-        return done
-    eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
-    train_set = load_train_set(cfg, eval_sets)
-    return train(cfg, _loaded(cfg), train_set, resume=resume).summary
+    with run_lock(run_dir):
+        done = finished_run(cfg, run_dir) if resume else None
+        if done is not None:
+            log.info("%s is already trained; reusing it", run_dir)
+            return done
+        if resume:
+            resume_changes(cfg, run_dir, force=force_resume)
+        elif (run_dir / "summary.json").exists():
+            raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
+        eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
+        train_set = load_train_set(cfg, eval_sets)
+        return train(cfg, _loaded(cfg), train_set, resume=resume, force_resume=force_resume).summary
 
 
 def load_run_model(cfg: RunConfig, run_dir: Path, loaded: LoadedModel | None = None) -> LoadedModel:
@@ -81,6 +91,12 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
         loaded = load_run_model(cfg, run_dir, loaded)
     evaluator = _evaluator(cfg, loaded)
     out = out_dir or ((run_dir / "eval") if run_dir is not None else Path(cfg.output_dir) / "eval")
+    writes_into_run = run_dir is not None and Path(out).resolve().is_relative_to(Path(run_dir).resolve())
+    with run_lock(run_dir) if writes_into_run else contextlib.nullcontext():
+        return _evaluate(cfg, evaluator, eval_sets, run_dir, out)
+
+
+def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Path | None, out: Path) -> dict:
     meta = {"model": cfg.model.name, "method": cfg.method.name if run_dir is not None else "base",
             "run_dir": str(run_dir) if run_dir is not None else None}
     results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
@@ -126,19 +142,37 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
                  max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
 
 
-def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False) -> dict[str, dict]:
-    """Train then evaluate every run config (finished ones reused with ``resume``), by label."""
+def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False,
+              force_resume: bool = False) -> dict[str, dict]:
+    """Train then evaluate every run config (finished ones reused with ``resume``), by label.
+    Every cell's evaluation sets are loaded and checked before the first training starts."""
+    checked: list = []
+    for variant in variants:  # a bad eval path or record must not cost a training run
+        if variant.eval.benchmarks not in checked:
+            load_eval_sets(variant.eval.benchmarks)
+            checked.append(variant.eval.benchmarks)
     table = {}
     for variant in variants:
-        summary = run_train(variant, resume=resume)
         run_dir = Path(variant.output_dir)
-        done = run_dir / "eval" / "results.json"
-        results = json.loads(done.read_text()) if resume and done.exists() else run_eval(variant, run_dir=run_dir)
+        with run_lock(run_dir):
+            summary = run_train(variant, resume=resume, force_resume=force_resume)
+            done = run_dir / "eval" / "results.json"
+            results = (_read_results(done) if resume and done.exists() else run_eval(variant, run_dir=run_dir))
         label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
         print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
               f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
         table[label] = results
     return table
+
+
+def _read_results(path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MedpeftError(f"{path}: not valid JSON ({err}); delete it to evaluate the run again") from None
+    if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), dict):
+        raise MedpeftError(f"{path}: field 'benchmarks' is missing; delete the file to evaluate the run again")
+    return results
 
 
 def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict], Path]:

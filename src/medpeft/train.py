@@ -184,6 +184,7 @@ def uncompile(layers: list[torch.nn.Module]) -> None:
 CKPT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.safetensors"  # a family's extra state (MethodFamily.training_state)
 LEGACY_TRAINING_STATE = "buffers.safetensors"  # its name before the method registry (same tensor names)
+OPTIMIZER_STATE = "optimizer.safetensors"  # optimizer and RNG tensors; the rest of their state is in state.json
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -192,7 +193,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def split_tensors(obj, tensors: dict[str, torch.Tensor], prefix: str = "t"):
+    """``obj`` (nested dicts, lists, tuples, tensors, numbers, strings) as a JSON-able skeleton
+    whose tensors are moved into ``tensors`` under generated keys: the optimizer, scheduler
+    and RNG states are stored as safetensors + JSON, so resuming never unpickles anything."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, split_tensors(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [split_tensors(v, tensors, prefix) for v in obj]}
+    if isinstance(obj, list):
+        return [split_tensors(v, tensors, prefix) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def join_tensors(skeleton, tensors: dict[str, torch.Tensor]):
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__tuple__" in skeleton:
+            return tuple(join_tensors(v, tensors) for v in skeleton["__tuple__"])
+        return {k: join_tensors(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [join_tensors(v, tensors) for v in skeleton]
+    return skeleton
+
+
 def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, scheduler, stats: dict) -> None:
+    """``checkpoints/step-N/``: trainable weights, the method's training state, and the optimizer,
+    scheduler and RNG states -- safetensors and JSON only (no pickle); ``state.json`` last."""
     from safetensors.torch import save_file
 
     family = family_of(method)
@@ -204,41 +239,58 @@ def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, schedule
         extra = {n: t.detach().contiguous().cpu() for n, t in family.training_state(model).items()}
         if extra:  # e.g. SparseDoctor's expert memory queues: part of the training state
             save_file(extra, str(tmp / TRAINING_STATE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   tmp / "state.pt")
-        write_json(tmp / "state.json", {"step": step, **stats})  # written last: marks the folder complete
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = split_tensors({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "rng_cpu": torch.get_rng_state(),
+                                  "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                                 tensors)
+        save_file(tensors, str(tmp / OPTIMIZER_STATE))
+        write_json(tmp / "state.json", {"step": step, **stats, "state": skeleton})  # last: marks the folder complete
     for old in (run_dir / CKPT_DIR).glob("step-*"):  # keep only the newest
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
-    device = next(model.parameters()).device
-    weights = load_file(str(ckpt / "trainable.safetensors"), device=str(device))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    """Restore a checkpoint written by :func:`save_checkpoint`; a missing, truncated or foreign
+    file is one line naming it (a pickled ``state.pt`` of an older medpeft is refused)."""
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     from .errors import MedpeftError
 
-    extra = next((p for p in (ckpt / TRAINING_STATE, ckpt / LEGACY_TRAINING_STATE) if p.exists()), None)
+    if (ckpt / "state.pt").exists() and not (ckpt / OPTIMIZER_STATE).exists():
+        raise MedpeftError(f"{ckpt / 'state.pt'}: a pickled checkpoint (older medpeft) is not loaded, since "
+                           "unpickling can run code; train again without --resume")
+    device = next(model.parameters()).device
+    current = ckpt / "state.json"
     try:
-        family_of(method).load_training_state(model, load_file(str(extra), device=str(device)) if extra else {})
-    except (ValueError, SafetensorError) as err:  # e.g. a checkpoint without the expert queues the method needs
-        raise MedpeftError(f"{ckpt}: cannot resume: {err}") from None
-    state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
+        meta = json.loads(current.read_text(encoding="utf-8"))
+        current = ckpt / "trainable.safetensors"
+        weights = load_file(str(current), device=str(device))
+        params = dict(model.named_parameters())
+        bad = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
+        bad += sorted(n for n in weights if n in params and weights[n].shape != params[n].shape)
+        if bad:
+            raise ValueError(f"its tensors do not fit this model ({', '.join(bad[:3])})")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        current = next((p for p in (ckpt / TRAINING_STATE, ckpt / LEGACY_TRAINING_STATE) if p.exists()), ckpt)
+        family_of(method).load_training_state(model, load_file(str(current), device=str(device))
+                                              if current != ckpt else {})
+        current = ckpt / OPTIMIZER_STATE
+        state = join_tensors(meta["state"], load_file(str(current), device="cpu"))
+        current = ckpt / "state.json"
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MedpeftError(f"{current}: cannot resume from this checkpoint: {first}") from None
     if state.get("rng_cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return json.loads((ckpt / "state.json").read_text())
+    return {k: v for k, v in meta.items() if k != "state"}
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -339,29 +391,67 @@ def training_step(model: torch.nn.Module, method, batches: list[Batch], optimize
     return result
 
 
+# Config keys that change how a run is executed or logged, not what it computes: a resume
+# may change them. Every other difference from the interrupted run's config is refused.
+RESUMABLE_CHANGES = ("output_dir", "train.save_every", "train.log_every", "train.compile",
+                     "train.gradient_checkpointing", "model.device", "eval.")
+
+
+def resume_changes(cfg: RunConfig, run_dir: Path, *, force: bool = False) -> list[str]:
+    """The keys in which ``cfg`` differs from the config an interrupted run in ``run_dir``
+    started with (those that change its result); refused unless ``force``."""
+    from .config import config_differences, load_config
+    from .errors import ConfigError, MedpeftError
+
+    if latest_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
+        return []
+    try:
+        saved = load_config(str(run_dir / "config.yaml"))
+    except ConfigError as err:
+        raise MedpeftError(f"{run_dir / 'config.yaml'}: {err}") from None
+    differ = [k for k in config_differences(saved, cfg) if not k.startswith(RESUMABLE_CHANGES)]
+    if differ and not force:
+        raise MedpeftError(f"{run_dir}: the interrupted run was started with another config (it differs in "
+                           f"{', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); resuming would mix two "
+                           "runs -- use the same config, another output_dir, or --force-resume")
+    if differ:
+        log.warning("%s: resuming with a changed config (%s), as --force-resume asks", run_dir, ", ".join(differ))
+    return differ
+
+
 def train(
     cfg: RunConfig,
     loaded: LoadedModel,
     train_set: list[TaggedRecord],
     *,
     resume: bool = False,
+    force_resume: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg.method`` on ``train_set``; write the run folder.
 
+    ``resume``: continue from the newest checkpoint, refused when the config differs from the
+    interrupted run's in a key that changes the result (``force_resume`` allows it).
     ``on_step(step)`` is called after each optimizer step (tests use it to interrupt).
     """
     tc = cfg.train
-    from .errors import ConfigError
+    from .errors import ConfigError, MedpeftError
+    from .io import run_lock
 
     if base_dtype(loaded.model) == torch.float16:
         raise ConfigError("config key 'model.dtype': training an fp16 model needs loss scaling, which medpeft "
                           "does not implement; use bf16 (mixed precision, fp32 adapter weights) or fp32")
     run_dir = Path(cfg.output_dir)
-    if not resume and (run_dir / "summary.json").exists():
-        from .errors import MedpeftError
+    with run_lock(run_dir):
+        if not resume and (run_dir / "summary.json").exists():
+            raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
+        changed = resume_changes(cfg, run_dir, force=force_resume) if resume else []
+        return _train_locked(cfg, loaded, train_set, run_dir, resume, changed, on_step)
 
-        raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
+
+def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRecord], run_dir: Path, resume: bool,
+                  changed: list[str], on_step) -> TrainResult:
+    tc = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_config(cfg))
 
@@ -445,7 +535,8 @@ def train(
         "steps": tc.steps, "batch_size": tc.batch_size, "train_examples": len(encoded),
         "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
         "train_time_s": round(loop_time, 3),  # the training loop, without the final save
-        "resumed_from_step": start_step or None, "device": str(loaded.device), "compiled": bool(compiled),
+        "resumed_from_step": start_step or None, "resumed_with_changes": changed or None,
+        "device": str(loaded.device), "compiled": bool(compiled),
     }
     write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them

@@ -41,7 +41,7 @@ def build_meta_model(arch: str) -> torch.nn.Module:
     else:
         config = AutoConfig.from_pretrained(arch, trust_remote_code=False)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
 @dataclass

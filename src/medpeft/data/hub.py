@@ -55,8 +55,12 @@ def load_hub(
     read the subject from the file name) and read by :func:`load_benchmark`. MedMCQA's hub
     copy indexes ``cop`` from 0, which is passed explicitly.
     """
-    from datasets import load_dataset  # heavy import, only on this path
+    from datasets import load_dataset  # heavy import, only on this path; datasets runs no dataset scripts
 
+    if benchmark not in HUB_IDS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"benchmark {benchmark!r} has no hub copy here; known: {', '.join(HUB_IDS)}")
     default_id, default_config, default_split = HUB_IDS[benchmark]
     hub_id, config, split = hub_id or default_id, config or default_config, split or default_split
     dataset = load_dataset(hub_id, config, split=split)
