@@ -29,6 +29,14 @@ def _add_skip_invalid(p: argparse.ArgumentParser) -> None:
                    help="skip malformed benchmark records (reported as counts per reason) instead of stopping")
 
 
+def _out_dir(value: str) -> Path:
+    """An ``--out`` folder: refused when a file is in the way (before any work)."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise MedpeftError(f"--out {value!r} is a file, not a folder")
+    return path
+
+
 def _add_force_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-resume", action="store_true",
                    help="with --resume: continue even if the config differs from the interrupted run's "
@@ -83,12 +91,12 @@ def cmd_eval(args) -> int:
         raise MedpeftError(f"{target}: neither a run folder (no config.yaml) nor a model folder (no config.json)")
     if (target / "config.yaml").exists():
         cfg = _load(str(target / "config.yaml"), args.overrides, args.skip_invalid)
-        out = Path(args.out) if args.out else target / "eval"
+        out = _out_dir(args.out) if args.out else target / "eval"
         results = run_eval(cfg, run_dir=target, out_dir=out)
         label = f"{cfg.method.name} ({target.name})"
     else:  # a bare base model: hub id, local folder or 'tiny'
         cfg = _load(args.config or "quickstart", [f"model.name={args.target}", *args.overrides], args.skip_invalid)
-        out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval-base"
+        out = _out_dir(args.out) if args.out else Path(cfg.output_dir) / "eval-base"
         results = run_eval(cfg, run_dir=None, out_dir=out)
         label = f"base ({args.target})"
     _print_results(results, label, out)
@@ -119,7 +127,9 @@ def cmd_tag(args) -> int:
     result = load_benchmark(args.benchmark, args.file, skip_invalid=args.skip_invalid,
                             answer_file=args.answer_file, cop_base=args.cop_base)
     rows = [tag_record(r, text_only=args.text_only).to_json(r.id) for r in result.records]
-    if args.out:
+    if args.out and args.out != "-":
+        if Path(args.out).is_dir():
+            raise MedpeftError(f"--out {args.out!r} is a folder; give a file name (or - for standard output)")
         write_jsonl(args.out, rows)
         print(f"wrote {len(rows)} tags to {args.out}", file=sys.stderr)
     else:
@@ -141,7 +151,8 @@ def cmd_params(args) -> int:
         except ValueError as err:
             raise MedpeftError(str(err)) from None
         except OSError as err:  # an unknown arch name that is no hub id either
-            raise MedpeftError(f"architecture {args.arch!r}: {err}") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MedpeftError(f"architecture {args.arch!r}: {first}") from None
     if args.json:
         print(json.dumps([c.to_json(args.arch) for c in counts], indent=2))
     else:
@@ -179,7 +190,7 @@ def cmd_audit(args) -> int:
             sources.append(f"{{benchmark: {bench}, name: {bench}, path: '{Path(path).resolve()}'}}")
         overrides.append(f"eval.benchmarks=[{', '.join(sources)}]")
     cfg = _load(str(run_dir / "config.yaml"), overrides, args.skip_invalid)
-    out = Path(args.out) if args.out else run_dir / "audit"
+    out = _out_dir(args.out) if args.out else run_dir / "audit"
     result = run_audit(cfg, run_dir, out)
     print(result.headline)
     print(f"per-question routes, summary.json and usage heatmaps (PNG) in {out}")
@@ -190,6 +201,10 @@ def cmd_compare(args) -> int:
     from .compare import compare_runs, compare_table
     from .io import write_json
 
+    if args.resamples < 1:
+        raise MedpeftError(f"--resamples must be >= 1, got {args.resamples}")
+    if args.out and Path(args.out).is_dir():
+        raise MedpeftError(f"--out {args.out!r} is a folder; give a file name for the JSON")
     pairs = compare_runs([Path(p) for p in args.runs], intersect=args.intersect, n_resamples=args.resamples,
                          seed=args.seed)
     if args.json:
@@ -204,7 +219,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    out = Path(args.out) if args.out else Path(args.root) / "report"
+    out = _out_dir(args.out) if args.out else Path(args.root) / "report"
     write_report(Path(args.root), out, compare=not args.no_compare)
     print((out / "report.md").read_text(encoding="utf-8"), end="")
     print(f"report.md, report.json and plots in {out}")
@@ -256,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="benchmark file or folder in its native format")
     p.add_argument("--benchmark", required=True, help="medqa, medmcqa, pubmedqa, cmb, cmexam, cmmlu, mmlu, gsm8k")
     p.add_argument("--text-only", action="store_true", help="ignore metadata; keyword rules only")
-    p.add_argument("--out", help="write JSON lines here (default: stdout)")
+    p.add_argument("--out", help="write JSON lines here (default, or -: standard output)")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records and report them")
     p.add_argument("--answer-file", help="CMB answer-key file")
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
@@ -317,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MedpeftError as err:
         print(f"medpeft: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # the file system refused: disk full, read-only or unwritable folder, a file in the way
+        where = err.filename or "a file"
+        print(f"medpeft: error: {where}: {err.strerror or err}; nothing written before this was lost "
+              "(files are replaced only when complete)", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -33,20 +33,36 @@ def find_predictions(path: Path) -> list[tuple[str, Path]]:
 
 
 def load_correctness(path: Path) -> dict[tuple[str, str], bool]:
+    """(benchmark, id) -> correct, from a ``predictions.jsonl``; a malformed row is one line
+    naming the file, line and field (``correct`` must be a JSON boolean: a string "false"
+    would otherwise count as correct)."""
     out: dict[tuple[str, str], bool] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                key = (str(row["benchmark"]), str(row["id"]))
-                correct = bool(row["correct"])
-            except (json.JSONDecodeError, KeyError) as err:
-                raise MedpeftError(f"{path}: line {lineno}: not a prediction row ({err})") from None
-            if key in out:
-                raise MedpeftError(f"{path}: line {lineno}: field 'id': duplicate item {key[1]!r} in {key[0]}")
-            out[key] = correct
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MedpeftError(f"{path}: not UTF-8 text (byte {err.start}); is it a predictions.jsonl?") from None
+    except OSError as err:
+        raise MedpeftError(f"{path}: cannot read it ({err.strerror or err})") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MedpeftError(f"{path}: line {lineno}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise MedpeftError(f"{path}: line {lineno}: expected a prediction object, got {type(row).__name__}")
+        for field in ("benchmark", "id", "correct"):
+            if field not in row:
+                raise MedpeftError(f"{path}: line {lineno}: field '{field}': missing")
+        if not isinstance(row["correct"], bool):
+            raise MedpeftError(f"{path}: line {lineno}: field 'correct': must be true or false, got {row['correct']!r}")
+        key = (str(row["benchmark"]), str(row["id"]))
+        if key in out:
+            raise MedpeftError(f"{path}: line {lineno}: field 'id': duplicate item {key[1]!r} in {key[0]}")
+        out[key] = row["correct"]
+    if not out:
+        raise MedpeftError(f"{path}: no prediction rows")
     return out
 
 

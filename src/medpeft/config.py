@@ -9,7 +9,9 @@ section is validated by the method registry against the schema of the family its
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,25 @@ CHOICES = {
 }
 
 
+MIN_MAX_LENGTH = 64  # tokens of prompt + answer
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'model.device' must be a torch device such as cpu, cuda or cuda:1, "
+                          f"got {device!r}") from None
+    require(dev.type != "cuda" or torch.cuda.is_available(), "model.device",
+            f"is {device!r}, but no CUDA device is available here")
+    require(dev.type != "cuda" or dev.index is None or dev.index < torch.cuda.device_count(), "model.device",
+            f"is {device!r}, but this machine has {torch.cuda.device_count()} CUDA devices")
+
+
 def run_config_from_dict(raw: dict) -> RunConfig:
     """Build and validate a run config (the method section through the method registry)."""
     cfg = from_dict(RunConfig, raw, special={"method": lambda value, key: method_from_dict(value, key)})
@@ -151,14 +172,40 @@ def validate_run_config(cfg: RunConfig) -> None:
     require(tc.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {tc.micro_batch_size}")
     require(tc.batch_size >= 1 and tc.batch_size % tc.micro_batch_size == 0, "train.batch_size",
             f"({tc.batch_size}) must be a multiple of 'train.micro_batch_size' ({tc.micro_batch_size})")
-    require(tc.lr > 0, "train.lr", f"must be > 0, got {tc.lr}")
+    require(math.isfinite(tc.lr) and tc.lr > 0, "train.lr", f"must be a finite number > 0, got {tc.lr}")
+    require(math.isfinite(tc.max_grad_norm) and tc.max_grad_norm >= 0, "train.max_grad_norm",
+            f"must be a finite number >= 0 (0 = no clipping), got {tc.max_grad_norm}")
+    require(math.isfinite(tc.weight_decay) and tc.weight_decay >= 0, "train.weight_decay",
+            f"must be a finite number >= 0, got {tc.weight_decay}")
     require(tc.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tc.warmup_steps}")
     require(tc.save_every >= 0, "train.save_every", f"must be >= 0, got {tc.save_every}")
     require(tc.log_every >= 1, "train.log_every", f"must be >= 1, got {tc.log_every}")
-    require(cfg.data.max_length >= 8, "data.max_length", f"must be >= 8, got {cfg.data.max_length}")
+    require(cfg.data.max_length >= MIN_MAX_LENGTH, "data.max_length",
+            f"must be >= {MIN_MAX_LENGTH} (shorter windows cut every prompt down to its options), "
+            f"got {cfg.data.max_length}")
     require(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
-    require(all(0 <= r <= 1 for r in cfg.eval.perturb_rates), "eval.perturb_rates",
-            f"must be shares in [0, 1], got {cfg.eval.perturb_rates}")
+    require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
+    require(all(0 < r <= 1 for r in cfg.eval.perturb_rates), "eval.perturb_rates",
+            f"must be shares in (0, 1], got {cfg.eval.perturb_rates}")
+    for section, sources in (("data.train", cfg.data.train), ("eval.benchmarks", cfg.eval.benchmarks)):
+        for i, src in enumerate(sources):
+            for key in ("limit", "per_route"):
+                value = getattr(src, key)
+                require(value is None or value >= 1, f"{section}.{i}.{key}", f"must be >= 1, got {value}")
+    _check_device(cfg.model.device)
+    out = Path(cfg.output_dir)
+    require(not out.exists() or out.is_dir(), "output_dir", f"{str(out)!r} is a file, not a folder")
+    from .data import BENCHMARKS
+
+    for section, sources in (("data.train", cfg.data.train), ("eval.benchmarks", cfg.eval.benchmarks)):
+        for i, src in enumerate(sources):
+            require_choice(src.benchmark, tuple(BENCHMARKS), f"{section}.{i}.benchmark")
+            try:
+                codecs.lookup(src.encoding)
+            except LookupError:
+                raise ConfigError(f"config key '{section}.{i}.encoding' names no known text encoding: "
+                                  f"{src.encoding!r}") from None
+            require(src.cop_base in (None, 0, 1), f"{section}.{i}.cop_base", f"must be 0 or 1, got {src.cop_base}")
     if not isinstance(cfg.grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
                                                  for k, v in cfg.grid.items()):
         raise ConfigError("config key 'grid' must map dotted config keys to non-empty lists of values")
@@ -213,6 +260,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or the name of a built-in config (``quickstart``)."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"config {name_or_path!r} is a folder; give a YAML file")
     if path.exists():
         return path
     builtin = BUILTIN_CONFIGS / f"{name_or_path}.yaml"

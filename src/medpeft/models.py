@@ -108,11 +108,40 @@ def _not_loadable(name: str, err: Exception):
     return MedpeftError(f"model {name!r}: cannot load it as a {kind}: {first}")
 
 
+def require_hub_reachable(name: str, what: str = "model") -> None:
+    """A name that is neither a local path nor in the hub cache needs the hub: when the hub is
+    unreachable, say so in one line at once (huggingface_hub would retry for ~30 s first)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if name == TINY or Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not even a valid repo id
+        from .errors import MedpeftError
+
+        raise MedpeftError(f"{what} {name!r}: cannot load it: not a local path and not a valid hub id") from None
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        from .errors import MedpeftError
+
+        raise MedpeftError(f"{what} {name!r}: cannot load it: not a local path, not in the hub cache, and {host} cannot be "
+                           "reached (offline?)") from None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     if name == TINY:
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
+    require_hub_reachable(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # missing folder, bad hub id, no network

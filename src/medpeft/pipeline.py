@@ -15,6 +15,7 @@ from .errors import MedpeftError
 from .evaluate import Evaluator, evaluate_sets
 from .io import run_lock
 from .models import LoadedModel, load_model
+from .report import read_result_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,31 @@ def finished_run(cfg: RunConfig, run_dir: Path) -> dict | None:
     if differ:
         raise MedpeftError(f"{run_dir} holds a finished run of another config (it differs in {', '.join(differ[:6])}"
                            f"{', ...' if len(differ) > 6 else ''}); choose another output_dir or remove that run")
-    return json.loads(summary.read_text())
+    return read_result_file(summary, ("method", "trainable_params", "steps", "train_time_s"))
+
+
+def check_method_fits(cfg: RunConfig) -> None:
+    """Apply the method to the model's architecture on the meta device (no weights): target
+    modules that match nothing are a config error before any data or weights are loaded."""
+    import torch
+
+    from .adapters import apply_method
+    from .adapters.accounting import build_meta_model
+    from .errors import ConfigError
+
+    if not hasattr(cfg.method, "target_modules"):
+        return
+    try:
+        model = build_meta_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, MedpeftError):  # not resolvable here; loading the model reports it
+        return
+    try:
+        with torch.device("meta"):
+            apply_method(model, cfg.method)
+    except ValueError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"config key 'method.target_modules' {list(cfg.method.target_modules)} matches no layer "
+                          f"of {cfg.model.name!r} ({first})") from None
 
 
 def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
@@ -51,6 +76,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
     from .train import resume_changes, train
 
     run_dir = Path(cfg.output_dir)
+    if not (resume and (run_dir / "summary.json").exists()):
+        check_method_fits(cfg)  # before the run folder is created
     with run_lock(run_dir):
         done = finished_run(cfg, run_dir) if resume else None
         if done is not None:
@@ -147,32 +174,26 @@ def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False
     """Train then evaluate every run config (finished ones reused with ``resume``), by label.
     Every cell's evaluation sets are loaded and checked before the first training starts."""
     checked: list = []
-    for variant in variants:  # a bad eval path or record must not cost a training run
+    for variant in variants:  # a bad eval path or record, or a method that fits no layer, must not cost a run
         if variant.eval.benchmarks not in checked:
             load_eval_sets(variant.eval.benchmarks)
             checked.append(variant.eval.benchmarks)
+        if (variant.model, variant.method) not in checked:
+            check_method_fits(variant)
+            checked.append((variant.model, variant.method))
     table = {}
     for variant in variants:
         run_dir = Path(variant.output_dir)
         with run_lock(run_dir):
             summary = run_train(variant, resume=resume, force_resume=force_resume)
             done = run_dir / "eval" / "results.json"
-            results = (_read_results(done) if resume and done.exists() else run_eval(variant, run_dir=run_dir))
+            results = (read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists()
+                       else run_eval(variant, run_dir=run_dir))
         label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
         print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
               f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
         table[label] = results
     return table
-
-
-def _read_results(path: Path) -> dict:
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MedpeftError(f"{path}: not valid JSON ({err}); delete it to evaluate the run again") from None
-    if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), dict):
-        raise MedpeftError(f"{path}: field 'benchmarks' is missing; delete the file to evaluate the run again")
-    return results
 
 
 def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict], Path]:

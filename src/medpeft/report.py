@@ -45,12 +45,28 @@ def collect_runs(root: Path) -> dict[str, dict]:
             continue
         rel = run_dir.relative_to(root).as_posix() if run_dir != Path(root) else run_dir.name
         label = rel.rsplit("/seed-", 1)[0] if "/seed-" in rel else rel
-        entry = runs.setdefault(label, {"summary": json.loads(summary_path.read_text()), "seeds": []})
-        res = json.loads(results_path.read_text())
+        entry = runs.setdefault(label, {"summary": read_result_file(summary_path, ("method", "trainable_params")),
+                                        "seeds": []})
+        res = read_result_file(results_path, ("benchmarks", "macro_accuracy"))
         pert = run_dir / "eval" / "perturbation.json"
         entry["seeds"].append({"run_dir": str(run_dir), "results": res,
-                               "perturbation": json.loads(pert.read_text()) if pert.exists() else None})
+                               "perturbation": read_result_file(pert, ("rates", "clean_macro")) if pert.exists()
+                               else None})
     return runs
+
+
+def read_result_file(path: Path, fields: tuple[str, ...]) -> dict:
+    """A JSON result file medpeft wrote; truncated, foreign or incomplete is one line naming it."""
+    from .errors import MedpeftError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MedpeftError(f"{path}: not valid JSON ({err}); re-run the step that writes it") from None
+    missing = [f for f in fields if not isinstance(data, dict) or f not in data]
+    if missing:
+        raise MedpeftError(f"{path}: field '{missing[0]}': missing; re-run the step that writes it")
+    return data
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -31,6 +31,7 @@ import torch
 from .adapters import apply_method, family_of, save_trained, set_routing
 from .config import RunConfig, TrainConfig, dump_config
 from .dataset import TaggedRecord
+from .errors import ConfigError, MedpeftError
 from .io import atomic_dir, write_json, write_text
 from .models import LoadedModel
 from .precision import autocast_for, base_dtype, half_precision_adapters
@@ -187,9 +188,14 @@ LEGACY_TRAINING_STATE = "buffers.safetensors"  # its name before the method regi
 OPTIMIZER_STATE = "optimizer.safetensors"  # optimizer and RNG tensors; the rest of their state is in state.json
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders whose ``state.json`` (written last) exists, oldest first."""
     root = run_dir / CKPT_DIR
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
@@ -257,7 +263,6 @@ def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .errors import MedpeftError
 
     if (ckpt / "state.pt").exists() and not (ckpt / OPTIMIZER_STATE).exists():
         raise MedpeftError(f"{ckpt / 'state.pt'}: a pickled checkpoint (older medpeft) is not loaded, since "
@@ -401,7 +406,6 @@ def resume_changes(cfg: RunConfig, run_dir: Path, *, force: bool = False) -> lis
     """The keys in which ``cfg`` differs from the config an interrupted run in ``run_dir``
     started with (those that change its result); refused unless ``force``."""
     from .config import config_differences, load_config
-    from .errors import ConfigError, MedpeftError
 
     if latest_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
         return []
@@ -434,14 +438,12 @@ def train(
     interrupted run's in a key that changes the result (``force_resume`` allows it).
     ``on_step(step)`` is called after each optimizer step (tests use it to interrupt).
     """
-    tc = cfg.train
-    from .errors import ConfigError, MedpeftError
-    from .io import run_lock
-
     if base_dtype(loaded.model) == torch.float16:
         raise ConfigError("config key 'model.dtype': training an fp16 model needs loss scaling, which medpeft "
                           "does not implement; use bf16 (mixed precision, fp32 adapter weights) or fp32")
     run_dir = Path(cfg.output_dir)
+    from .io import run_lock
+
     with run_lock(run_dir):
         if not resume and (run_dir / "summary.json").exists():
             raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
@@ -479,7 +481,12 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler)
+        try:
+            state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler)
+        except MedpeftError as err:
+            older = [p for p in complete_checkpoints(run_dir) if p != ckpt]
+            hint = f"; an older checkpoint exists: remove {ckpt} to resume from {older[-1].name}" if older else ""
+            raise MedpeftError(f"{err}{hint}") from None
         start_step, tokens_seen = state["step"], state["tokens"]
         answer_tokens_seen, elapsed_before = state["answer_tokens"], state["elapsed_s"]
         _truncate_metrics(metrics_path, start_step)

@@ -26,8 +26,9 @@ ARCH_DIR = Path(__file__).resolve().parents[1] / "archs"
 LIBRARY = re.compile(r"^library-(\d+)x-(.+)$")
 
 
-def build_meta_model(arch: str) -> torch.nn.Module:
-    """A causal LM with the architecture ``arch`` (shipped name, config.json path, or hub id), on meta."""
+def build_meta_model(arch: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM with the architecture ``arch`` (shipped name, config.json path, model folder
+    or hub id), on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch == "tiny":
@@ -39,9 +40,12 @@ def build_meta_model(arch: str) -> torch.nn.Module:
         raw = json.loads(path.read_text())
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     else:
-        config = AutoConfig.from_pretrained(arch, trust_remote_code=False)
+        from ..models import require_hub_reachable
+
+        require_hub_reachable(arch, "architecture")
+        config = AutoConfig.from_pretrained(arch, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 @dataclass

@@ -65,14 +65,15 @@ class _Ctx:
         return DataError(self.path, self.where, field, problem)
 
 
-def _text(ctx: _Ctx, row: dict, key: str, *, required: bool = True) -> str:
+def _text(ctx: _Ctx, row: dict, key: str, *, required: bool = True, field: str | None = None) -> str:
+    """``row[key]`` as stripped text; null / missing (or NaN) is an error when ``required``."""
     value = row.get(key) if isinstance(row, dict) else None
     if value is None or (isinstance(value, float) and value != value):  # NaN from pandas-made CSVs
         if required:
-            raise ctx.error(key, "missing")
+            raise ctx.error(field or key, "missing" if value is None and key not in (row or {}) else "is null")
         return ""
-    if not isinstance(value, (str, int, float)):
-        raise ctx.error(key, f"expected text, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ctx.error(field or key, f"expected text, got {type(value).__name__}")
     return str(value).strip()
 
 
@@ -145,7 +146,7 @@ def _parse_medqa(ctx: _Ctx, row: dict) -> QARecord:
     opts = row.get("options")
     if not isinstance(opts, dict):
         raise ctx.error("options", "expected an object of letter -> text")
-    options = {str(k).strip().upper(): str(v).strip() for k, v in opts.items()}
+    options = {str(k).strip().upper(): _text(ctx, opts, k, field=f"options.{k}") for k in opts}
     idx = _text(ctx, row, "answer_idx")
     answer = _letters(ctx, "answer_idx", idx)
     if len(answer) != 1:
@@ -169,6 +170,8 @@ def _parse_medmcqa(ctx: _Ctx, row: dict) -> QARecord:
     cop = row.get("cop")
     if isinstance(cop, str) and cop.strip().lstrip("-").isdigit():
         cop = int(cop)
+    if isinstance(cop, int) and not isinstance(cop, bool):
+        ctx.options.setdefault("_cop_values", set()).add(cop)
     if not isinstance(cop, int) or isinstance(cop, bool) or not base <= cop <= base + 3:
         raise ctx.error("cop", f"{cop!r} is not an option index {base}..{base + 3} (cop_base={base})")
     return _record(
@@ -199,10 +202,14 @@ def _parse_pubmedqa(ctx: _Ctx, row: dict) -> QARecord | None:
     inverse = {v: k for k, v in PUBMEDQA_OPTIONS.items()}
     if label not in inverse:
         raise ctx.error("final_decision", f"{label!r} is not yes/no/maybe")
-    contexts = row.get("CONTEXTS") or []
-    if not isinstance(contexts, list):
-        raise ctx.error("CONTEXTS", "expected a list of abstract sections")
-    question = f"Context: {' '.join(str(c).strip() for c in contexts)}\nQuestion: {_text(ctx, row, 'QUESTION')}"
+    contexts = row.get("CONTEXTS")
+    if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+        raise ctx.error("CONTEXTS", "expected a non-empty list of abstract sections (text)"
+                        if contexts is not None else "missing (the abstract the question is about)")
+    stem = _text(ctx, row, "QUESTION")
+    if not stem:
+        raise ctx.error("QUESTION", "empty question text")
+    question = f"Context: {' '.join(c.strip() for c in contexts)}\nQuestion: {stem}"
     return _record(
         ctx, rid=_row_id(ctx, pmid), question=question, options=dict(PUBMEDQA_OPTIONS),
         answer=frozenset(inverse[label]), question_type=SINGLE,
@@ -228,6 +235,11 @@ def _parse_cmb(ctx: _Ctx, row: dict) -> QARecord:
         if native_id is None or str(native_id) not in keys:
             raise ctx.error("id", f"id {native_id!r} not found in the answer-key file")
         raw_answer = keys[str(native_id)]
+    elif keys is not None and native_id is not None and str(native_id) in keys:
+        inline, keyed = _letters(ctx, "answer", str(raw_answer)), _letters(ctx, "answer", keys[str(native_id)])
+        if inline != keyed:
+            raise ctx.error("answer", f"{''.join(sorted(inline))!r} here, but the answer-key file says "
+                                      f"{''.join(sorted(keyed))!r}")
     if not raw_answer:
         raise ctx.error("answer", "missing (give the answer-key file as the source's answer_file)")
     qtype_raw = str(row.get("question_type", "")).strip()
@@ -332,6 +344,7 @@ class BenchmarkSpec:
     parse: Callable[[_Ctx, Any], QARecord | None]
     iter_rows: Callable[[Path, dict, list], Iterator[tuple[str, Any]]]
     folder_globs: tuple[str, ...]  # files read when the path is a folder: the first pattern that matches
+    row_type: type = dict  # what one row must be (MMLU's headerless CSV rows are lists)
 
 
 def _json_rows(path: Path, opts: dict, errors: list) -> Iterator[tuple[str, Any]]:
@@ -340,7 +353,7 @@ def _json_rows(path: Path, opts: dict, errors: list) -> Iterator[tuple[str, Any]
 
 def _csv_rows(header: bool) -> Callable:
     def rows(path: Path, opts: dict, errors: list) -> Iterator[tuple[str, Any]]:
-        return iter_csv(path, header=header, encoding=opts.get("encoding", "utf-8"))
+        return iter_csv(path, header=header, encoding=opts.get("encoding", "utf-8"), errors=errors)
     return rows
 
 
@@ -351,7 +364,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "cmb": BenchmarkSpec("cmb", "zh", _parse_cmb, _json_rows, ("*.json", "*.jsonl")),
     "cmexam": BenchmarkSpec("cmexam", "zh", _parse_cmexam, _csv_rows(True), ("*.csv", "*.jsonl")),
     "cmmlu": BenchmarkSpec("cmmlu", "zh", _parse_cmmlu, _csv_rows(True), ("*.csv", "*.jsonl")),
-    "mmlu": BenchmarkSpec("mmlu", "en", _parse_mmlu, _csv_rows(False), ("*.csv", "*.jsonl")),
+    "mmlu": BenchmarkSpec("mmlu", "en", _parse_mmlu, _csv_rows(False), ("*.csv", "*.jsonl"), row_type=list),
     "gsm8k": BenchmarkSpec("gsm8k", "en", _parse_gsm8k, _json_rows, ("*.jsonl",)),
 }
 
@@ -362,27 +375,30 @@ def _answer_key(path: Path, encoding: str) -> dict[str, str]:
     for where, rec in iter_json_records(path, encoding):
         if not isinstance(rec, dict) or "id" not in rec or "answer" not in rec:
             raise DataError(path, where, "id" if isinstance(rec, dict) and "id" not in rec else "answer", "missing")
+        if str(rec["id"]) in keys:
+            raise DataError(path, where, "id", f"id {rec['id']!r} appears twice in the answer-key file")
         keys[str(rec["id"])] = str(rec["answer"])
     return keys
 
 
 def _ground_truth(path: Path, encoding: str) -> dict[str, str]:
     """PubMedQA's ``test_ground_truth.json``: ``{pmid: "yes"|"no"|"maybe"}`` (or JSONL of such objects)."""
-    import json
-
-    from .readers import read_text
-
-    text = read_text(path, encoding)
-    try:
-        objs = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else [json.loads(text)]
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"line {err.lineno}", None, f"invalid JSON ({err.msg})") from None
     truth: dict[str, str] = {}
-    for obj in objs:
-        if not isinstance(obj, dict):
+    if path.suffix == ".jsonl":
+        for where, obj in iter_json_records(path, encoding):
+            if not isinstance(obj, dict):
+                raise DataError(path, where, None, "expected an object {pmid: label}")
+            for key, label in obj.items():
+                if str(key) in truth:
+                    raise DataError(path, where, str(key), "the PMID appears twice in the ground truth")
+                truth[str(key)] = str(label)
+        return truth
+    for where, label in iter_json_records(path, encoding):  # one object {pmid: label}: records by key
+        if not where.startswith("record '"):
             raise DataError(path, "top level", None, "expected an object {pmid: label}")
-        truth.update({str(k): str(v) for k, v in obj.items()})
+        if not isinstance(label, str):
+            raise DataError(path, where, None, f"expected a label yes/no/maybe, got {label!r}")
+        truth[where[len("record '"):-1]] = label
     return truth
 
 
@@ -410,7 +426,8 @@ def load_benchmark(
         raise DataError(path, "source", "path", "no such file or folder")
     files = [path]
     if path.is_dir():
-        files = next((sorted(path.glob(g)) for g in spec.folder_globs if any(path.glob(g))), [])
+        files = next((sorted(p for p in path.glob(g) if p.is_file()) for g in spec.folder_globs
+                      if any(p.is_file() for p in path.glob(g))), [])
         if not files:
             raise DataError(path, "folder", "path", f"no files matching {' or '.join(spec.folder_globs)}")
     opts: dict[str, Any] = {"encoding": encoding, "cop_base": cop_base}
@@ -428,8 +445,9 @@ def load_benchmark(
         for where, row in spec.iter_rows(file, opts, json_errors):
             ctx = _Ctx(file, where, benchmark, opts)
             try:
-                if not isinstance(row, (dict, list)):
-                    raise ctx.error(None, f"expected an object, got {type(row).__name__}")
+                if not isinstance(row, spec.row_type):
+                    want = "a JSON object" if spec.row_type is dict else "a list of 6 cells"
+                    raise ctx.error(None, f"expected {want}, got {_json_kind(row)}")
                 rec = spec.parse(ctx, row)
                 if rec is None:  # deliberately not selected (e.g. PubMedQA PMID outside the test split)
                     continue
@@ -447,4 +465,30 @@ def load_benchmark(
             raise DataError(file, "file", None, "no records (empty file)")
     if not records:
         raise DataError(path, "file", None, f"no valid records ({len(skipped)} skipped: {LoadResult([], skipped).skip_summary()})")
+    _check_cop_base(path, opts)
+    truth = opts.get("_ground_truth")
+    if truth is not None:
+        found = {r.id.split("/", 1)[1] for r in records} | {e.where.split("'")[1] for e in skipped if "'" in e.where}
+        absent = sorted(set(truth) - found)
+        if absent and not skipped:  # with skipped rows, the absent PMIDs may be among them (reported above)
+            raise DataError(ground_truth, f"record '{absent[0]}'", None, f"{len(absent)} ground-truth PMIDs are not in "
+                            f"{path.name} (wrong data file?)")
     return LoadResult(records, skipped)
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"a number ({value!r})" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _check_cop_base(path: Path, opts: dict) -> None:
+    """MedMCQA: cop values that only fit the other indexing mean ``cop_base`` is wrong, which
+    would shift every answer by one -- an error even with ``--skip-invalid``."""
+    values, base = opts.get("_cop_values"), opts.get("cop_base")
+    if not values or base not in (0, 1):
+        return
+    below, above = base - 1 in values, base + 4 in values
+    if below != above:
+        other = 1 - base
+        raise DataError(path, "file", "cop", f"values run {min(values)}..{max(values)}: this file indexes cop from "
+                                             f"{other}, not {base}; set the source's cop_base: {other}")

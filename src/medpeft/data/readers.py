@@ -9,19 +9,51 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
 
+# Real clinical notes and abstracts exceed the csv module's default field limit (128 KiB).
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json`` object hook: a key given twice is an error (json would keep only the last)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys in any object (:class:`DuplicateKey`)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """Decode a whole file, naming the file and byte offset when the encoding is wrong."""
-    data = path.read_bytes()
+    if path.is_dir():
+        raise DataError(path, "file", None, "is a folder, expected a file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(path, "file", None, f"cannot read it ({err.strerror or err})") from None
     if encoding.lower().replace("-", "") in ("utf8", "utf8sig"):
         encoding = "utf-8-sig"  # tolerate a BOM, common in CSVs saved by Excel
     try:
         return data.decode(encoding)
+    except LookupError:
+        raise DataError(path, "file", "encoding", f"unknown text encoding {encoding!r}") from None
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataError(
@@ -38,9 +70,14 @@ def iter_jsonl(path: Path, encoding: str = "utf-8", errors: list | None = None) 
         if not line.strip():
             continue
         try:
-            yield f"line {lineno}", json.loads(line)
+            yield f"line {lineno}", parse_json(line)
         except json.JSONDecodeError as err:
             exc = DataError(path, f"line {lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})")
+            if errors is None:
+                raise exc from None
+            errors.append(exc)
+        except DuplicateKey as err:
+            exc = DataError(path, f"line {lineno}", err.key, "the key appears twice in one object")
             if errors is None:
                 raise exc from None
             errors.append(exc)
@@ -54,9 +91,14 @@ def iter_json_records(path: Path, encoding: str = "utf-8", errors: list | None =
         return
     text = read_text(path, encoding)
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines under a .json name (MedMCQA)
+            yield from iter_jsonl(path, encoding, errors)
+            return
         raise DataError(path, f"line {err.lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    except DuplicateKey as err:  # e.g. a PMID given twice: the second record would replace the first
+        raise DataError(path, f"record '{err.key}'", None, "the key appears twice in one JSON object") from None
     if isinstance(obj, list):
         for i, rec in enumerate(obj):
             yield f"record {i}", rec
@@ -67,19 +109,27 @@ def iter_json_records(path: Path, encoding: str = "utf-8", errors: list | None =
         raise DataError(path, "top level", None, "expected a JSON list or object of records")
 
 
-def iter_csv(path: Path, header: bool = True, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
+def iter_csv(path: Path, header: bool = True, encoding: str = "utf-8",
+             errors: list | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``("line N", row)``: a dict keyed by the header, or a list when ``header=False``.
+    A row with the wrong number of columns goes to ``errors`` (``--skip-invalid``) or raises.
 
     A ``.jsonl`` file is accepted too (one row per line, as a dict or a list), the form in
     which CSV rows are often redistributed.
     """
     if path.suffix == ".jsonl":
-        yield from iter_jsonl(path, encoding)
+        yield from iter_jsonl(path, encoding, errors)
         return
     text = read_text(path, encoding)
     reader = csv.reader(io.StringIO(text, newline=""))
     names: list[str] | None = None
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(path, f"line {reader.line_num}", None, f"malformed CSV ({err})") from None
         lineno = reader.line_num  # physical line where the row ends; good enough to find it
         if not any(cell.strip() for cell in row):
             continue
@@ -88,7 +138,11 @@ def iter_csv(path: Path, header: bool = True, encoding: str = "utf-8") -> Iterat
             continue
         if names is not None:
             if len(row) != len(names):
-                raise DataError(path, f"line {lineno}", None, f"{len(row)} columns, header has {len(names)}")
+                exc = DataError(path, f"line {lineno}", None, f"{len(row)} columns, header has {len(names)}")
+                if errors is None:
+                    raise exc
+                errors.append(exc)
+                continue
             yield f"line {lineno}", dict(zip(names, row))
         else:
             yield f"line {lineno}", row
