@@ -104,7 +104,7 @@ def _not_loadable(name: str, err: Exception):
     from .errors import MedpeftError
 
     kind = "local folder" if Path(name).exists() else "hub id (or a missing local folder)"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = str(err).strip().splitlines()[0].rstrip(": ") if str(err).strip() else type(err).__name__
     return MedpeftError(f"model {name!r}: cannot load it as a {kind}: {first}")
 
 
@@ -136,11 +136,32 @@ def require_hub_reachable(name: str, what: str = "model") -> None:
                            "reached (offline?)") from None
 
 
+def refuse_shipped_code(name: str, trust_remote_code: bool) -> None:
+    """A local model folder whose configs map classes to its own Python files (``auto_map``)
+    would run that code: refused unless ``model.trust_remote_code`` is on."""
+    import json
+
+    folder = Path(name)
+    if trust_remote_code or not folder.is_dir():
+        return
+    for config in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / config).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            from .errors import MedpeftError
+
+            raise MedpeftError(f"{folder / config}: the model ships its own Python code (auto_map), which medpeft "
+                               "does not run unless model.trust_remote_code is true")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     if name == TINY:
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
+    refuse_shipped_code(name, trust_remote_code)
     require_hub_reachable(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

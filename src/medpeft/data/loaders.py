@@ -173,7 +173,9 @@ def _parse_medmcqa(ctx: _Ctx, row: dict) -> QARecord:
     if isinstance(cop, int) and not isinstance(cop, bool):
         ctx.options.setdefault("_cop_values", set()).add(cop)
     if not isinstance(cop, int) or isinstance(cop, bool) or not base <= cop <= base + 3:
-        raise ctx.error("cop", f"{cop!r} is not an option index {base}..{base + 3} (cop_base={base})")
+        hint = f"; a file that indexes cop from {1 - base} needs cop_base: {1 - base}" if cop in (base - 1, base + 4) \
+            else ""
+        raise ctx.error("cop", f"{cop!r} is not an option index {base}..{base + 3} (cop_base={base}){hint}")
     return _record(
         ctx, rid=_row_id(ctx, row.get("id")), question=_text(ctx, row, "question"), options=options,
         answer=frozenset(LETTERS[cop - base]), question_type=SINGLE,

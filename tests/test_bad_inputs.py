@@ -1,0 +1,420 @@
+"""Off the happy path: a corpus of bad inputs, interruptions, faults and planted files.
+
+Every case asserts exit code 2, one line on stderr naming the file, record and field (or the
+config key), no traceback, and that what was written before is unchanged. The security
+cases plant a pickle payload in a checkpoint and a remote-code model folder and assert that
+neither runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medpeft.cli import main
+
+MEDQA_ROW = {"question": "Which organ?", "options": {"A": "heart", "B": "lung"}, "answer_idx": "A"}
+
+
+def one_line(capsys, *expected: str) -> str:
+    err = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after any progress bar the command drew and cleared
+    assert err.startswith("medpeft: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for part in expected:
+        assert part in err, (part, err)
+    return err
+
+
+def fails(capsys, args: list[str], *expected: str) -> str:
+    assert main(args) == 2
+    return one_line(capsys, *expected)
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def sentinel(tmp_path):
+    """A file written before the failing command; it must be unchanged afterwards."""
+    path = tmp_path / "out" / "results.json"
+    path.parent.mkdir()
+    path.write_text('{"kept": true}\n')
+    yield path
+    assert path.read_text() == '{"kept": true}\n'
+
+
+# ------------------------------------------------------------------------------ security
+
+def _payload(marker: Path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return Payload()
+
+
+def _interrupted_run(tmp_path: Path, *overrides: str) -> list[str]:
+    args = ["train", "quickstart", f"output_dir={tmp_path / 'run'}", "methods=[]", "train.steps=4",
+            "train.save_every=2", "data.max_length=128", *overrides]
+    import medpeft.train
+
+    real = medpeft.train.training_step
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def stop_after_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(*a, **k)
+
+    medpeft.train.training_step = stop_after_3
+    try:
+        with pytest.raises(Killed):
+            main(args)
+    finally:
+        medpeft.train.training_step = real
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").exists()
+    return args
+
+
+def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, capsys):
+    args = _interrupted_run(tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    marker = tmp_path / "pwned"
+    with open(ckpt / "state.pt", "wb") as fh:  # planted next to the real state: never read
+        pickle.dump(_payload(marker), fh)
+    saved = (ckpt / "optimizer.safetensors").read_bytes()
+    (ckpt / "optimizer.safetensors").unlink()  # only the pickle left: refused
+    assert main(args + ["--resume"]) == 2
+    one_line(capsys, "state.pt", "pickled checkpoint")
+    assert not marker.exists()
+    (ckpt / "optimizer.safetensors").write_bytes(saved)
+    assert main(args + ["--resume"]) == 0
+    assert not marker.exists()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2
+
+
+def test_a_model_folder_with_remote_code_is_refused_even_when_stdin_says_yes(tmp_path):
+    folder = tmp_path / "evil-model"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "architectures": ["EvilForCausalLM"],
+                                                    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoConfig": "configuration_evil.EvilConfig"},
+                                                              "model_type": "evil"}))
+    proc = subprocess.run([sys.executable, "-m", "medpeft.cli", "eval", str(folder)], input="y\ny\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("medpeft: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "ships its own Python code" in proc.stderr and str(folder / "config.json") in proc.stderr
+    assert not marker.exists()
+    # the payload is real: with the key on, transformers imports it
+    subprocess.run([sys.executable, "-m", "medpeft.cli", "eval", str(folder), "model.trust_remote_code=true"],
+                   capture_output=True, text=True, timeout=120)
+    assert marker.exists()
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    from medpeft.io import write_json
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------ nothing silently wrong
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):
+    args = _interrupted_run(tmp_path)
+    fails(capsys, args + ["train.lr=0.01", "--resume"], "interrupted run was started with another config",
+          "train.lr")
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert main(args + ["train.save_every=1", "--resume"]) == 0  # a change that does not alter the result
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["resumed_with_changes"] is None
+
+
+def test_force_resume_records_the_changed_keys(tmp_path, capsys):
+    args = _interrupted_run(tmp_path)
+    assert main(args + ["train.lr=0.01", "--resume", "--force-resume"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_with_changes"] == ["train.lr"]
+
+
+def test_one_writer_per_run_folder_and_a_killed_writer_leaves_no_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom medpeft.io import run_lock\n"
+                               f"with run_lock({str(run)!r}):\n    print('locked', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        fails(capsys, ["train", "quickstart", f"output_dir={run}", "methods=[]", "train.steps=1"], str(run.resolve()),
+              "is in use by medpeft process")
+        assert time.monotonic() - start < 30  # at once, not after training
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "quickstart", f"output_dir={run}", "methods=[]", "train.steps=1",
+                 "data.max_length=128"]) == 0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=0", "train.steps"), ("train.batch_size=0", "train.batch_size"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"), ("train.log_every=0", "train.log_every"),
+    ("train.lr=.nan", "train.lr"), ("train.lr=0", "train.lr"), ("train.lr=-1e-4", "train.lr"),
+    ("train.warmup_steps=-1", "train.warmup_steps"), ("data.max_length=16", "data.max_length"),
+    ("method.r=0", "method.r"), ("method.dropout=1.0", "method.dropout"), ("method.dropout=-0.1", "method.dropout"),
+    ("eval.benchmarks.0.limit=0", "eval.benchmarks.0.limit"), ("data.train.0.limit=-3", "data.train.0.limit"),
+    ("model.device=gpu0", "model.device"), ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.perturb_rates=[0.0]", "eval.perturb_rates"), ("eval.perturb_rates=[1.5]", "eval.perturb_rates"),
+    ("eval.benchmarks.0.encoding=klingon", "eval.benchmarks.0.encoding"),
+    ("eval.benchmarks.0.benchmark=medqa2", "eval.benchmarks.0.benchmark"),
+    ("method.target_modules=[nope_proj]", "method.target_modules"),
+])
+def test_meaningless_values_are_refused_before_anything_is_loaded_or_written(override, key, tmp_path, capsys):
+    out = tmp_path / "run"
+    fails(capsys, ["run", "quickstart", f"output_dir={out}", "methods=[]", override], f"config key '{key}'")
+    assert not out.exists()
+
+
+def test_run_checks_every_eval_source_before_training(tmp_path, capsys):
+    bad = jsonl(tmp_path / "eval.jsonl", [MEDQA_ROW, {**MEDQA_ROW, "answer_idx": "Z"}])
+    out = tmp_path / "run"
+    fails(capsys, ["run", "quickstart", f"output_dir={out}", f"eval.benchmarks=[{{benchmark: medqa, path: {bad}}}]"],
+          f"{bad}: line 2: field 'answer_idx'")
+    assert not list(out.rglob("summary.json"))  # no training ran
+    fails(capsys, ["run", "quickstart", f"output_dir={out}",
+                   f"eval.benchmarks=[{{benchmark: medqa, path: {tmp_path / 'missing.jsonl'}}}]"], "missing.jsonl")
+    fails(capsys, ["run", "quickstart", f"output_dir={out}", f"eval.benchmarks=[{{benchmark: medqa, path: {bad}, "
+                   f"skip_invalid: true}}, {{benchmark: medqa, path: {bad}, skip_invalid: true}}]"],
+          "two sources named 'medqa'")
+    assert not list(out.rglob("summary.json"))
+
+
+# ------------------------------------------------------------------------------ data: one case per rule
+
+def tag(path: Path, benchmark: str, *extra: str) -> list[str]:
+    return ["tag", str(path), "--benchmark", benchmark, "--out", str(path.parent / "tags.jsonl"), *extra]
+
+
+@pytest.mark.parametrize("row, field", [
+    ({**MEDQA_ROW, "question": None}, "field 'question': is null"),
+    ({**MEDQA_ROW, "question": "  "}, "field 'question': empty question text"),
+    ({**MEDQA_ROW, "options": {"A": None, "B": "lung"}}, "field 'options.A': is null"),
+    ({**MEDQA_ROW, "answer_idx": True}, "field 'answer_idx': expected text"),
+])
+def test_null_or_empty_text_is_a_field_error(row, field, tmp_path, capsys):
+    path = jsonl(tmp_path / "m.jsonl", [MEDQA_ROW, row])
+    fails(capsys, tag(path, "medqa"), f"{path}: line 2: {field}")
+
+
+def _pubmedqa(tmp_path: Path, records: str) -> Path:
+    path = tmp_path / "ori_pqal.json"
+    path.write_text(records, encoding="utf-8")
+    return path
+
+
+GOOD_PMID = '"{pmid}": {{"QUESTION": "Does it help?", "CONTEXTS": ["An abstract."], "final_decision": "yes"}}'
+
+
+@pytest.mark.parametrize("body, where", [
+    ('{' + GOOD_PMID.format(pmid=1) + ', "2": {"QUESTION": "", "CONTEXTS": ["x"], "final_decision": "no"}}',
+     "record '2': field 'QUESTION': empty question text"),
+    ('{' + GOOD_PMID.format(pmid=1) + ', "2": {"QUESTION": "Q?", "final_decision": "no"}}',
+     "record '2': field 'CONTEXTS': missing"),
+    ('{' + GOOD_PMID.format(pmid=1) + ', "2": {"QUESTION": "Q?", "CONTEXTS": [], "final_decision": "no"}}',
+     "record '2': field 'CONTEXTS'"),
+    ('{' + GOOD_PMID.format(pmid=1) + ', ' + GOOD_PMID.format(pmid=1) + '}',
+     "record '1': the key appears twice"),
+])
+def test_pubmedqa_records(body, where, tmp_path, capsys):
+    path = _pubmedqa(tmp_path, body)
+    fails(capsys, tag(path, "pubmedqa"), f"{path}: {where}")
+
+
+def test_pubmedqa_ground_truth_must_cover_the_data(tmp_path, capsys):
+    data = _pubmedqa(tmp_path, "{" + GOOD_PMID.format(pmid=1) + ", " + GOOD_PMID.format(pmid=2) + "}")
+    truth = tmp_path / "test_ground_truth.json"
+    truth.write_text('{"1": "yes", "7": "no"}')
+    cfg = [f"eval.benchmarks=[{{benchmark: pubmedqa, path: {data}, ground_truth: {truth}}}]"]
+    fails(capsys, ["eval", "tiny", *cfg, "--out", str(tmp_path / "e")], f"{truth}: record '7'",
+          "not in ori_pqal.json")
+    truth.write_text('{"1": "yes", "1": "no"}')
+    fails(capsys, ["eval", "tiny", *cfg, "--out", str(tmp_path / "e")], f"{truth}: record '1'", "twice")
+    fails(capsys, ["eval", "tiny", f"eval.benchmarks=[{{benchmark: pubmedqa, path: {data}, "
+                   f"ground_truth: {tmp_path}}}]", "--out", str(tmp_path / "e")], f"{tmp_path}", "is a folder")
+
+
+CMB_ROW = {"id": 1, "exam_type": "医师考试", "exam_class": "临床医学", "exam_subject": "内科", "question": "哪个？",
+           "option": {"A": "甲", "B": "乙"}, "question_type": "单项选择题"}
+
+
+def test_cmb_answer_keys(tmp_path, capsys):
+    data = jsonl(tmp_path / "cmb.jsonl", [CMB_ROW, {**CMB_ROW, "id": 2, "answer": "A"}])
+    key = jsonl(tmp_path / "key.jsonl", [{"id": 1, "answer": "A"}, {"id": 1, "answer": "B"}])
+    fails(capsys, tag(data, "cmb", "--answer-file", str(key)), f"{key}: line 2: field 'id'", "twice")
+    key = jsonl(tmp_path / "key.jsonl", [{"id": 1, "answer": "A"}, {"id": 2, "answer": "B"}])
+    fails(capsys, tag(data, "cmb", "--answer-file", str(key)), f"{data}: line 2: field 'answer'",
+          "the answer-key file says 'B'")
+    fails(capsys, tag(data, "cmb", "--answer-file", str(tmp_path / "nokey.jsonl")), "nokey.jsonl", "cannot read")
+    fails(capsys, tag(data, "cmb", "--answer-file", str(tmp_path)), str(tmp_path), "is a folder")
+
+
+def _medmcqa(path: Path, cops: list[int]) -> Path:
+    return jsonl(path, [{"id": f"q{i}", "question": "Which?", "opa": "a", "opb": "b", "opc": "c", "opd": "d",
+                         "cop": c} for i, c in enumerate(cops)])
+
+
+def test_a_cop_base_that_shifts_answers_fails_even_with_skip_invalid(tmp_path, capsys):
+    zero_based = _medmcqa(tmp_path / "dev.jsonl", [0, 1, 2, 3, 1, 0])
+    fails(capsys, tag(zero_based, "medmcqa"), f"{zero_based}: line 1: field 'cop'", "needs cop_base: 0")
+    # skipping the rows with cop 0 would keep the others, each shifted by one: refused
+    fails(capsys, tag(zero_based, "medmcqa", "--skip-invalid"), f"{zero_based}: file: field 'cop'",
+          "set the source's cop_base: 0")
+    assert main(tag(zero_based, "medmcqa", "--cop-base", "0")) == 0
+    capsys.readouterr()
+    one_based = _medmcqa(tmp_path / "dev1.jsonl", [1, 2, 3, 4, 4])
+    fails(capsys, tag(one_based, "medmcqa", "--cop-base", "0", "--skip-invalid"), "cop_base: 1")
+
+
+def test_medmcqa_dev_json_is_json_lines_under_a_json_name(tmp_path, capsys):
+    path = _medmcqa(tmp_path / "dev.jsonl", [1, 2, 3, 4]).rename(tmp_path / "dev.json")
+    assert main(tag(path, "medmcqa")) == 0
+    assert len((tmp_path / "tags.jsonl").read_text().splitlines()) == 4
+
+
+def test_compare_rejects_non_boolean_correct_and_malformed_files(tmp_path, capsys):
+    good = jsonl(tmp_path / "a.jsonl", [{"benchmark": "b", "id": "1", "correct": True}])
+    bad = jsonl(tmp_path / "b.jsonl", [{"benchmark": "b", "id": "1", "correct": "false"}])
+    fails(capsys, ["compare", str(good), str(bad)], f"{bad}: line 1: field 'correct'")
+    binary = tmp_path / "c.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    fails(capsys, ["compare", str(good), str(binary)], f"{binary}: not UTF-8")
+    array = jsonl(tmp_path / "d.jsonl", [[1, 2]])
+    fails(capsys, ["compare", str(good), str(array)], f"{array}: line 1")
+    missing = jsonl(tmp_path / "e.jsonl", [{"benchmark": "b", "correct": True}])
+    fails(capsys, ["compare", str(good), str(missing)], f"{missing}: line 1: field 'id': missing")
+    fails(capsys, ["compare", str(good), str(good), "--resamples", "0"], "--resamples")
+
+
+# ------------------------------------------------------------------------------ no tracebacks, per format
+
+JSON_FORMATS = {
+    "medqa": ("m.jsonl", MEDQA_ROW),
+    "medmcqa": ("dev.jsonl", {"id": "x", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1}),
+    "cmb": ("cmb.jsonl", {**CMB_ROW, "answer": "A"}),
+    "gsm8k": ("g.jsonl", {"question": "1+1?", "answer": "2\n#### 2"}),
+    "pubmedqa": ("p.jsonl", {"9": {"QUESTION": "Q?", "CONTEXTS": ["c"], "final_decision": "yes"}}),
+}
+
+
+@pytest.mark.parametrize("bench", JSON_FORMATS)
+@pytest.mark.parametrize("bad", [[1, 2], "text", 5, None, "{not json"])
+def test_rows_that_are_not_objects(bench, bad, tmp_path, capsys):
+    name, good = JSON_FORMATS[bench]
+    path = jsonl(tmp_path / name, [good, bad if bad == "{not json" else json.dumps(bad)])
+    fails(capsys, tag(path, bench), f"{path}: line 2")
+    assert main(tag(path, bench, "--skip-invalid")) == 0
+    assert "skipped 1 invalid records" in capsys.readouterr().err
+
+
+CSV_FORMATS = {
+    "cmexam": ("cmexam.csv", "Question,Options,Answer,Explanation\n{q},A 甲\\nB 乙,A,{e}\n"),
+    "cmmlu": ("anatomy.csv", ",Question,A,B,C,D,Answer\n0,{q},a,b,c,d,A\n"),
+    "mmlu": ("anatomy_test.csv", "{q},a,b,c,d,A\n"),
+}
+
+
+@pytest.mark.parametrize("bench", CSV_FORMATS)
+def test_csv_formats_skip_wrong_column_counts_and_read_long_fields(bench, tmp_path, capsys):
+    name, template = CSV_FORMATS[bench]
+    long_text = "长" * 200_000  # beyond the csv module's default 128 KiB field limit
+    text = template.format(q="问题？", e=long_text) + ("x,y\n" if bench != "mmlu" else "x,y\n")
+    if bench == "cmexam":
+        text = template.format(q="问题？", e=long_text) + "only,two\n"
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    fails(capsys, tag(path, bench), f"{path}: line")
+    assert main(tag(path, bench, "--skip-invalid")) == 0
+    path.write_text(template.format(q="长问题" + long_text, e="e"), encoding="utf-8")
+    assert main(tag(path, bench)) == 0
+
+
+def test_a_folder_entry_that_is_a_folder_is_passed_over(tmp_path, capsys):
+    (tmp_path / "data" / "trap.jsonl").mkdir(parents=True)
+    jsonl(tmp_path / "data" / "real.jsonl", [MEDQA_ROW])
+    assert main(["tag", str(tmp_path / "data"), "--benchmark", "medqa", "--out", str(tmp_path / "t.jsonl")]) == 0
+
+
+def test_paths_that_are_missing_or_of_the_wrong_kind(tmp_path, capsys, sentinel):
+    fails(capsys, ["run", str(tmp_path)], "is a folder")  # a config path that is a folder
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    fails(capsys, ["eval", "tiny", "--out", str(a_file)], "is a file, not a folder")
+    fails(capsys, ["run", "quickstart", f"output_dir={a_file}", "methods=[]"], "config key 'output_dir'")
+    fails(capsys, ["report", str(tmp_path), "--out", str(a_file)], "is a file, not a folder")
+    fails(capsys, ["tag", str(tmp_path / "nope.jsonl"), "--benchmark", "medqa"], "nope.jsonl", "no such file")
+    fails(capsys, ["eval", "tiny", f"eval.benchmarks=[{{benchmark: medqa, hub: true}}]", "model.name=tiny",
+                   "eval.benchmarks.0.benchmark=nope"], "config key 'eval.benchmarks.0.benchmark'")
+
+
+def test_a_truncated_results_file_in_report(tmp_path, capsys):
+    run = tmp_path / "root" / "m"
+    (run / "eval").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"method": "lora", "trainable_params": 1}))
+    (run / "eval" / "results.json").write_text('{"benchmarks": {"x": ')
+    fails(capsys, ["report", str(tmp_path / "root")], f"{run / 'eval' / 'results.json'}: not valid JSON")
+
+
+def test_a_truncated_checkpoint_names_the_file(tmp_path, capsys):
+    args = _interrupted_run(tmp_path)
+    weights = tmp_path / "run" / "checkpoints" / "step-0000002" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    fails(capsys, args + ["--resume"], f"{weights}: cannot resume from this checkpoint")
+
+
+def test_disk_full_and_an_unwritable_output_are_one_line_and_keep_old_files(tmp_path, capsys, monkeypatch, sentinel):
+    import medpeft.io
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(medpeft.io.os, "fsync", full)
+    fails(capsys, ["eval", "tiny", "--out", str(sentinel.parent)], "No space left on device")
+    monkeypatch.undo()
+    a_file = tmp_path / "plain"
+    a_file.write_text("x")
+    fails(capsys, ["eval", "tiny", "--out", str(a_file / "sub")], str(a_file))
+
+
+def test_an_unknown_architecture_offline_is_one_line_at_once(capsys):
+    start = time.monotonic()
+    fails(capsys, ["params", "--arch", "no-such-org/no-such-model"], "architecture 'no-such-org/no-such-model'")
+    assert time.monotonic() - start < 15
+
+
+def test_tag_out_dash_writes_to_standard_output(tmp_path, capsys):
+    path = jsonl(tmp_path / "m.jsonl", [MEDQA_ROW])
+    assert main(["tag", str(path), "--benchmark", "medqa", "--out", "-"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 1 and rows[0]["id"] == "medqa/m#1" and not (tmp_path / "-").exists()
