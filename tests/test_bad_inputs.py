@@ -32,8 +32,27 @@ def one_line(capsys, *expected: str) -> str:
     return err
 
 
+WATCHED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _watch_written_files(tmp_path):
+    """Every failing command below must leave the files already under the test's folder as they were."""
+    WATCHED["root"] = tmp_path
+    yield
+    WATCHED.clear()
+
+
+def _snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def fails(capsys, args: list[str], *expected: str) -> str:
+    before = _snapshot(WATCHED["root"])
     assert main(args) == 2
+    after = _snapshot(WATCHED["root"])
+    changed = [str(p) for p, data in before.items() if after.get(p) != data]
+    assert not changed, f"a failing command changed {changed}"
     return one_line(capsys, *expected)
 
 
@@ -374,7 +393,7 @@ def test_paths_that_are_missing_or_of_the_wrong_kind(tmp_path, capsys, sentinel)
     fails(capsys, ["run", "quickstart", f"output_dir={a_file}", "methods=[]"], "config key 'output_dir'")
     fails(capsys, ["report", str(tmp_path), "--out", str(a_file)], "is a file, not a folder")
     fails(capsys, ["tag", str(tmp_path / "nope.jsonl"), "--benchmark", "medqa"], "nope.jsonl", "no such file")
-    fails(capsys, ["eval", "tiny", f"eval.benchmarks=[{{benchmark: medqa, hub: true}}]", "model.name=tiny",
+    fails(capsys, ["eval", "tiny", "eval.benchmarks=[{benchmark: medqa, hub: true}]", "model.name=tiny",
                    "eval.benchmarks.0.benchmark=nope"], "config key 'eval.benchmarks.0.benchmark'")
 
 
