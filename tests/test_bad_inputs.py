@@ -314,6 +314,9 @@ def test_a_cop_base_that_shifts_answers_fails_even_with_skip_invalid(tmp_path, c
     capsys.readouterr()
     one_based = _medmcqa(tmp_path / "dev1.jsonl", [1, 2, 3, 4, 4])
     fails(capsys, tag(one_based, "medmcqa", "--cop-base", "0", "--skip-invalid"), "cop_base: 1")
+    typo = _medmcqa(tmp_path / "dev2.jsonl", [1, 2, 3, 4, 0])  # 1-based with one bad row: that row is skipped
+    assert main(tag(typo, "medmcqa", "--skip-invalid")) == 0
+    assert "skipped 1 invalid records" in capsys.readouterr().err
 
 
 def test_medmcqa_dev_json_is_json_lines_under_a_json_name(tmp_path, capsys):

@@ -489,8 +489,9 @@ def _check_cop_base(path: Path, opts: dict) -> None:
     values, base = opts.get("_cop_values"), opts.get("cop_base")
     if not values or base not in (0, 1):
         return
-    below, above = base - 1 in values, base + 4 in values
-    if below != above:
+    # 0-based rows under cop_base 1 hold 0 and never 4; 1-based rows under cop_base 0 hold 4 and never 0
+    outside, unused = (0, 4) if base == 1 else (4, 0)
+    if outside in values and unused not in values:
         other = 1 - base
         raise DataError(path, "file", "cop", f"values run {min(values)}..{max(values)}: this file indexes cop from "
                                              f"{other}, not {base}; set the source's cop_base: {other}")
