@@ -148,6 +148,7 @@ def _check_device(device: str | None) -> None:
     except (RuntimeError, ValueError):
         raise ConfigError(f"config key 'model.device' must be a torch device such as cpu, cuda or cuda:1, "
                           f"got {device!r}") from None
+    require(dev.type != "meta", "model.device", "cannot be meta (a device without data)")
     require(dev.type != "cuda" or torch.cuda.is_available(), "model.device",
             f"is {device!r}, but no CUDA device is available here")
     require(dev.type != "cuda" or dev.index is None or dev.index < torch.cuda.device_count(), "model.device",
@@ -209,6 +210,19 @@ def validate_run_config(cfg: RunConfig) -> None:
     if not isinstance(cfg.grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
                                                  for k, v in cfg.grid.items()):
         raise ConfigError("config key 'grid' must map dotted config keys to non-empty lists of values")
+    for key in cfg.grid:  # axes that another setting would silently override
+        root = key.split(".")[0]
+        require(root not in ("output_dir", "methods", "seeds", "grid"), f"grid.{key}",
+                "cannot be a grid axis (it names the cells' folders or the other grid settings)")
+        require(not (cfg.methods and root == "method"), f"grid.{key}",
+                "is replaced by each preset of 'methods'; give the variants as presets instead")
+        require(not (len(cfg.seeds) > 1 and key == "train.seed"), f"grid.{key}", "is replaced by 'seeds'")
+    require(len(set(cfg.methods)) == len(cfg.methods), "methods", f"names a preset twice: {cfg.methods}")
+    require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"names a seed twice: {cfg.seeds}")
+    for key, seeds in (("train.seed", [cfg.train.seed]), ("seeds", cfg.seeds), ("eval.perturb_seeds", cfg.eval.perturb_seeds)):
+        require(all(0 <= s < 2**63 for s in seeds), key, f"must be in 0..2^63-1, got {seeds}")
+    require(not cfg.eval.perturb_rates or cfg.eval.perturb_seeds, "eval.perturb_seeds",
+            "must name at least one seed when eval.perturb_rates is set")
     for preset in cfg.methods:
         if not is_preset(preset):
             from .adapters.registry import catalogue
@@ -315,6 +329,9 @@ def grid_cells(name_or_path: str, overrides: list[str] | None = None) -> list[tu
             parts.append(f"{leaf}-{_slug(value) if isinstance(value, (str, int, float)) else index}")
             cell_overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
         label = "+".join(parts)
+        if any(label == other for other, _ in cells):
+            raise ConfigError(f"config key 'grid': two cells would share the folder {label!r} (values that differ "
+                              "only in characters a folder name drops); make the values distinct")
         cell = load_config(name_or_path, overrides + cell_overrides + ["grid={}"])
         cells.append((label, dataclasses.replace(cell, output_dir=str(Path(cfg.output_dir) / label))))
     return cells

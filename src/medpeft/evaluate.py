@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import routing_state, set_routing
+from .data.record import normalize_number
 from .dataset import TaggedRecord
 from .io import write_json, write_jsonl
 from .precision import autocast_for, half_precision_adapters
@@ -61,14 +62,7 @@ def parse_number(text: str) -> str | None:
     """The final number of a worked solution (after 'answer is' / '####' when present)."""
     cue = re.search(r"(?:answer is|####|答案是)\s*:?\s*\$?\s*(-?\d[\d,]*\.?\d*)", text, re.I)
     found = cue.group(1) if cue else (_NUMBER.findall(text) or [None])[-1]
-    if found is None:
-        return None
-    found = found.replace(",", "").rstrip(".")
-    try:
-        value = float(found)
-    except ValueError:
-        return None
-    return str(int(value)) if value == int(value) else str(value)
+    return normalize_number(found) if found is not None else None
 
 
 @dataclass

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -231,6 +231,33 @@ def join_tensors(skeleton, tensors: dict[str, torch.Tensor]):
     return skeleton
 
 
+def _check_counters(meta: Any, steps: int | None) -> None:
+    """``state.json``'s counters: a step inside the run and non-negative counts."""
+    if not isinstance(meta, dict):
+        raise ValueError("expected a JSON object")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or (steps is not None and step >= steps):
+        raise ValueError(f"field 'step': {step!r} is not a step inside this run (1..{(steps or 0) - 1})")
+    for key, kind in (("tokens", int), ("answer_tokens", int), ("elapsed_s", (int, float))):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise ValueError(f"field '{key}': {value!r} is not a non-negative number")
+    if not isinstance(meta.get("state"), dict):
+        raise ValueError("field 'state': missing")
+
+
+def training_data_hash(train_set: list, encoded: list) -> str:
+    """SHA-256 of the training examples as the model sees them (ids and token ids, in order):
+    a resume checks that the data are the same as the interrupted run's."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item, example in zip(train_set, encoded):
+        digest.update(f"{item.record.id}\t{example.prompt_len}\t".encode("utf-8", "surrogatepass"))
+        digest.update(",".join(map(str, example.input_ids)).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, scheduler, stats: dict) -> None:
     """``checkpoints/step-N/``: trainable weights, the method's training state, and the optimizer,
     scheduler and RNG states -- safetensors and JSON only (no pickle); ``state.json`` last."""
@@ -257,7 +284,7 @@ def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, schedule
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
+def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler, steps: int | None = None) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint`; a missing, truncated or foreign
     file is one line naming it (a pickled ``state.pt`` of an older medpeft is refused)."""
     from safetensors import SafetensorError
@@ -271,6 +298,7 @@ def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
     current = ckpt / "state.json"
     try:
         meta = json.loads(current.read_text(encoding="utf-8"))
+        _check_counters(meta, steps)
         current = ckpt / "trainable.safetensors"
         weights = load_file(str(current), device=str(device))
         params = dict(model.named_parameters())
@@ -290,7 +318,8 @@ def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, SafetensorError,
+            UnicodeDecodeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MedpeftError(f"{current}: cannot resume from this checkpoint: {first}") from None
     if state.get("rng_cuda") is not None and torch.cuda.is_available():
@@ -407,8 +436,14 @@ def resume_changes(cfg: RunConfig, run_dir: Path, *, force: bool = False) -> lis
     started with (those that change its result); refused unless ``force``."""
     from .config import config_differences, load_config
 
-    if latest_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
+    if latest_checkpoint(run_dir) is None:
         return []
+    if not (run_dir / "config.yaml").exists():
+        if force:
+            log.warning("%s: resuming without the interrupted run's config.yaml, as --force-resume asks", run_dir)
+            return ["config.yaml missing"]
+        raise MedpeftError(f"{run_dir / 'config.yaml'}: missing, so the interrupted run's config cannot be checked; "
+                           "restore it, or use --force-resume")
     try:
         saved = load_config(str(run_dir / "config.yaml"))
     except ConfigError as err:
@@ -448,18 +483,22 @@ def train(
         if not resume and (run_dir / "summary.json").exists():
             raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
         changed = resume_changes(cfg, run_dir, force=force_resume) if resume else []
-        return _train_locked(cfg, loaded, train_set, run_dir, resume, changed, on_step)
+        return _train_locked(cfg, loaded, train_set, run_dir, resume, force_resume, changed, on_step)
 
 
 def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRecord], run_dir: Path, resume: bool,
-                  changed: list[str], on_step) -> TrainResult:
+                  force_resume: bool, changed: list[str], on_step) -> TrainResult:
     tc = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:  # a fresh start: no stale checkpoint of an earlier attempt may be resumed later
+        shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+        write_text(run_dir / "config.yaml", dump_config(cfg))
 
     torch.manual_seed(tc.seed)
     formatter = PromptFormatter(loaded.tokenizer, cfg.data.max_length)
     encoded = [formatter.encode_train(t.record) for t in train_set]
+    data_hash = training_data_hash(train_set, encoded)
     n_truncated = sum(e.truncated for e in encoded)
     if n_truncated:
         log.warning("%d of %d training prompts were longer than max_length=%d and were left-truncated",
@@ -479,17 +518,23 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
 
     start_step, tokens_seen, answer_tokens_seen, elapsed_before = 0, 0, 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
-    ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         try:
-            state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler)
+            state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler, steps=tc.steps)
         except MedpeftError as err:
             older = [p for p in complete_checkpoints(run_dir) if p != ckpt]
             hint = f"; an older checkpoint exists: remove {ckpt} to resume from {older[-1].name}" if older else ""
             raise MedpeftError(f"{err}{hint}") from None
+        if state.get("train_data") != data_hash:
+            if not force_resume:
+                raise MedpeftError(f"{ckpt / 'state.json'}: the training data differ from the interrupted run's "
+                                   "(another file, subset or tokenizer); resuming would mix two runs -- use "
+                                   "--force-resume to continue anyway")
+            changed = [*changed, "training data"]
         start_step, tokens_seen = state["step"], state["tokens"]
         answer_tokens_seen, elapsed_before = state["answer_tokens"], state["elapsed_s"]
         _truncate_metrics(metrics_path, start_step)
+        write_text(run_dir / "config.yaml", dump_config(cfg))  # only once the checkpoint has loaded
         log.info("resuming %s from step %d", run_dir, start_step)
     elif metrics_path.exists():
         metrics_path.unlink()
@@ -513,6 +558,10 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
             done = step + 1
             progress.update(1)
             if done % tc.log_every == 0 or done == tc.steps or done == 1:
+                if not bool(torch.isfinite(result.objective)):  # NaN/inf weights make every later number meaningless
+                    raise MedpeftError(f"{run_dir}: the training loss is {float(result.objective)} at step {done}; "
+                                       "the run diverged (lower train.lr or raise train.warmup_steps); the last "
+                                       "checkpoint, if any, is kept")
                 aux = sorted(result.aux)
                 row = {"step": done, "loss": float(result.loss), "objective": float(result.objective),
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm), "tokens": tokens_seen,
@@ -526,7 +575,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
                     writer.add_scalar(f"train/{key}", row[key], done)
             if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
                 save_checkpoint(run_dir, done, model, cfg.method, optimizer, scheduler,
-                                {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
+                                {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen, "train_data": data_hash,
                                  "elapsed_s": elapsed_before + time.perf_counter() - t0})
             if on_step is not None:
                 on_step(done)

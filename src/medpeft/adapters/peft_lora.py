@@ -28,6 +28,31 @@ class LoraMethod:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
+# bookkeeping of peft's config, not the adapter's computation
+_PEFT_BOOKKEEPING = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
+
+
+def _config_differences(saved: dict, expected: dict) -> list[str]:
+    """Keys where a saved peft config differs from the one the method builds (keys only one
+    side has count when not at a default-like value: a newer peft adds keys)."""
+    def norm(value):
+        if isinstance(value, (set, frozenset, list, tuple)) and all(isinstance(v, str) for v in value):
+            return sorted(value)  # target_modules: a set, saved as a list in any order
+        return value
+
+    expected = json.loads(json.dumps(expected, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+    out = []
+    for key in sorted(set(saved) | set(expected)):
+        if key in _PEFT_BOOKKEEPING:
+            continue
+        if key in saved and key in expected:
+            if norm(saved[key]) != norm(expected[key]):
+                out.append(key)
+        elif (saved if key in saved else expected)[key] not in (None, False, {}, []):
+            out.append(key)
+    return out
+
+
 def _compile_friendly_dora() -> None:
     """Let ``torch.compile`` trace peft's DoRA layer without graph breaks.
 
@@ -71,15 +96,20 @@ class PeftLoraFamily(MethodFamily):
         r = int(found.group(2))
         return {"name": found.group(1), "r": r, "alpha": 2.0 * r}
 
+    @staticmethod
+    def peft_config(method):
+        from peft import LoraConfig
+
+        return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                          target_modules=list(method.target_modules), use_dora=method.name == "dora",
+                          bias="none", task_type="CAUSAL_LM")
+
     def apply(self, model, method):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if method.name == "dora":
             _compile_friendly_dora()
-        config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                            target_modules=list(method.target_modules), use_dora=method.name == "dora",
-                            bias="none", task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        return get_peft_model(model, self.peft_config(method))
 
     def remove(self, model):
         base = model.unload()
@@ -97,13 +127,11 @@ class PeftLoraFamily(MethodFamily):
             raise ValueError(f"{folder}: no adapter_model.safetensors (pickled adapter files are not read)")
         config_path = folder / "adapter_config.json"
         saved = json.loads(config_path.read_text(encoding="utf-8"))
-        want = {"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
-                "use_dora": method.name == "dora", "target_modules": sorted(method.target_modules)}
-        got = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v
-               for k, v in saved.items() if k in want}
-        differ = sorted(k for k in want if got.get(k) != want[k])
-        if differ:
-            raise ValueError(f"{config_path}: peft's config disagrees with the method in {', '.join(differ)}")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{config_path}: expected peft's config (a JSON object)")
+        differ = _config_differences(saved, self.peft_config(method).to_dict())
+        if differ:  # any setting that changes the adapter's computation (rslora, rank patterns, ...)
+            raise ValueError(f"{config_path}: peft's config disagrees with the method's in {', '.join(differ[:5])}")
         if method.name == "dora":
             _compile_friendly_dora()
         return PeftModel.from_pretrained(base_model, str(folder)).eval()

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import DataError
 from .readers import iter_csv, iter_json_records
-from .record import MULTI, OPEN, SINGLE, QARecord
+from .record import MULTI, OPEN, SINGLE, QARecord, normalize_number
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -75,6 +75,23 @@ def _text(ctx: _Ctx, row: dict, key: str, *, required: bool = True, field: str |
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ctx.error(field or key, f"expected text, got {type(value).__name__}")
     return str(value).strip()
+
+
+def _option_map(ctx: _Ctx, field_name: str, opts: dict, *, null_is_empty: bool = False) -> dict[str, str]:
+    """``{letter: text}`` from a release's option object: keys are single letters A-J (case and
+    spaces folded, no letter twice), values text (``null`` an empty slot where the release has them)."""
+    options: dict[str, str] = {}
+    for key, value in opts.items():
+        letter = str(key).strip().upper()
+        if not re.fullmatch(r"[A-J]", letter):
+            raise ctx.error(f"{field_name}.{key}", "an option key must be one letter A-J")
+        if letter in options:
+            raise ctx.error(f"{field_name}.{key}", f"option {letter} appears twice")
+        if value is None and null_is_empty:
+            options[letter] = ""
+            continue
+        options[letter] = _text(ctx, opts, key, field=f"{field_name}.{key}")
+    return options
 
 
 def _letters(ctx: _Ctx, field_name: str, raw: str) -> frozenset[str]:
@@ -146,7 +163,7 @@ def _parse_medqa(ctx: _Ctx, row: dict) -> QARecord:
     opts = row.get("options")
     if not isinstance(opts, dict):
         raise ctx.error("options", "expected an object of letter -> text")
-    options = {str(k).strip().upper(): _text(ctx, opts, k, field=f"options.{k}") for k in opts}
+    options = _option_map(ctx, "options", opts)
     idx = _text(ctx, row, "answer_idx")
     answer = _letters(ctx, "answer_idx", idx)
     if len(answer) != 1:
@@ -229,7 +246,7 @@ def _parse_cmb(ctx: _Ctx, row: dict) -> QARecord:
     opts = row.get("option")
     if not isinstance(opts, dict):
         raise ctx.error("option", "expected an object of letter -> text")
-    options = {str(k).strip().upper(): str(v or "").strip() for k, v in opts.items()}
+    options = _option_map(ctx, "option", opts, null_is_empty=True)
     native_id = row.get("id")
     raw_answer = row.get("answer")
     keys = ctx.options.get("_answer_key")
@@ -314,7 +331,8 @@ def _parse_cmmlu(ctx: _Ctx, row: dict) -> QARecord:
 def _parse_mmlu(ctx: _Ctx, row: list) -> QARecord:
     if not isinstance(row, list) or len(row) != 6:
         raise ctx.error("row", f"expected 6 columns (question, A, B, C, D, answer), got {len(row) if isinstance(row, list) else type(row).__name__}")
-    question, *opts, answer = (str(c).strip() for c in row)
+    cells = {str(i): c for i, c in enumerate(row)}
+    question, *opts, answer = (_text(ctx, cells, str(i), field=f"column {i + 1}") for i in range(6))
     subject = _subject_from_filename(ctx.path)
     ctx_row = {"question": question, "answer": answer}
     return _record(
@@ -333,7 +351,7 @@ def _parse_gsm8k(ctx: _Ctx, row: dict) -> QARecord:
     return _record(
         ctx, rid=_row_id(ctx, row.get("id")), question=_text(ctx, row, "question"), options={},
         answer=frozenset(), question_type=OPEN, metadata={}, answer_field="answer", language="en",
-        reference=m.group(1).replace(",", ""),
+        reference=normalize_number(m.group(1)),
     )
 
 

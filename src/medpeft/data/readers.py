@@ -104,7 +104,7 @@ def iter_json_records(path: Path, encoding: str = "utf-8", errors: list | None =
             yield f"record {i}", rec
     elif isinstance(obj, dict):
         for key, rec in obj.items():
-            yield f"record '{key}'", {"__key__": key, **rec} if isinstance(rec, dict) else rec
+            yield f"record '{key}'", {**rec, "__key__": key} if isinstance(rec, dict) else rec
     else:
         raise DataError(path, "top level", None, "expected a JSON list or object of records")
 
@@ -134,6 +134,9 @@ def iter_csv(path: Path, header: bool = True, encoding: str = "utf-8",
         if not any(cell.strip() for cell in row):
             continue
         if header and names is None:
+            repeated = sorted({n for n in row if n.strip() and row.count(n) > 1})
+            if repeated:
+                raise DataError(path, f"line {lineno}", repeated[0], "the column name appears twice in the header")
             names = row
             continue
         if names is not None:

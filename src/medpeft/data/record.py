@@ -8,6 +8,22 @@ from typing import Any
 SINGLE, MULTI, OPEN = "single", "multi", "open"
 
 
+def normalize_number(text: str) -> str | None:
+    """A number's canonical text, so that gold and predicted answers compare equal whatever
+    their spelling: ``"1,000"`` -> ``"1000"``, ``"007"`` -> ``"7"``, ``"5.00"`` -> ``"5"``,
+    ``"-0.50"`` -> ``"-0.5"``; None when ``text`` is not a number."""
+    import math
+
+    text = text.replace(",", "").strip().rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
 @dataclass(frozen=True)
 class QARecord:
     """One benchmark item.
