@@ -264,7 +264,7 @@ GOOD_PMID = '"{pmid}": {{"QUESTION": "Does it help?", "CONTEXTS": ["An abstract.
     ('{' + GOOD_PMID.format(pmid=1) + ', "2": {"QUESTION": "Q?", "CONTEXTS": [], "final_decision": "no"}}',
      "record '2': field 'CONTEXTS'"),
     ('{' + GOOD_PMID.format(pmid=1) + ', ' + GOOD_PMID.format(pmid=1) + '}',
-     "record '1': the key appears twice"),
+     "file: field '1': the key appears twice"),
 ])
 def test_pubmedqa_records(body, where, tmp_path, capsys):
     path = _pubmedqa(tmp_path, body)
@@ -279,7 +279,7 @@ def test_pubmedqa_ground_truth_must_cover_the_data(tmp_path, capsys):
     fails(capsys, ["eval", "tiny", *cfg, "--out", str(tmp_path / "e")], f"{truth}: record '7'",
           "not in ori_pqal.json")
     truth.write_text('{"1": "yes", "1": "no"}')
-    fails(capsys, ["eval", "tiny", *cfg, "--out", str(tmp_path / "e")], f"{truth}: record '1'", "twice")
+    fails(capsys, ["eval", "tiny", *cfg, "--out", str(tmp_path / "e")], f"{truth}: file: field '1'", "twice")
     fails(capsys, ["eval", "tiny", f"eval.benchmarks=[{{benchmark: pubmedqa, path: {data}, "
                    f"ground_truth: {tmp_path}}}]", "--out", str(tmp_path / "e")], f"{tmp_path}", "is a folder")
 
@@ -440,3 +440,159 @@ def test_tag_out_dash_writes_to_standard_output(tmp_path, capsys):
     assert main(["tag", str(path), "--benchmark", "medqa", "--out", "-"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 1 and rows[0]["id"] == "medqa/m#1" and not (tmp_path / "-").exists()
+
+
+# ------------------------------------------------------------------------------ found by an adversarial pass
+
+def test_a_failed_force_resume_keeps_the_run_config_and_a_fresh_start_clears_old_checkpoints(tmp_path, capsys):
+    args = _interrupted_run(tmp_path)
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    fails(capsys, args + ["method={name: dora}", "--resume", "--force-resume"], "cannot resume from this checkpoint")
+    assert (tmp_path / "run" / "config.yaml").read_text() == config  # the run's record is intact
+    (tmp_path / "run" / "config.yaml").unlink()
+    fails(capsys, args + ["--resume"], "config.yaml: missing")
+    (tmp_path / "run" / "config.yaml").write_text(config)
+    assert main(args + ["train.steps=1"]) == 0  # a fresh start (no --resume) drops the old checkpoints
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_refuses_changed_training_data_and_tampered_counters(tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "train.json"
+    shutil.copy(Path(__file__).resolve().parents[1] / "src/medpeft/data/examples/cmb_train.json", data)
+    args = _interrupted_run(tmp_path, f"data.train=[{{benchmark: cmb, path: {data}}}]")
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:-3], ensure_ascii=False))  # the data changed under the run
+    fails(capsys, args + ["--resume"], "state.json", "training data differ")
+    data.write_text(json.dumps(records, ensure_ascii=False))
+    state = tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json"
+    original = json.loads(state.read_text())
+    for tampered in ({**original, "step": 99999}, {**original, "step": "abc"}, {k: v for k, v in original.items()
+                                                                               if k != "tokens"}):
+        state.write_text(json.dumps(tampered))
+        fails(capsys, args + ["--resume"], f"{state}: cannot resume")
+
+
+def test_a_diverged_run_stops_instead_of_reporting_results(tmp_path, capsys):
+    fails(capsys, ["run", "quickstart", f"output_dir={tmp_path / 'r'}", "methods=[]", "train.lr=1e30",
+                   "train.warmup_steps=0", "train.steps=4", "train.log_every=1", "data.max_length=128"],
+          "the run diverged")
+    assert not (tmp_path / "r" / "eval").exists()
+
+
+def test_a_peft_setting_added_to_adapter_config_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "quickstart", f"output_dir={run}", "methods=[]", "train.steps=1",
+                 "data.max_length=128"]) == 0
+    peft_config = run / "adapter" / "adapter_config.json"
+    peft_config.write_text(json.dumps({**json.loads(peft_config.read_text()), "use_rslora": True}))
+    fails(capsys, ["eval", str(run), "--out", str(tmp_path / "e")], "adapter_config.json", "use_rslora")
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("row, where", [
+    ({**MEDQA_ROW, "options": {"A": "x", "a": "y"}}, "field 'options.a': option A appears twice"),
+    ({**MEDQA_ROW, "options": {"A": "x", "ZZ": "y"}}, "field 'options.ZZ': an option key must be one letter"),
+    ({**MEDQA_ROW, "options": {"A": "x", "甲": "y"}}, "an option key must be one letter"),
+    (json.dumps({**MEDQA_ROW, "id": "\ud800x"}), "field 'id': contains an unpaired surrogate"),  # an escape
+    ('{"question": "Q?", "options": {"A": "a", "B": "b"}, "answer_idx": "A", "n": ' + "9" * 5000 + "}",
+     "unreadable JSON value"),
+    ("[" * 100_000 + "]" * 100_000, "unreadable JSON value"),
+])
+def test_more_malformed_medqa_rows(row, where, tmp_path, capsys):
+    path = jsonl(tmp_path / "m.jsonl", [MEDQA_ROW, row])
+    fails(capsys, tag(path, "medqa"), f"{path}: line 2", where)
+
+
+def test_more_malformed_rows_of_other_formats(tmp_path, capsys):
+    mm = jsonl(tmp_path / "dev.jsonl", [{"id": "1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d",
+                                         "cop": "²"}])
+    fails(capsys, tag(mm, "medmcqa"), f"{mm}: line 1: field 'cop'")
+    mmlu = jsonl(tmp_path / "anatomy_test.jsonl", [["Q?", "a", None, "c", "d", "A"]])
+    fails(capsys, tag(mmlu, "mmlu"), f"{mmlu}: line 1: field 'column 3': is null")
+    cmmlu = tmp_path / "anatomy.csv"
+    cmmlu.write_text(",Question,A,B,C,D,Answer,Answer\n0,Q?,a,b,c,d,A,B\n", encoding="utf-8")
+    fails(capsys, tag(cmmlu, "cmmlu"), f"{cmmlu}: line 1: field 'Answer': the column name appears twice")
+    pq = _pubmedqa(tmp_path, '{"7": {"QUESTION": "Q?", "CONTEXTS": ["c"], "final_decision": "yes", "__key__": "9"}}')
+    assert main(tag(pq, "pubmedqa")) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "tags.jsonl").read_text().splitlines()[0])["id"] == "pubmedqa/7"
+    empty = tmp_path / "cmb.json"
+    empty.write_text("")
+    fails(capsys, tag(empty, "cmb"), f"{empty}: file: no records (empty file)")
+
+
+def test_answer_keys_and_ground_truths_that_say_nothing(tmp_path, capsys):
+    data = jsonl(tmp_path / "cmb.jsonl", [CMB_ROW])
+    for key_rows in ([], [{"id": 1, "answer": None}]):
+        key = jsonl(tmp_path / "key.jsonl", key_rows)
+        fails(capsys, tag(data, "cmb", "--answer-file", str(key)), str(key))
+    pq = _pubmedqa(tmp_path, "{" + GOOD_PMID.format(pmid=1) + "}")
+    truth = tmp_path / "gt.json"
+    truth.write_text("{}")
+    fails(capsys, ["eval", "tiny", f"eval.benchmarks=[{{benchmark: pubmedqa, path: {pq}, ground_truth: {truth}}}]",
+                   "--out", str(tmp_path / "e")], f"{truth}: file: no PMIDs")
+    fails(capsys, ["eval", "tiny", f"eval.benchmarks=[{{benchmark: medqa, path: {data}, ground_truth: {truth}}}]",
+                   "--out", str(tmp_path / "e")], "field 'ground_truth': is read for pubmedqa only")
+
+
+def test_gsm8k_gold_numbers_are_normalised_like_predictions(tmp_path):
+    from medpeft.data import load_benchmark
+    from medpeft.evaluate import parse_number
+
+    path = jsonl(tmp_path / "g.jsonl", [{"question": f"Q{i}?", "answer": f"work\n#### {gold}"}
+                                        for i, gold in enumerate(["007", "-0.50", "5.00", "1,000"])])
+    golds = [r.reference for r in load_benchmark("gsm8k", path).records]
+    assert golds == [parse_number(f"The answer is {x}") for x in ("7", "-0.5", "5", "1000")] == ["7", "-0.5", "5", "1000"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("methods=[lora-r16, lora-r16]", "methods"), ("seeds=[0, 0]", "seeds"),
+    ("train.seed=99999999999999999999", "train.seed"), ("grid={method.r: [8]}", "grid.method.r"),
+    ("grid={output_dir: [a]}", "grid.output_dir"), ("model.device=meta", "model.device"),
+    ("eval.perturb_rates=[0.5]", "eval.perturb_seeds"),
+])
+def test_more_config_values(override, key, tmp_path, capsys):
+    extra = ["eval.perturb_seeds=[]"] if key == "eval.perturb_seeds" else []
+    fails(capsys, ["run", "quickstart", f"output_dir={tmp_path / 'r'}", override, *extra], f"config key '{key}'")
+
+
+def test_config_files_that_are_not_utf8_or_repeat_a_key(tmp_path, capsys):
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfetrain: 1")
+    fails(capsys, ["run", str(binary)], f"{binary}: not UTF-8")
+    repeated = tmp_path / "r.yaml"
+    repeated.write_text("train:\n  steps: 3\n  steps: 4\n")
+    fails(capsys, ["run", str(repeated)], f"{repeated}: not valid YAML", "'steps' appears twice")
+
+
+def test_result_files_of_the_wrong_shape_and_compare_limits(tmp_path, capsys):
+    run = tmp_path / "root" / "m"
+    (run / "eval").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"method": "lora", "trainable_params": "many"}))
+    (run / "eval" / "results.json").write_text(json.dumps({"benchmarks": {}, "macro_accuracy": 0.5}))
+    fails(capsys, ["report", str(tmp_path / "root")], f"{run / 'summary.json'}: field 'trainable_params'")
+    good = jsonl(tmp_path / "a.jsonl", [{"benchmark": "b", "id": "1", "correct": True}])
+    fails(capsys, ["compare", str(good), str(good), "--seed", "-1"], "--seed")
+    fails(capsys, ["compare", str(good), str(good), "--resamples", "1000000000000"], "--resamples")
+    fails(capsys, ["compare", str(good), str(good), "--out", str(good)], "is one of the prediction files")
+    fails(capsys, ["tag", str(good), "--benchmark", "medqa", "--out", str(good)], "is the input file")
+
+
+def test_architectures_and_audits_that_cannot_work(tmp_path, capsys):
+    not_a_config = jsonl(tmp_path / "rows.jsonl", [MEDQA_ROW, MEDQA_ROW])
+    fails(capsys, ["params", "--arch", str(not_a_config)], f"{not_a_config}: not a usable model config")
+    run = tmp_path / "birg"
+    assert main(["train", "quickstart", f"output_dir={run}", "methods=[]", "method={preset: birg}", "train.steps=1",
+                 "data.max_length=128"]) == 0
+    gsm = jsonl(tmp_path / "g.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    fails(capsys, ["audit", str(run), "--data", f"gsm8k={gsm}"], "no multiple-choice questions")
+    fails(capsys, ["eval", str(run), "eval.perturb_rates=[0.5]", "eval.perturb_seeds=[]", "--out", str(tmp_path / "e")],
+          "config key 'eval.perturb_seeds'")

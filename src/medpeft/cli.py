@@ -53,6 +53,18 @@ def _load(config: str, overrides: list[str], skip_invalid: bool):
     return cfg
 
 
+def _load_run_config(run_dir: Path, overrides: list[str], skip_invalid: bool):
+    """A run folder's config.yaml (with the command line's overrides); its errors name the file."""
+    from .errors import ConfigError
+
+    try:
+        return _load(str(run_dir / "config.yaml"), overrides, skip_invalid)
+    except ConfigError as err:
+        where = "config.yaml" + (" with the overrides given" if overrides else "")
+        message = str(err)
+        raise MedpeftError(message if message.startswith(str(run_dir)) else f"{run_dir / where}: {message}") from None
+
+
 def _variants(args) -> tuple:
     """The config, and every (grid cell x method x seed) run config of it."""
     from .config import grid_cells, method_variants
@@ -90,7 +102,7 @@ def cmd_eval(args) -> int:
     if target.is_dir() and not (target / "config.yaml").exists() and not (target / "config.json").exists():
         raise MedpeftError(f"{target}: neither a run folder (no config.yaml) nor a model folder (no config.json)")
     if (target / "config.yaml").exists():
-        cfg = _load(str(target / "config.yaml"), args.overrides, args.skip_invalid)
+        cfg = _load_run_config(target, args.overrides, args.skip_invalid)
         out = _out_dir(args.out) if args.out else target / "eval"
         results = run_eval(cfg, run_dir=target, out_dir=out)
         label = f"{cfg.method.name} ({target.name})"
@@ -124,6 +136,8 @@ def cmd_tag(args) -> int:
     from .io import write_jsonl
     from .tags import tag_record
 
+    if args.out and args.out != "-" and Path(args.out).resolve() == Path(args.file).resolve():
+        raise MedpeftError(f"--out {args.out!r} is the input file; the tags would overwrite the data")
     result = load_benchmark(args.benchmark, args.file, skip_invalid=args.skip_invalid,
                             answer_file=args.answer_file, cop_base=args.cop_base)
     rows = [tag_record(r, text_only=args.text_only).to_json(r.id) for r in result.records]
@@ -148,8 +162,9 @@ def cmd_params(args) -> int:
     for name in args.methods or table_rows():
         try:
             counts.append(count_method(args.arch, name))
-        except ValueError as err:
-            raise MedpeftError(str(err)) from None
+        except (ValueError, TypeError, KeyError) as err:  # unknown preset, or an architecture it cannot build
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MedpeftError(f"{name} on {args.arch}: {first}") from None
         except OSError as err:  # an unknown arch name that is no hub id either
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MedpeftError(f"architecture {args.arch!r}: {first}") from None
@@ -187,9 +202,9 @@ def cmd_audit(args) -> int:
             bench, sep, path = item.partition("=")
             if not sep:
                 raise MedpeftError(f"--data {item!r} must look like BENCHMARK=PATH (e.g. cmb=data/cmb.json)")
-            sources.append(f"{{benchmark: {bench}, name: {bench}, path: '{Path(path).resolve()}'}}")
-        overrides.append(f"eval.benchmarks=[{', '.join(sources)}]")
-    cfg = _load(str(run_dir / "config.yaml"), overrides, args.skip_invalid)
+            sources.append({"benchmark": bench, "name": bench, "path": str(Path(path).resolve())})
+        overrides.append(f"eval.benchmarks={json.dumps(sources, ensure_ascii=False)}")  # JSON is YAML: any path
+    cfg = _load_run_config(run_dir, overrides, args.skip_invalid)
     out = _out_dir(args.out) if args.out else run_dir / "audit"
     result = run_audit(cfg, run_dir, out)
     print(result.headline)
@@ -201,10 +216,18 @@ def cmd_compare(args) -> int:
     from .compare import compare_runs, compare_table
     from .io import write_json
 
-    if args.resamples < 1:
-        raise MedpeftError(f"--resamples must be >= 1, got {args.resamples}")
+    if not 1 <= args.resamples <= 10_000_000:
+        raise MedpeftError(f"--resamples must be in 1..10000000, got {args.resamples}")
+    if not 0 <= args.seed < 2**32:
+        raise MedpeftError(f"--seed must be in 0..2^32-1, got {args.seed}")
     if args.out and Path(args.out).is_dir():
         raise MedpeftError(f"--out {args.out!r} is a folder; give a file name for the JSON")
+    if args.out:
+        from .compare import find_predictions
+
+        inputs = {p.resolve() for run in args.runs for _, p in find_predictions(Path(run))}
+        if Path(args.out).resolve() in inputs:
+            raise MedpeftError(f"--out {args.out!r} is one of the prediction files compared; choose another name")
     pairs = compare_runs([Path(p) for p in args.runs], intersect=args.intersect, n_resamples=args.resamples,
                          seed=args.seed)
     if args.json:
@@ -333,10 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     except MedpeftError as err:
         print(f"medpeft: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing to report to
+        return EXIT_BAD_INPUT
     except OSError as err:  # the file system refused: disk full, read-only or unwritable folder, a file in the way
         where = err.filename or "a file"
         print(f"medpeft: error: {where}: {err.strerror or err}; nothing written before this was lost "
               "(files are replaced only when complete)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001
+        from safetensors import SafetensorError
+
+        if not isinstance(err, SafetensorError):
+            raise
+        print(f"medpeft: error: writing or reading tensors failed: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

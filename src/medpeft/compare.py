@@ -50,6 +50,8 @@ def load_correctness(path: Path) -> dict[tuple[str, str], bool]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise MedpeftError(f"{path}: line {lineno}: not JSON ({err.msg})") from None
+        except (ValueError, RecursionError):  # integers beyond 4300 digits, nesting beyond the recursion limit
+            raise MedpeftError(f"{path}: line {lineno}: an unreadable JSON value") from None
         if not isinstance(row, dict):
             raise MedpeftError(f"{path}: line {lineno}: expected a prediction object, got {type(row).__name__}")
         for field in ("benchmark", "id", "correct"):

@@ -232,6 +232,21 @@ def validate_run_config(cfg: RunConfig) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``train.steps=20`` -> (["train", "steps"], 20); the value is parsed as YAML."""
     if "=" not in item:
@@ -291,7 +306,9 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     if name_or_path:
         path = resolve_config_path(name_or_path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):

@@ -30,6 +30,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if err.filename is None:  # e.g. ENOSPC from write/fsync: name the file being written
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -133,6 +139,9 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        mask = _umask()  # files written inside by other libraries (safetensors: 0600) get normal permissions
+        for path in self.tmp.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         old = self.final.with_name(f".{self.final.name}.old")
         if self.final.exists():
             if old.exists():

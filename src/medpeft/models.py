@@ -165,7 +165,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     require_hub_reachable(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:  # missing folder, bad hub id, no network
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # missing folder, bad hub id, no network
         raise _not_loadable(name, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -194,9 +194,13 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
         kwargs = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        import pickle
+
+        from safetensors import SafetensorError
+
         try:
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
             raise _not_loadable(name, err) from None
     model.to(dev)
     return LoadedModel(model, tok, name, dev)

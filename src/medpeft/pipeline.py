@@ -75,8 +75,11 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
     from .train import resume_changes, train
 
     run_dir = Path(cfg.output_dir)
-    if not (resume and (run_dir / "summary.json").exists()):
-        check_method_fits(cfg)  # before the run folder is created
+    done = finished_run(cfg, run_dir) if resume else None
+    if done is not None:  # reading a finished run needs no lock (its folder may be read-only)
+        log.info("%s is already trained; reusing it", run_dir)
+        return done
+    check_method_fits(cfg)  # before the run folder is created
     with run_lock(run_dir):
         done = finished_run(cfg, run_dir) if resume else None
         if done is not None:
@@ -163,6 +166,9 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
     read_adapter_method(run_dir, cfg.method)  # before anything is loaded
     items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets
              if t.record.question_type != "open"]
+    if not items:
+        raise MedpeftError(f"{run_dir}: the audit sets hold no multiple-choice questions (open-ended ones, e.g. GSM8K, "
+                           "have no routed prompt to audit)")
     loaded = load_run_model(cfg, run_dir)
     return audit(loaded.model, cfg.method, loaded.tokenizer, items, out_dir or run_dir / "audit",
                  max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)

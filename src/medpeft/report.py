@@ -55,17 +55,28 @@ def collect_runs(root: Path) -> dict[str, dict]:
     return runs
 
 
+# the type each field of medpeft's result files must have
+RESULT_FIELDS = {"method": str, "trainable_params": int, "steps": int, "train_time_s": (int, float),
+                 "benchmarks": dict, "macro_accuracy": (int, float), "rates": dict, "clean_macro": (int, float)}
+
+
 def read_result_file(path: Path, fields: tuple[str, ...]) -> dict:
-    """A JSON result file medpeft wrote; truncated, foreign or incomplete is one line naming it."""
+    """A JSON result file medpeft wrote; truncated, foreign, incomplete or mistyped is one line naming it."""
     from .errors import MedpeftError
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MedpeftError(f"{path}: not valid JSON ({err}); re-run the step that writes it") from None
-    missing = [f for f in fields if not isinstance(data, dict) or f not in data]
-    if missing:
-        raise MedpeftError(f"{path}: field '{missing[0]}': missing; re-run the step that writes it")
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise MedpeftError(f"{path}: not valid JSON ({str(err)[:80]}); re-run the step that writes it") from None
+    for field in fields:
+        if not isinstance(data, dict) or field not in data:
+            raise MedpeftError(f"{path}: field '{field}': missing; re-run the step that writes it")
+        kind = RESULT_FIELDS[field]
+        if isinstance(data[field], bool) or not isinstance(data[field], kind):
+            raise MedpeftError(f"{path}: field '{field}': {data[field]!r} is not what medpeft writes there")
+    for name, bench in data.get("benchmarks", {}).items() if "benchmarks" in fields else ():
+        if not isinstance(bench, dict) or not isinstance(bench.get("accuracy"), (int, float)):
+            raise MedpeftError(f"{path}: field 'benchmarks.{name}': expected an accuracy")
     return data
 
 

@@ -17,6 +17,7 @@ gathered there before the LM head, so no full-vocabulary logits over the prompt 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -546,7 +547,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     t0 = time.perf_counter()
     progress = tqdm(total=tc.steps, initial=start_step, desc=f"train {cfg.method.name}", unit="step", leave=False)
     with open(metrics_path, "a", encoding="utf-8") as metrics, half_precision_adapters(model), \
-            compile_fallback(tc.compile == "auto"):
+            compile_fallback(tc.compile == "auto"), contextlib.closing(progress), contextlib.closing(writer):
         for step in range(start_step, tc.steps):
             indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)
@@ -580,8 +581,6 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
             if on_step is not None:
                 on_step(done)
     loop_time = elapsed_before + time.perf_counter() - t0
-    progress.close()
-    writer.close()
     uncompile(compiled)
 
     save_trained(model, cfg.method, run_dir)

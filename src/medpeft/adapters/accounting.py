@@ -36,9 +36,17 @@ def build_meta_model(arch: str, trust_remote_code: bool = False) -> torch.nn.Mod
 
         config = tiny_config(256 + len(TINY_SPECIAL_TOKENS))
     elif (ARCH_DIR / f"{arch}.json").exists() or Path(arch).is_file():
+        from ..errors import MedpeftError
+
         path = ARCH_DIR / f"{arch}.json" if (ARCH_DIR / f"{arch}.json").exists() else Path(arch)
-        raw = json.loads(path.read_text())
-        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+                raise ValueError("field 'model_type' is missing: not a model's config.json")
+            config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MedpeftError(f"{path}: not a usable model config ({first})") from None
     else:
         from ..models import require_hub_reachable
 

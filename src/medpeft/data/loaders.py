@@ -118,6 +118,11 @@ def _record(
     """Validate the common invariants and build the record."""
     if not question:
         raise ctx.error("question", "empty question text")
+    for name, text in (("id", rid), ("question", question), *((f"options.{k}", v) for k, v in options.items())):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone UTF-16 surrogate escape (\udXXX): no text can hold it
+            raise ctx.error(name, "contains an unpaired surrogate (\\ud800-\\udfff), not text") from None
     if question_type != OPEN:
         options = {k: v for k, v in options.items() if v not in ("", ".")}  # empty slots of 4-of-5 layouts
         if len(options) < 2:
@@ -185,7 +190,7 @@ def _parse_medmcqa(ctx: _Ctx, row: dict) -> QARecord:
         raise ctx.error("cop", "set the source's cop_base: 1 for the original release, 0 for the hub copy")
     options = {letter: _text(ctx, row, key) for letter, key in zip("ABCD", ("opa", "opb", "opc", "opd"))}
     cop = row.get("cop")
-    if isinstance(cop, str) and cop.strip().lstrip("-").isdigit():
+    if isinstance(cop, str) and re.fullmatch(r"-?[0-9]{1,3}", cop.strip()):
         cop = int(cop)
     if isinstance(cop, int) and not isinstance(cop, bool):
         ctx.options.setdefault("_cop_values", set()).add(cop)
@@ -397,7 +402,11 @@ def _answer_key(path: Path, encoding: str) -> dict[str, str]:
             raise DataError(path, where, "id" if isinstance(rec, dict) and "id" not in rec else "answer", "missing")
         if str(rec["id"]) in keys:
             raise DataError(path, where, "id", f"id {rec['id']!r} appears twice in the answer-key file")
-        keys[str(rec["id"])] = str(rec["answer"])
+        if not isinstance(rec["answer"], str) or not rec["answer"].strip():
+            raise DataError(path, where, "answer", f"expected option letters as text, got {rec['answer']!r}")
+        keys[str(rec["id"])] = rec["answer"]
+    if not keys:
+        raise DataError(path, "file", None, "no answers (empty answer-key file)")
     return keys
 
 
@@ -419,6 +428,8 @@ def _ground_truth(path: Path, encoding: str) -> dict[str, str]:
         if not isinstance(label, str):
             raise DataError(path, where, None, f"expected a label yes/no/maybe, got {label!r}")
         truth[where[len("record '"):-1]] = label
+    if not truth:
+        raise DataError(path, "file", None, "no PMIDs (empty ground truth)")
     return truth
 
 
@@ -451,6 +462,9 @@ def load_benchmark(
         if not files:
             raise DataError(path, "folder", "path", f"no files matching {' or '.join(spec.folder_globs)}")
     opts: dict[str, Any] = {"encoding": encoding, "cop_base": cop_base}
+    for given, option, owner in ((answer_file, "answer_file", "cmb"), (ground_truth, "ground_truth", "pubmedqa")):
+        if given is not None and benchmark != owner:
+            raise DataError(path, "source", option, f"is read for {owner} only, not {benchmark}")
     if answer_file is not None:
         opts["_answer_key"] = _answer_key(Path(answer_file), encoding)
     if ground_truth is not None:

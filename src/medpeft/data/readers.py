@@ -35,9 +35,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+class Unparsable(ValueError):
+    """JSON that parses to something Python cannot hold (integers beyond 4300 digits, nesting deeper
+    than the recursion limit)."""
+
+
 def parse_json(text: str) -> Any:
-    """``json.loads`` that refuses duplicate keys in any object (:class:`DuplicateKey`)."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    """``json.loads`` that refuses duplicate keys in any object (:class:`DuplicateKey`) and
+    reports unparsable values as :class:`Unparsable`."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except (json.JSONDecodeError, DuplicateKey):
+        raise
+    except RecursionError:
+        raise Unparsable("nested too deeply") from None
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise Unparsable(str(err).split(";")[0]) from None
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
@@ -81,6 +94,11 @@ def iter_jsonl(path: Path, encoding: str = "utf-8", errors: list | None = None) 
             if errors is None:
                 raise exc from None
             errors.append(exc)
+        except Unparsable as err:
+            exc = DataError(path, f"line {lineno}", None, f"unreadable JSON value ({err})")
+            if errors is None:
+                raise exc from None
+            errors.append(exc)
 
 
 def iter_json_records(path: Path, encoding: str = "utf-8", errors: list | None = None) -> Iterator[tuple[str, Any]]:
@@ -90,15 +108,20 @@ def iter_json_records(path: Path, encoding: str = "utf-8", errors: list | None =
         yield from iter_jsonl(path, encoding, errors)
         return
     text = read_text(path, encoding)
+    if not text.strip():
+        raise DataError(path, "file", None, "no records (empty file)")
     try:
         obj = parse_json(text)
+    except Unparsable as err:
+        raise DataError(path, "file", None, f"unreadable JSON value ({err})") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines under a .json name (MedMCQA)
             yield from iter_jsonl(path, encoding, errors)
             return
         raise DataError(path, f"line {err.lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})") from None
     except DuplicateKey as err:  # e.g. a PMID given twice: the second record would replace the first
-        raise DataError(path, f"record '{err.key}'", None, "the key appears twice in one JSON object") from None
+        raise DataError(path, "file", err.key, "the key appears twice in one JSON object (JSON would keep only "
+                                               "the last)") from None
     if isinstance(obj, list):
         for i, rec in enumerate(obj):
             yield f"record {i}", rec
