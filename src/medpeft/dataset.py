@@ -69,7 +69,7 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
         raise ConfigError("config key 'data.train' is empty: name at least one training source")
     eval_sets = eval_sets or {}
     out: list[TaggedRecord] = []
-    for src in cfg.data.train:
+    for i, src in enumerate(cfg.data.train):
         records = load_source(src)
         for name in src.exclude:
             if name not in eval_sets:
@@ -80,9 +80,19 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
                 log.info("%s: dropped %d items shared with eval set %s", src.display_name, dropped, name)
         tagged = tag_all(records, src.display_name, src.text_only_tags)
         if src.per_route is not None:
+            from .errors import MedpeftError
+            from .tags import SPECIALTIES
+
+            unknown = sorted(set(src.routes or []) - set(SPECIALTIES))
+            if unknown:
+                raise ConfigError(f"config key 'data.train.{i}.routes' names {unknown[0]!r}, not a specialty "
+                                  f"({', '.join(SPECIALTIES)})")
             by_id = {t.record.id: t for t in tagged}
-            picked = route_balanced([t.record for t in tagged], lambda r: by_id[r.id].tags.specialty,
-                                    src.per_route, src.subset_seed, src.routes)
+            try:
+                picked = route_balanced([t.record for t in tagged], lambda r: by_id[r.id].tags.specialty,
+                                        src.per_route, src.subset_seed, src.routes)
+            except MedpeftError as err:
+                raise MedpeftError(f"config key 'data.train.{i}.per_route' ({src.display_name}): {err}") from None
             tagged = [by_id[r.id] for r in picked]
         open_ended = sum(t.record.question_type == "open" for t in tagged)
         if open_ended:  # answer-only SFT targets option letters; worked solutions are not trained on
