@@ -73,3 +73,14 @@ def test_unloadable_model_is_one_clear_error(tmp_path, capsys):
     assert err.startswith("medpeft: error: model ") and "cannot load it" in err and "Traceback" not in err
     assert main(["eval", str(tmp_path)]) == 2  # an existing folder that is neither a run nor a model
     assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    import json
+
+    assert main(["eval", "tiny", "--out", str(tmp_path / "e"), "eval.benchmarks.0.limit=2", "data.max_length=128"]) == 0
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["benchmarks"]["cmexam-examples"]["n"] == 2
+    with pytest.raises(SystemExit) as err:
+        main(["params", "--json", "train.steps=3"])  # params takes no overrides
+    assert err.value.code == 2
