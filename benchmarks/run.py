@@ -38,14 +38,16 @@ CONFIGS = {
                  "train_steps": 20, "batch": 8, "micro": 4, "max_length": 512},
     "gpu-8b": {"model": "qwen3-8b-random", "device": "cuda", "dtype": "bf16", "n_eval": 256, "eval_batch": 32,
                "train_steps": 10, "batch": 8, "micro": 4, "max_length": 768},
+    "cpu-smollm2": {"model": "smollm2-135m", "device": "cpu", "dtype": "fp32", "n_eval": 48, "eval_batch": 16,
+                    "train_steps": 4, "batch": 8, "micro": 4, "max_length": 256},
 }
 
 
 def load(cfg: dict):
     from medpeft.models import LoadedModel, load_model, load_tokenizer
 
-    if cfg["model"] == "tiny":
-        return load_model("tiny", device=cfg["device"], dtype=cfg["dtype"])
+    if cfg["model"] in ("tiny", "smollm2-135m"):  # built-in models: their real weights and tokenizers
+        return load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
     from step_time import random_model
 
     model = random_model("qwen3-8b", cfg["device"], torch.bfloat16)
@@ -185,8 +187,8 @@ def main() -> None:
     if not args.skip_steps:
         import step_time
 
-        sys.argv = ["step_time.py", "--config", args.config, "--rounds", "3" if args.config == "cpu-tiny" else "2",
-                    "--json", "/tmp/medpeft_step_time.json"]
+        rounds = {"cpu-tiny": "3", "gpu-8b": "2"}.get(args.config, "1")
+        sys.argv = ["step_time.py", "--config", args.config, "--rounds", rounds, "--json", "/tmp/medpeft_step_time.json"]
         step_time.main()
         report["train_steps"] = json.loads(Path("/tmp/medpeft_step_time.json").read_text())
         print()

@@ -46,6 +46,9 @@ CONFIGS = {
                  "warmup": 2, "steps": 10, "rounds": 5},
     "gpu-8b": {"arch": "qwen3-8b", "device": "cuda", "dtype": torch.bfloat16, "seq": 768, "batch": 8, "micro": 4,
                "warmup": 2, "steps": 5, "rounds": 3},
+    # SmolLM2-135M's architecture (random weights) on CPU: a realistic size, unlike tiny
+    "cpu-smollm2": {"arch": "smollm2-135m", "device": "cpu", "dtype": torch.float32, "seq": 256, "batch": 8,
+                    "micro": 4, "warmup": 1, "steps": 3, "rounds": 1},
 }
 REFERENCE = "lora-r16"  # every ratio is to this preset (and to lora-r<N> of equal active rank)
 PROFILE: dict = {"path": None}
@@ -167,7 +170,8 @@ def time_method(model, name: str, batches: list[Batch], cfg: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=CONFIGS, default="cpu-tiny")
-    ap.add_argument("--methods", nargs="+", default=benchmark_presets(), help="method presets to time")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="method presets to time (default: the registry's benchmark presets)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--rounds", type=int, help="override the config's number of interleaved rounds")
     ap.add_argument("--profile", help="write a torch.profiler table of one step of each method to this file")
@@ -178,6 +182,7 @@ def main() -> None:
                     help="recompute each decoder layer in the backward pass (train.gradient_checkpointing)")
     args = ap.parse_args()
     cfg = dict(CONFIGS[args.config])
+    args.methods = args.methods or benchmark_presets()
     cfg["compile_mode"] = args.compile_mode
     cfg["gradient_checkpointing"] = args.gradient_checkpointing
     if args.rounds:
