@@ -84,3 +84,12 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["params", "--json", "train.steps=3"])  # params takes no overrides
     assert err.value.code == 2
+
+
+def test_the_shipped_cpu_demo_config_is_valid():
+    from medpeft.config import method_variants
+
+    cfg = load_config("smollm2-demo")
+    assert cfg.model.name == "smollm2-135m" and cfg.methods == ["lora-r16", "birg"]
+    assert [s.split for s in cfg.data.train] == ["train"] and [s.split for s in cfg.eval.benchmarks] == ["validation"]
+    assert [v.output_dir for v in method_variants(cfg)] == ["runs/smollm2-demo/lora-r16", "runs/smollm2-demo/birg"]
