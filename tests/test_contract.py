@@ -16,9 +16,12 @@ pipeline relies on. Parametrized over ``catalogue()``, so a preset or family reg
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,10 +44,31 @@ PRESETS = catalogue()
 QUICKSTART_ITEMS = load_train_set(load_config("quickstart"))
 
 
-def deterministic(name: str):
-    """The preset's config without dropout, so that two forward passes can be compared."""
+# Runs of presets that read other cells (a router's library) are folders of one suite here,
+# next to those cells, which are built once: the cell's preset, weights randomized, saved.
+SUITE = Path(tempfile.mkdtemp(prefix="medpeft-contract-"))
+atexit.register(shutil.rmtree, SUITE, True)
+
+
+def dependency_cells(name: str) -> None:
     method = preset_config(name)
-    return dataclasses.replace(method, dropout=0.0) if hasattr(method, "dropout") else method
+    for cell in family_of(method).depends_on(method):
+        if not (SUITE / cell / "adapter").is_dir():
+            dependency_cells(cell)
+            loaded = load_model("tiny", device="cpu")
+            torch.manual_seed(3)
+            model = apply_method(loaded.model, preset_config(cell))
+            randomize(model, seed=3, std=0.2)
+            save_trained(model, preset_config(cell), SUITE / cell)
+
+
+def deterministic(name: str):
+    """The preset's config without dropout, so that two forward passes can be compared, as a run
+    of the contract's suite builds it (the cells it reads located, MethodFamily.resolve)."""
+    method = preset_config(name)
+    method = dataclasses.replace(method, dropout=0.0) if hasattr(method, "dropout") else method
+    dependency_cells(name)
+    return family_of(method).resolve(method, SUITE / name)
 
 
 def build(name: str, dtype: str = "fp32"):
@@ -106,6 +130,9 @@ def test_gradients_reach_exactly_the_adapter(name):
     method = deterministic(name)
     torch.manual_seed(0)
     model = apply_method(loaded.model, method)
+    if family_of(method).training_free(method):  # nothing to train: no trainable parameter at all
+        assert not trainable(model)
+        return
     randomize(model)
     model.train()
     accumulate_gradients(model, method, [batch_of(loaded, QUICKSTART_ITEMS[:2]), batch_of(loaded, QUICKSTART_ITEMS[2:4])],
@@ -125,9 +152,13 @@ def test_gradients_reach_exactly_the_adapter(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_params_command_counts_the_built_model(name):
-    _, model, _ = build(name)
-    count = count_method("tiny", name)
-    assert count.trainable_params == sum(p.numel() for p in trainable(model).values()) > 0
+    _, model, method = build(name)
+    count = count_method("tiny", name, method)
+    free = family_of(method).training_free(method)
+    assert count.trainable_params == sum(p.numel() for p in trainable(model).values()) > (-1 if free else 0)
+    if free:
+        assert count.trainable_params == 0 and count.active_rank >= 0
+        return
     assert 0 < count.active_params <= count.trainable_params and count.active_rank >= 0
 
 
@@ -143,9 +174,11 @@ def test_save_load_is_bit_identical_and_bad_files_are_one_line_errors(name, tmp_
     loaded, model, method = build(name)
     randomize(model)
     model.eval()
-    save_trained(model, method, tmp_path / "run")
+    run = SUITE / f"save-{name}"  # next to the cells the method reads
+    as_written = preset_config(name) if family_of(method).depends_on(method) else method  # the config's method
+    save_trained(model, as_written, run, built=method)
     batch = batch_of(loaded, QUICKSTART_ITEMS[:4])
-    reloaded = load_trained(load_model("tiny", device="cpu").model, tmp_path / "run", expected=method)
+    reloaded = load_trained(load_model("tiny", device="cpu").model, run, expected=as_written)
     assert torch.equal(logits(reloaded, batch), logits(model, batch))
 
     small = tiny_config(len(loaded.tokenizer))
@@ -153,10 +186,10 @@ def test_save_load_is_bit_identical_and_bad_files_are_one_line_errors(name, tmp_
     from transformers import Qwen3ForCausalLM
 
     with pytest.raises(MedpeftError) as err:
-        load_trained(Qwen3ForCausalLM(small), tmp_path / "run")
-    _one_line_naming(err, tmp_path / "run" / "adapter")
+        load_trained(Qwen3ForCausalLM(small), run)
+    _one_line_naming(err, run / "adapter")
 
-    meta = tmp_path / "run" / "adapter" / "medpeft_adapter.json"
+    meta = run / "adapter" / "medpeft_adapter.json"
     original = json.loads(meta.read_text())
     other = "birg" if family_of(method).name != "birg" else "lora-r16"
     tampered = [
@@ -174,14 +207,18 @@ def test_save_load_is_bit_identical_and_bad_files_are_one_line_errors(name, tmp_
     for text in tampered:
         meta.write_text(text)
         with pytest.raises(MedpeftError) as err:
-            load_trained(load_model("tiny", device="cpu").model, tmp_path / "run")
-        _one_line_naming(err, tmp_path / "run" / "adapter")
+            load_trained(load_model("tiny", device="cpu").model, run)
+        _one_line_naming(err, run / "adapter")
     meta.write_text(json.dumps(original))
-    for weights in sorted((tmp_path / "run" / "adapter").glob("*.safetensors")):
+    weight_files = sorted((run / "adapter").rglob("*.safetensors"))
+    if not weight_files:  # a training-free method saves no weights (Arrow: its library's are checked)
+        assert family_of(method).training_free(method)
+        return
+    for weights in weight_files:
         weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
     with pytest.raises(MedpeftError) as err:
-        load_trained(load_model("tiny", device="cpu").model, tmp_path / "run")
-    _one_line_naming(err, tmp_path / "run" / "adapter")
+        load_trained(load_model("tiny", device="cpu").model, run)
+    _one_line_naming(err, run / "adapter")
 
 
 # ------------------------------------------------------------------------------ 5, 10
@@ -193,7 +230,8 @@ def runs(tmp_path_factory):
 
     def get(name: str) -> Path:
         if name not in cache:
-            out = tmp_path_factory.mktemp("contract") / name
+            dependency_cells(name)
+            out = SUITE / f"run-{name}"  # next to the cells the method reads
             cfg = load_config("quickstart", [f"output_dir={out}", "methods=[]", f"method={{preset: {name}}}",
                                              "train.steps=2", "train.batch_size=4", "train.micro_batch_size=2",
                                              "train.save_every=1", "train.log_every=1", "data.max_length=192"])
@@ -211,6 +249,9 @@ def test_aux_losses_are_the_nonzero_weighted_ones_and_logged_with_their_weights(
     model.train()
     family = family_of(method)
     weights = {k: w for k, w in family.loss_weights(method).items() if w > 0}
+    if family.training_free(method):  # no training step: nothing is differentiated or logged
+        assert not weights and json.loads((runs(name) / "summary.json").read_text())["steps"] == 0
+        return
     result = accumulate_gradients(model, method, [batch_of(loaded, QUICKSTART_ITEMS[:2]),
                                                   batch_of(loaded, QUICKSTART_ITEMS[2:4])], batch_size=4)
     assert set(result.aux) == set(weights) and result.aux_weights == weights
@@ -220,7 +261,9 @@ def test_aux_losses_are_the_nonzero_weighted_ones_and_logged_with_their_weights(
     torch.testing.assert_close(result.objective, recomputed.reshape(()), rtol=1e-5, atol=1e-6)
 
     run = runs(name)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logs = [run / "metrics.jsonl"] if (run / "metrics.jsonl").exists() else sorted(run.glob("parts/*/metrics.jsonl"))
+    rows = [json.loads(line) for log in logs for line in log.read_text().splitlines()]  # a method of parts: theirs
+    assert rows
     summary = json.loads((run / "summary.json").read_text())
     assert summary["loss_weights"] == weights
     for row in rows:
@@ -266,6 +309,9 @@ def test_compiled_equals_eager_without_graph_breaks(name):
     from torch._dynamo.utils import counters
 
     loaded, model, method = build(name)
+    if family_of(method).training_free(method):  # never trained, and evaluation runs eagerly
+        assert not trainable(model)
+        return
     randomize(model)
     model.train()
     batches = [batch_of(loaded, QUICKSTART_ITEMS[:2]), batch_of(loaded, QUICKSTART_ITEMS[2:4], answer_shift=1)]
@@ -306,6 +352,9 @@ def test_bf16_base_keeps_fp32_adapter_weights_and_a_step_moves_them(name):
     randomize(model)
     model.train()
     params = trainable(model)
+    if family_of(method).training_free(method):
+        assert not params
+        return
     assert params and all(p.dtype == torch.float32 for p in params.values())
     batches = [batch_of(loaded, QUICKSTART_ITEMS[:2])]
     state = {k: v.clone() for k, v in family_of(method).training_state(model).items()}

@@ -111,6 +111,9 @@ class RunConfig:
     # Presets trained side by side under the same budget and data (each in output_dir/<preset>,
     # its method section replaced by the preset); empty = train the one 'method' below.
     methods: list[str] = field(default_factory=list)
+    # Keys changed for one preset of 'methods' in this config's cells: {preset: {key: value}},
+    # e.g. {lora-library: {min_items: 3}}; the cell keeps the preset's name.
+    method_overrides: Any = field(default_factory=dict)
     # Training seeds; more than one trains every method once per seed (output_dir/<preset>/seed-<s>).
     seeds: list[int] = field(default_factory=list)
     # Further grid axes: dotted config key -> list of values, e.g. {model.name: [A, B]} or
@@ -228,6 +231,23 @@ def validate_run_config(cfg: RunConfig) -> None:
             from .adapters.registry import catalogue
 
             raise ConfigError(f"config key 'methods' names {preset!r}, not a preset ({', '.join(catalogue())})")
+    overrides = cfg.method_overrides
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ConfigError("config key 'method_overrides' must map presets of 'methods' to mappings of method keys")
+    for preset, keys in overrides.items():
+        # a preset not listed is kept for when it is (e.g. 'methods' overridden on the command line)
+        require(is_preset(preset), f"method_overrides.{preset}", "names no preset (medpeft methods lists them)")
+        require("preset" not in keys and "name" not in keys, f"method_overrides.{preset}",
+                "changes keys of the preset; it cannot rename it")
+    for preset in overrides:
+        cell_method(cfg, preset)  # its keys must be keys of the method
+    for i, preset in enumerate(cfg.methods):  # cells a method reads (a router's library) are trained first
+        from .adapters.registry import family_of
+
+        method = cell_method(cfg, preset)
+        for needed in family_of(method).depends_on(method):
+            require(needed in cfg.methods[:i] or (Path(cfg.output_dir) / needed).is_dir(), "methods",
+                    f"{preset!r} reads the cell {needed!r} (its method.library), which must be listed before it")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -354,6 +374,13 @@ def grid_cells(name_or_path: str, overrides: list[str] | None = None) -> list[tu
     return cells
 
 
+def cell_method(cfg: RunConfig, preset: str):
+    """The method of the cell of ``preset`` in ``cfg.methods``: the preset with the config's
+    ``method_overrides`` for it."""
+    keys = cfg.method_overrides.get(preset, {}) if isinstance(cfg.method_overrides, dict) else {}
+    return method_from_dict({"preset": preset, **keys}, f"method_overrides.{preset}" if keys else "method")
+
+
 def method_variants(cfg: RunConfig) -> list[RunConfig]:
     """One config per (method preset, seed): same budget and data.
 
@@ -362,10 +389,10 @@ def method_variants(cfg: RunConfig) -> list[RunConfig]:
     """
     variants = []
     if not cfg.methods:
-        variants.append(dataclasses.replace(cfg, methods=[]))
+        variants.append(dataclasses.replace(cfg, methods=[], method_overrides={}))
     for preset in cfg.methods:
-        method = preset_config(preset)
-        variants.append(dataclasses.replace(cfg, methods=[], method=method,
+        method = cell_method(cfg, preset)
+        variants.append(dataclasses.replace(cfg, methods=[], method_overrides={}, method=method,
                                             output_dir=str(Path(cfg.output_dir) / preset)))
     if len(cfg.seeds) <= 1:
         if cfg.seeds:

@@ -489,6 +489,13 @@ def train(
 
 def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRecord], run_dir: Path, resume: bool,
                   force_resume: bool, changed: list[str], on_step) -> TrainResult:
+    family = family_of(cfg.method)
+    method = family.resolve(cfg.method, run_dir)  # what is built; cfg.method is what the config says
+    parts = family.parts(method, train_set)
+    if parts is not None:
+        return _train_parts(cfg, method, parts, loaded, run_dir, resume, force_resume)
+    if family.training_free(method):
+        return _build_untrained(cfg, method, loaded, train_set, run_dir)
     tc = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -507,7 +514,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     lengths = [len(e.input_ids) for e in encoded]
     pad_id = loaded.tokenizer.pad_token_id
 
-    model = apply_method(loaded.model, cfg.method)
+    model = apply_method(loaded.model, method)
     if tc.gradient_checkpointing:
         causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -583,7 +590,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     loop_time = elapsed_before + time.perf_counter() - t0
     uncompile(compiled)
 
-    save_trained(model, cfg.method, run_dir)
+    save_trained(model, cfg.method, run_dir, built=method)
     summary = {
         "method": cfg.method.name, "base_model": cfg.model.name, **params,
         "loss_weights": {k: w for k, w in family_of(cfg.method).loss_weights(cfg.method).items() if w > 0},
@@ -595,4 +602,77 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     }
     write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them
+    return TrainResult(model, summary)
+
+
+PARTS_DIR = "parts"
+
+
+def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_dir: Path, resume: bool,
+                 force_resume: bool) -> TrainResult:
+    """A method made of independent trainings (an adapter library): each part is its own run
+    folder under ``run_dir/parts`` with the run's budget, trained one after another (finished
+    parts reused and an interrupted one continued with ``resume``), then assembled."""
+    import dataclasses
+
+    from .adapters import load_trained, save_assembled
+    from .config import config_differences, load_config
+
+    root = run_dir / PARTS_DIR
+    if not resume:  # a fresh start: parts of an earlier attempt must not be reused
+        shutil.rmtree(root, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", dump_config(cfg))
+    summaries, run_dirs = [], {}
+    for i, part in enumerate(parts):
+        part_cfg = dataclasses.replace(cfg, method=part.method, methods=[], seeds=[], grid={},
+                                       output_dir=str(root / part.name))
+        part_dir = root / part.name
+        run_dirs[part.name] = part_dir
+        if (part_dir / "summary.json").exists():
+            differ = [k for k in config_differences(load_config(str(part_dir / "config.yaml")), part_cfg)
+                      if k != "output_dir"]
+            if not differ and not force_resume:
+                log.info("%s is already trained; reusing it", part_dir)
+                summaries.append(json.loads((part_dir / "summary.json").read_text(encoding="utf-8")))
+                continue
+            shutil.rmtree(part_dir)
+        log.info("training part %d/%d of %s: %s (%d items)", i + 1, len(parts), run_dir, part.name, len(part.items))
+        result = train(part_cfg, loaded, part.items, resume=latest_checkpoint(part_dir) is not None,
+                       force_resume=force_resume)
+        family_of(part.method).remove(result.model)  # the bare base model again, for the next part
+        summaries.append(result.summary)
+    save_assembled(cfg.method, method, parts, run_dirs, run_dir)
+    summary = {
+        "method": cfg.method.name, "base_model": cfg.model.name,
+        "trainable_params": sum(s["trainable_params"] for s in summaries),
+        "total_params": summaries[0]["total_params"] if summaries else 0,
+        "loss_weights": {}, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+        "train_examples": sum(s["train_examples"] for s in summaries),
+        "truncated_prompts": sum(s["truncated_prompts"] for s in summaries),
+        "tokens": sum(s["tokens"] for s in summaries), "answer_tokens": sum(s["answer_tokens"] for s in summaries),
+        "train_time_s": round(sum(s["train_time_s"] for s in summaries), 3),
+        "parts": [{"name": p.name, "train_examples": s["train_examples"], "train_time_s": s["train_time_s"],
+                   **p.about} for p, s in zip(parts, summaries)],
+        "device": str(loaded.device), "compiled": any(s.get("compiled") for s in summaries),
+    }
+    write_json(run_dir / "summary.json", summary)
+    model = load_trained(loaded.model, run_dir, expected=cfg.method)
+    return TrainResult(model, summary)
+
+
+def _build_untrained(cfg: RunConfig, method, loaded: LoadedModel, train_set: list, run_dir: Path) -> TrainResult:
+    """A training-free method (e.g. Arrow over a trained library): build it, save its adapter
+    folder, and write a summary of zero steps."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", dump_config(cfg))
+    t0 = time.perf_counter()
+    model = apply_method(loaded.model, method)
+    save_trained(model, cfg.method, run_dir, built=method)
+    summary = {"method": cfg.method.name, "base_model": cfg.model.name, **count_parameters(model),
+               "loss_weights": {}, "steps": 0, "batch_size": cfg.train.batch_size, "train_examples": 0,
+               "truncated_prompts": 0, "tokens": 0, "answer_tokens": 0,
+               "train_time_s": round(time.perf_counter() - t0, 3), "training_free": True,
+               "device": str(loaded.device), "compiled": False}
+    write_json(run_dir / "summary.json", summary)
     return TrainResult(model, summary)

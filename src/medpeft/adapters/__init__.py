@@ -5,7 +5,9 @@ Every method family registers a :class:`~medpeft.adapters.registry.MethodFamily`
 Built-in families (each one module or folder and one registration):
 
 * ``peft_lora``: ``lora``, ``dora`` through HF ``peft``;   * ``full``: full fine-tuning;
-* ``birg/``: BiRG-LoRA and the rank-wise control;          * ``moe/``: the LoRA mixtures of experts.
+* ``birg/``: BiRG-LoRA and the rank-wise control;          * ``moe/``: the LoRA mixtures of experts;
+* ``library/``: a per-route LoRA library (and the routers' shared layer); the routers over it:
+  ``arrow/`` (peft's Arrow), ``meteora/``, ``lora_mixer/``.
 
 ``birg`` and ``moe`` inject their own layers (inject.py), since ``peft`` has no supported
 plug-in API for new layer types.
@@ -30,6 +32,10 @@ from . import peft_lora  # noqa: F401,I001
 from . import full  # noqa: F401
 from . import birg  # noqa: F401
 from . import moe  # noqa: F401
+from . import library  # noqa: F401
+from . import meteora  # noqa: F401
+from . import lora_mixer  # noqa: F401
+from . import arrow  # noqa: F401
 from .registry import (MethodFamily, Preset, catalogue, family_of, method_from_dict, method_label, preset_config,
                        register_family, unregister_family)
 from .routing import routing_state, set_routing
@@ -38,7 +44,7 @@ ADAPTER_DIR = "adapter"
 ADAPTER_META = "medpeft_adapter.json"  # not peft's adapter_config.json: a schema peft cannot read
 META_VERSION = 1
 
-__all__ = ["apply_method", "reads_tags", "save_trained", "load_trained", "read_adapter_method", "set_routing",
+__all__ = ["apply_method", "reads_tags", "save_trained", "save_assembled", "load_trained", "read_adapter_method", "set_routing",
            "routing_state", "family_of", "register_family", "unregister_family", "MethodFamily", "Preset",
            "catalogue", "preset_config", "method_from_dict", "method_label", "ADAPTER_DIR", "ADAPTER_META"]
 
@@ -53,15 +59,31 @@ def reads_tags(method) -> bool:
     return family_of(method).reads_tags(method)
 
 
-def save_trained(model: nn.Module, method, run_dir: Path) -> Path:
-    """Save the trained weights and the method to ``run_dir/adapter`` atomically."""
+def save_trained(model: nn.Module, method, run_dir: Path, *, built=None) -> Path:
+    """Save the trained weights and the method to ``run_dir/adapter`` atomically. ``method`` is
+    the config's; ``built`` the method as resolved for the run (:meth:`MethodFamily.resolve`),
+    which the family saves with (default: ``method``)."""
     final = Path(run_dir) / ADAPTER_DIR
     family = family_of(method)
     with atomic_dir(final) as tmp:
-        family.save(model, method, tmp)
-        write_json(tmp / ADAPTER_META, {"medpeft_adapter": META_VERSION, "family": family.name,
-                                        "method": dataclasses.asdict(method)})
+        family.save(model, built if built is not None else method, tmp)
+        _write_meta(tmp, family, method)
     return final
+
+
+def save_assembled(method, built, parts: list, run_dirs: dict[str, Path], run_dir: Path) -> Path:
+    """The adapter folder of a method made of parts (:meth:`MethodFamily.parts`), atomically."""
+    final = Path(run_dir) / ADAPTER_DIR
+    family = family_of(method)
+    with atomic_dir(final) as tmp:
+        family.assemble(built, parts, run_dirs, tmp)
+        _write_meta(tmp, family, method)
+    return final
+
+
+def _write_meta(folder: Path, family: MethodFamily, method) -> None:
+    write_json(folder / ADAPTER_META, {"medpeft_adapter": META_VERSION, "family": family.name,
+                                       "method": dataclasses.asdict(method)})
 
 
 def read_adapter_method(run_dir: Path, expected=None):
@@ -110,8 +132,15 @@ def load_trained(base_model: nn.Module, run_dir: Path, expected=None) -> nn.Modu
 
     method = read_adapter_method(run_dir, expected)
     folder = Path(run_dir) / ADAPTER_DIR
+    family = family_of(method)
     try:
-        return family_of(method).load(base_model, method, folder)
+        method = family.resolve(method, Path(run_dir))
+    except MedpeftError as err:  # e.g. a router whose library is gone or changed
+        raise MedpeftError(f"{folder}: {err}") from None
+    try:
+        return family.load(base_model, method, folder)
+    except MedpeftError as err:  # e.g. a router's library that does not fit this base model
+        raise MedpeftError(f"{folder}: {err}") from None
     except (ValueError, RuntimeError, OSError, KeyError, SafetensorError) as err:  # unreadable or misfit files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MedpeftError(f"{folder}: cannot load the adapter into this base model: {first}") from None

@@ -69,15 +69,16 @@ class MethodCount:
                 "active_params": self.active_params, "active_rank": self.active_rank}
 
 
-def count_method(arch: str, name: str) -> MethodCount:
-    """Trainable and active parameters of preset ``name`` (or a ``library-NX-PRESET``) on ``arch``."""
+def count_method(arch: str, name: str, method=None) -> MethodCount:
+    """Trainable and active parameters of preset ``name`` (or a ``library-NX-PRESET``) on ``arch``;
+    ``method``: count that method config instead of the preset's (labelled ``name``)."""
     library = LIBRARY.match(name)
     preset = library.group(2) if library else name
-    if not is_preset(preset):
+    if method is None and not is_preset(preset):
         raise ValueError(f"unknown method preset {preset!r}; known: {', '.join(catalogue())}, or "
                          "library-<N>x-<preset>")
     try:
-        method = preset_config(preset)
+        method = method if method is not None else preset_config(preset)
     except ConfigError as err:
         raise ValueError(f"{name!r}: {err}") from None
     family = family_of(method)

@@ -53,6 +53,16 @@ class Preset:
     benchmark: bool = False
 
 
+@dataclass
+class Part:
+    """One independent training of a method made of several (:meth:`MethodFamily.parts`)."""
+
+    name: str  # its folder under ``run_dir/parts``
+    method: Any  # the method config it trains (a plain preset's, e.g. LoRA r8)
+    items: list  # its training items
+    about: dict = field(default_factory=dict)  # what the adapter folder records about it
+
+
 class MethodFamily:
     """Everything the pipeline asks of a method family. Subclass, fill in, register.
 
@@ -105,6 +115,33 @@ class MethodFamily:
     def count_active(self, model: "nn.Module", method, trainable: int) -> tuple[int, int]:
         """(active parameters, active rank) of a built model: what one question's forward uses."""
         return trainable, int(getattr(method, "r", 0))
+
+    # -- runs that read other runs, or are made of several -----------------------------------
+    def depends_on(self, method) -> tuple[str, ...]:
+        """Suite cells (preset names) this method reads, e.g. a router's adapter library; the
+        suite must train them first (a cell named like a path is a run folder instead)."""
+        return ()
+
+    def resolve(self, method, run_dir: Path):
+        """The method as the run in ``run_dir`` builds it (e.g. a router's library located
+        next to the run, its size read from the library). The config keeps ``method`` as
+        written; only building and loading see the resolved one."""
+        return method
+
+    def training_free(self, method) -> bool:
+        """Whether the method has nothing to train (e.g. Arrow routing over a trained library):
+        training writes its adapter folder without an optimizer loop."""
+        return False
+
+    def parts(self, method, train_set: list) -> "list[Part] | None":
+        """Independent trainings the method is made of: each part is trained under the run's
+        budget into ``run_dir/parts/<name>`` (resumable one by one), then :meth:`assemble`
+        writes the adapter. None: one training of ``method`` itself."""
+        return None
+
+    def assemble(self, method, parts: "list[Part]", run_dirs: dict[str, Path], folder: Path) -> None:
+        """Write the adapter folder from the trained parts (their run folders by part name)."""
+        raise NotImplementedError
 
     # -- training -------------------------------------------------------------------------
     def loss_weights(self, method) -> dict[str, float]:
