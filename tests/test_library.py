@@ -316,3 +316,99 @@ def test_params_counts_routers_over_a_library_of_n(tmp_path):
     assert meteora.trainable_params == 36 * 16 * (6 * 4096 + 12288)
     assert count_method("qwen3-8b", "arrow-16x").trainable_params == 0
     assert count_method("qwen3-8b", "library-16x-lora-r8").trainable_params == 349_175_808
+
+
+# ------------------------------------------------------------------------------ medadapter and the pool
+
+def _medadapter(library_run, suite: Path):
+    import shutil
+
+    root, cfg, items, _ = library_run
+    if not (suite / "lora-library").exists():
+        shutil.copytree(root / "lora-library", suite / "lora-library")
+    run = cell(cfg, "medadapter", suite / "medadapter", verifier_steps=50)
+    result = train(run, load_model("tiny", device="cpu"), items)
+    return run, result
+
+
+def test_medadapter_fits_its_verifier_on_pooled_source_candidates_and_reuses_the_pool(library_run, tmp_path):
+    from medpeft.adapters.medadapter import pool
+    from medpeft.evaluate import Evaluator
+
+    run, result = _medadapter(library_run, tmp_path)
+    verifier = result.summary["verifier"]
+    assert verifier["adapters"] == 7 and verifier["candidates"] >= 30 and 0 < verifier["correct_share"] < 1
+    assert result.summary["trainable_params"] == 64 + 1  # the head over the tiny model's hidden size
+    targets = load_train_set(load_config(None, ["data.train=[{benchmark: medqa, name: t, path: pkg:medqa_dev.jsonl}]"]))
+    before = dict(pool.counters)
+    loaded = load_model("tiny", device="cpu")
+    model = load_trained(loaded.model, tmp_path / "medadapter")
+    evaluator = Evaluator(model, loaded.tokenizer, max_length=192, batch_size=4)
+    first = evaluator.score(targets, "letters")
+    assert pool.counters["computed"] - before["computed"] == 7 * len(targets)
+    again = pool.counters["computed"]
+    second = Evaluator(model, loaded.tokenizer, max_length=192, batch_size=3).score(targets, "letters")
+    assert pool.counters["computed"] == again  # a second run generates nothing
+    assert [p.pred for p in first] == [p.pred for p in second]
+    table = pool.adapter_candidates(model, evaluator.fmt, targets, family_of(run.method).resolve(
+        run.method, tmp_path / "medadapter").library_info, "", tmp_path / "lora-library", 4)
+    for p, row in zip(first, table):  # the answer is one of the adapters' candidates, scored by the verifier
+        assert "".join(p.pred) in {c["pred"] for c in row} and set(p.scores) == {c["pred"] for c in row}
+    # the gold answers are not read: every target label changed, the same answers
+    flipped = [dataclasses.replace(t, record=dataclasses.replace(
+        t.record, answer=frozenset({"A" if "A" not in t.record.answer else "B"}))) for t in targets]
+    assert [p.pred for p in evaluator.score(flipped, "letters")] == [p.pred for p in first]
+
+
+def test_the_pool_is_invalidated_by_a_changed_adapter_and_refuses_another_models(library_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from medpeft.adapters.library import read_library
+    from medpeft.adapters.medadapter import pool
+
+    root, cfg, items, _ = library_run
+    import shutil
+
+    shutil.copytree(root / "lora-library", tmp_path / "lora-library")
+    info = read_library(tmp_path / "lora-library" / "adapter")
+    loaded = load_model("tiny", device="cpu")
+    method = family_of(preset_config("medadapter")).resolve(preset_config("medadapter"), tmp_path / "medadapter")
+    model = apply_method(loaded.model, method)
+    fmt = PromptFormatter(loaded.tokenizer, 192)
+    pool.adapter_candidates(model, fmt, items[:5], info, "tiny", tmp_path / "lora-library", 4)
+    start = pool.counters["computed"]
+    pool.adapter_candidates(model, fmt, items[:5], info, "tiny", tmp_path / "lora-library", 4)
+    assert pool.counters["computed"] == start
+    weights = info.paths[0] / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(weights)).items()}, str(weights))
+    pool.adapter_candidates(model, fmt, items[:5], info, "tiny", tmp_path / "lora-library", 4)
+    assert pool.counters["computed"] == start + 5  # only the changed adapter is recomputed
+    (header,) = (tmp_path / "lora-library" / "pool").glob("*/pool.json")
+    header.write_text(json.dumps({"model": "other", "model_key": "0123456789abcdef"}))
+    with pytest.raises(MedpeftError, match="a candidate pool of another model") as err:
+        pool.adapter_candidates(model, fmt, items[:5], info, "tiny", tmp_path / "lora-library", 4)
+    assert str(header) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_verifier_ranking_picks_the_answer_among_differing_candidates(library_run, tmp_path):
+    from medpeft.adapters.medadapter import VERIFIER_ATTR, choose, verifier_features
+
+    assert choose(["B", "A", "B"], {"A": 0.5, "B": 0.2}) == "A"  # the verifier's score decides
+    assert choose(["B", "A", "A"], {"A": 0.3, "B": 0.3}) == "A"  # a tie: more adapters proposed A
+    assert choose(["C", "A"], {"A": 0.3, "C": 0.3}) == "C"  # then the earlier adapter
+    root, cfg, items, _ = library_run
+    loaded = load_model("tiny", device="cpu")
+    method = family_of(preset_config("medadapter")).resolve(preset_config("medadapter"), root / "medadapter")
+    model = apply_method(loaded.model, method)
+    fmt = PromptFormatter(loaded.tokenizer, 192)
+    item = items[0]
+    feats = verifier_features(model, fmt, [item, item], ["A", "B"], 2)
+    head = getattr(model, VERIFIER_ATTR)
+    picks = []
+    for sign in (1.0, -1.0):  # a head pointing from B's features to A's, then the reverse
+        with torch.no_grad():
+            head.weight.copy_(sign * (feats[0] - feats[1])[None])
+            head.bias.zero_()
+        scores = dict(zip("AB", (feats @ head.weight[0] + head.bias[0]).tolist()))
+        picks.append(choose(["A", "B"], scores))
+    assert picks == ["A", "B"]

@@ -19,12 +19,12 @@ TINY_SUITE = str(Path(__file__).resolve().parents[1] / "configs" / "paper" / "bi
 def test_variants_are_methods_times_seeds_under_one_budget():
     cfg = load_config(TINY_SUITE, ["output_dir=/x"])
     variants = method_variants(cfg)
-    assert len(variants) == 11 * 2
+    assert len(variants) == 12 * 2
     assert {v.output_dir for v in variants} == {f"/x/{m}/seed-{s}" for m in cfg.methods for s in (0, 1)}
     assert {(v.train.steps, v.train.batch_size, v.data.max_length) for v in variants} == {(20, 8, 384)}
     assert sorted({v.train.seed for v in variants}) == [0, 1]
     assert {v.method.name for v in variants} == {"lora", "dora", "birg", "rankwise", "moelora", "lora-library",
-                                                 "arrow", "meteora", "lora-mixer"}
+                                                 "arrow", "meteora", "lora-mixer", "medadapter"}
     assert {v.method.min_items for v in variants if v.method.name == "lora-library"} == {4}  # method_overrides
 
 
@@ -97,14 +97,15 @@ def test_ablations_are_grouped_by_the_preset_they_are_built_on():
 
 
 def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
-    """configs/paper/birg-main-tiny.yaml unchanged (11 methods x 2 seeds, perturbation), as CI runs it."""
+    """configs/paper/birg-main-tiny.yaml unchanged (12 methods x 2 seeds, perturbation), as CI runs it: the
+    eleven trainable rows of the BiRG-LoRA paper's Table III and the library they route over."""
     out = tmp_path / "tiny"
     assert main(["suite", TINY_SUITE, f"output_dir={out}"]) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert {r["label"] for r in report["methods"]} == {"lora-r4", "lora-r16", "lora-r24", "dora-r24", "birg",
                                                         "rankwise", "moelora", "lora-library", "arrow", "meteora",
-                                                        "lora-mixer"}
-    assert all(r["seeds"] == 2 for r in report["methods"]) and len(report["comparisons"]) == 55
+                                                        "lora-mixer", "medadapter"}
+    assert all(r["seeds"] == 2 for r in report["methods"]) and len(report["comparisons"]) == 66
     for seed in (0, 1):  # each seed's routers read that seed's library (7 specialty routes of 4-5 items)
         library = json.loads((out / "lora-library" / f"seed-{seed}" / "adapter" / "library.json").read_text())
         assert len(library["adapters"]) == 7

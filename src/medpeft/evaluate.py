@@ -187,6 +187,29 @@ class Evaluator:
 
     # -- scorers --------------------------------------------------------------------------
     def score(self, items: list[TaggedRecord], scorer: str, desc: str = "eval") -> list[Prediction]:
+        state = routing_state(self.model)
+        if state is not None and state.predict is not None:  # the method predicts its own way
+            return self._score_by_method(items, scorer, state.predict, desc)
+        return self.score_forward(items, scorer, desc)
+
+    def _score_by_method(self, items: list[TaggedRecord], scorer: str, predict, desc: str) -> list[Prediction]:
+        """Multiple-choice items through the method's ``predict`` (open-ended ones as usual)."""
+        choice = [t for t in items if t.record.question_type != "open"]
+        by_id = dict(zip((id(t) for t in choice), predict(self, choice, scorer, desc)))
+        open_items = [t for t in items if t.record.question_type == "open"]
+        opened = dict(zip((id(t) for t in open_items), self.score_forward(open_items, scorer, desc)))
+        out = []
+        for t in items:
+            if id(t) in opened:
+                out.append(opened[id(t)])
+                continue
+            pred, scores = by_id[id(t)]
+            out.append(Prediction(t, pred, pred == t.record.answer, scores))
+        return out
+
+    def score_forward(self, items: list[TaggedRecord], scorer: str, desc: str = "eval") -> list[Prediction]:
+        """Score with the model's forward pass (what :meth:`score` does for every method that
+        does not predict its own way; such a method calls this for its candidates)."""
         preds: list[Prediction | None] = [None] * len(items)
         choice = [i for i, t in enumerate(items) if t.record.question_type != "open"]
         open_ = [i for i, t in enumerate(items) if t.record.question_type == "open"]

@@ -494,7 +494,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     parts = family.parts(method, train_set)
     if parts is not None:
         return _train_parts(cfg, method, parts, loaded, run_dir, resume, force_resume)
-    if family.training_free(method):
+    if not family.trains_with_loop(method):
         return _build_untrained(cfg, method, loaded, train_set, run_dir)
     tc = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -662,17 +662,22 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
 
 
 def _build_untrained(cfg: RunConfig, method, loaded: LoadedModel, train_set: list, run_dir: Path) -> TrainResult:
-    """A training-free method (e.g. Arrow over a trained library): build it, save its adapter
-    folder, and write a summary of zero steps."""
+    """A method without the answer-loss loop: training-free (e.g. Arrow over a trained library)
+    or fitted its own way (:meth:`MethodFamily.fit`, e.g. a verifier); build it, fit it, save its
+    adapter folder, and write a summary of zero loop steps."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_config(cfg))
     t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
     model = apply_method(loaded.model, method)
+    params = count_parameters(model)
+    fitted = family_of(method).fit(model, method, train_set, loaded.tokenizer, cfg)
     save_trained(model, cfg.method, run_dir, built=method)
-    summary = {"method": cfg.method.name, "base_model": cfg.model.name, **count_parameters(model),
-               "loss_weights": {}, "steps": 0, "batch_size": cfg.train.batch_size, "train_examples": 0,
+    summary = {"method": cfg.method.name, "base_model": cfg.model.name, **params,
+               "loss_weights": {}, "steps": 0, "batch_size": cfg.train.batch_size,
+               "train_examples": len(train_set) if fitted is not None else 0,
                "truncated_prompts": 0, "tokens": 0, "answer_tokens": 0,
-               "train_time_s": round(time.perf_counter() - t0, 3), "training_free": True,
-               "device": str(loaded.device), "compiled": False}
+               "train_time_s": round(time.perf_counter() - t0, 3), "training_free": fitted is None,
+               **(fitted or {}), "device": str(loaded.device), "compiled": False}
     write_json(run_dir / "summary.json", summary)
     return TrainResult(model, summary)

@@ -7,7 +7,7 @@ Built-in families (each one module or folder and one registration):
 * ``peft_lora``: ``lora``, ``dora`` through HF ``peft``;   * ``full``: full fine-tuning;
 * ``birg/``: BiRG-LoRA and the rank-wise control;          * ``moe/``: the LoRA mixtures of experts;
 * ``library/``: a per-route LoRA library (and the routers' shared layer); the routers over it:
-  ``arrow/`` (peft's Arrow), ``meteora/``, ``lora_mixer/``.
+  ``arrow/`` (peft's Arrow), ``meteora/``, ``lora_mixer/``, ``medadapter/`` (candidate verification).
 
 ``birg`` and ``moe`` inject their own layers (inject.py), since ``peft`` has no supported
 plug-in API for new layer types.
@@ -36,6 +36,7 @@ from . import library  # noqa: F401
 from . import meteora  # noqa: F401
 from . import lora_mixer  # noqa: F401
 from . import arrow  # noqa: F401
+from . import medadapter  # noqa: F401
 from .registry import (MethodFamily, Preset, catalogue, family_of, method_from_dict, method_label, preset_config,
                        register_family, unregister_family)
 from .routing import routing_state, set_routing

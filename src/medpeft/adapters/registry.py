@@ -133,6 +133,16 @@ class MethodFamily:
         training writes its adapter folder without an optimizer loop."""
         return False
 
+    def fit(self, model: "nn.Module", method, train_set: list, tokenizer, cfg) -> dict | None:
+        """Training that is not the answer-loss loop (e.g. a verifier fitted on candidates):
+        fit ``model`` (built by :meth:`apply`) on ``train_set`` and return what ``summary.json``
+        adds, or None to train with the loop."""
+        return None
+
+    def trains_with_loop(self, method) -> bool:
+        """Whether training runs the answer-loss loop (not training-free, no own :meth:`fit`)."""
+        return not self.training_free(method) and type(self).fit is MethodFamily.fit
+
     def parts(self, method, train_set: list) -> "list[Part] | None":
         """Independent trainings the method is made of: each part is trained under the run's
         budget into ``run_dir/parts/<name>`` (resumable one by one), then :meth:`assemble`

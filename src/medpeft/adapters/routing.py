@@ -79,6 +79,9 @@ class RoutingState:
     # (it depends on the batch, not on the layer); cast by the reader
     pool_weights: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)  # eager-only per-batch helpers of the loss computations
+    # A family whose predictions are not one forward pass's (candidate verification) sets this:
+    # ``predict(evaluator, items) -> [(predicted letters, scores)]``; the scorers call it instead.
+    predict: object = None
     _pooled: tuple | None = None  # eager only: (input tensor, its pooling), shared by q/k/v and gate/up
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,8 +41,15 @@ class LibraryState(RoutingState):
     n_adapters: int = 1
     route: torch.Tensor | None = None  # [B] adapter index of each question (-1: none)
     route_onehot: torch.Tensor | None = None  # [B, 1, K] oracle coefficients
+    forced: int | None = None  # every question uses this adapter (-1: none, the bare base model)
 
     def prepare_batch(self) -> None:
+        if self.forced is not None and self.specialty is not None:
+            onehot = torch.zeros(self.specialty.shape[0], 1, self.n_adapters, device=self.specialty.device)
+            if self.forced >= 0:
+                onehot[..., self.forced] = 1.0
+            self.route, self.route_onehot = None, onehot
+            return
         if self.route_table is None or self.specialty is None:
             self.route = self.route_onehot = None
             return
@@ -108,6 +115,6 @@ class LibraryLinear(InjectedLinear):
         out = self.base(x) + ((self.dropout(x) @ a.T) * w) @ b.T
         if self.training and self.keep_logits and logits is not None:
             self.routing_out = logits  # the router families' losses read them (with the prompt mask)
-        if self.state.record:
+        if self.state.record and self.state.forced is None:  # a forced adapter routes nothing to audit
             self.state.records[self.name] = {"gates": c.detach().expand(*x.shape[:2], -1)}
         return out
