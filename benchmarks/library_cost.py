@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from medpeft.adapters import family_of, preset_config, save_trained  # noqa: E402
-from medpeft.adapters.medadapter import pool  # noqa: E402
+from medpeft.adapters import catalogue, family_of, preset_config, save_trained  # noqa: E402
+from medpeft.adapters.routing import routing_state  # noqa: E402
 from medpeft.config import TrainConfig  # noqa: E402
 from medpeft.train import build_optimizer, training_step  # noqa: E402
 
@@ -41,13 +41,18 @@ CONFIGS = {
     "gpu-8b": {"model": "qwen3-8b", "step": "gpu-8b", "device": "cuda", "n_eval": 128, "eval_batch": 16,
                "max_length": 768, "steps": 5},
 }
-ROUTERS = ["lora-library", "arrow", "meteora", "lora-mixer", "medadapter"]
+REFERENCE = "lora-r16"  # the step table's reference, as in step_time.py
+
+
+def routers() -> list[str]:
+    """The presets that read another cell (a library), from the registry."""
+    return [p for p in catalogue() if family_of(preset_config(p)).depends_on(preset_config(p))]
 
 
 def built(model, name: str, suite: Path):
     method = preset_config(name)
     family = family_of(method)
-    if name != "lora-library":
+    if family.depends_on(method):
         method = family.resolve(method, suite / name)
     torch.manual_seed(0)
     return family, method, family.apply(model, method)
@@ -63,23 +68,29 @@ def main() -> None:
     loaded = load({**cfg, "dtype": "fp32" if cfg["device"] == "cpu" else "bf16"})
     model = loaded.model
     suite = Path(tempfile.mkdtemp(prefix="medpeft-library-bench-"))
+    names = routers()
+    first = preset_config(names[0])
+    library_cell = family_of(first).depends_on(first)[0]
     try:
-        family, method, lib = built(model, "lora-library", suite)
+        family, method, lib = built(model, library_cell, suite)
         with torch.no_grad():
             for p in lib.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.02)
-        save_trained(lib, method, suite / "lora-library")
+        save_trained(lib, method, suite / library_cell)
+        one_adapter = f"lora-r{method.r}"  # one adapter of the library's shape
         model = family.remove(lib)
         items = eval_items(cfg["n_eval"])
         from medpeft.evaluate import Evaluator
 
         rows = []
-        for name in ["lora-r8", *ROUTERS]:
+        for name in [one_adapter, library_cell, *names]:
             family, method, m = built(model, name, suite)
             m.eval()
             ev = Evaluator(m, loaded.tokenizer, batch_size=cfg["eval_batch"], max_length=cfg["max_length"])
-            runs = ["cold", "warm"] if name == "medadapter" else ["", ""]
+            state = routing_state(m)
+            candidates = state is not None and state.predict is not None  # predicts over a candidate pool
+            runs = ["cold", "warm"]
             times = []
             for _ in runs:
                 t0 = time.perf_counter()
@@ -87,7 +98,7 @@ def main() -> None:
                 if cfg["device"] == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            if name == "medadapter":
+            if candidates:
                 rows.append((f"{name} (empty pool: K={method.n_adapters} prompt passes + verifier)",
                              len(items) / times[0]))
                 rows.append((f"{name} (pool cached: verifier only)", len(items) / times[1]))
@@ -98,7 +109,7 @@ def main() -> None:
         print(f"Evaluation, {args.config}: letters scorer, {len(items)} questions, a library of "
               f"{method.n_adapters} LoRA r8 adapters")
         print()
-        print("| method | questions/s | x LoRA r8 |")
+        print(f"| method | questions/s | x {one_adapter} |")
         print("|---|---|---|")
         for name, qps in rows:
             print(f"| {name} | {qps:.1f} | {qps / ref:.3f} |")
@@ -110,7 +121,8 @@ def main() -> None:
         step_cfg = STEP_CONFIGS[cfg["step"]]
         batches = make_batches(step_cfg, model.config.vocab_size, cfg["device"])
         step_rows = []
-        for name in ["lora-r16", "meteora", "lora-mixer"]:
+        looped = [n for n in names if family_of(preset_config(n)).trains_with_loop(preset_config(n))]
+        for name in [REFERENCE, *looped]:
             family, method, m = built(model, name, suite)
             m.train()
             tc = TrainConfig(steps=cfg["steps"] + 2, batch_size=step_cfg["batch"], micro_batch_size=step_cfg["micro"],
@@ -134,7 +146,6 @@ def main() -> None:
         print("|---|---|---|")
         for name, s in step_rows:
             print(f"| {name} | {s:.4f} | {s / step_rows[0][1]:.3f} |")
-        print(f"\n(pool rows computed {pool.counters['computed']}, reused {pool.counters['reused']})")
     finally:
         shutil.rmtree(suite, ignore_errors=True)
 

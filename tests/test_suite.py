@@ -43,7 +43,7 @@ def test_perturbation_replaces_the_given_share_with_other_values():
 def test_tiny_suite_end_to_end_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "suite"
     args = ["suite", TINY_SUITE, f"output_dir={out}", "methods=[lora-r16, birg]", "train.steps=3",
-            "eval.perturb_rates=[0.3]", "eval.perturb_seeds=[0, 1]"]
+            "eval.perturb_rates=[0.3]", "eval.perturb_seeds=[0, 1]", "eval.base=false"]
     assert main(args) == 0
     adapter = out / "birg" / "seed-1" / "adapter" / "adapter.safetensors"
     stamp = adapter.stat().st_mtime_ns
@@ -104,8 +104,14 @@ def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
     report = json.loads((out / "report" / "report.json").read_text())
     assert {r["label"] for r in report["methods"]} == {"lora-r4", "lora-r16", "lora-r24", "dora-r24", "birg",
                                                         "rankwise", "moelora", "lora-library", "arrow", "meteora",
-                                                        "lora-mixer", "medadapter"}
-    assert all(r["seeds"] == 2 for r in report["methods"]) and len(report["comparisons"]) == 66
+                                                        "lora-mixer", "medadapter", "base"}
+    assert all(r["seeds"] == (1 if r["label"] == "base" else 2) for r in report["methods"])
+    assert len(report["comparisons"]) == 78  # 13 rows, pairwise
+    base = next(r for r in report["methods"] if r["label"] == "base")
+    assert base["family"] == "Base model" and base["trainable_params"] == 0
+    scored = json.loads((out / "base" / "eval" / "results.json").read_text())
+    assert scored["method"] == "base" and base["macro"]["mean"] == pytest.approx(100 * scored["macro_accuracy"])
+    assert "| Base model | base | 0.00M |" in (out / "report" / "report.md").read_text()
     for seed in (0, 1):  # each seed's routers read that seed's library (7 specialty routes of 4-5 items)
         library = json.loads((out / "lora-library" / f"seed-{seed}" / "adapter" / "library.json").read_text())
         assert len(library["adapters"]) == 7

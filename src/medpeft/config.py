@@ -103,6 +103,9 @@ class EvalConfig:
     # random other value, once per perturbation seed (tag-routed methods only).
     perturb_rates: list[float] = field(default_factory=list)
     perturb_seeds: list[int] = field(default_factory=lambda: [0])
+    # Suites: also score the bare base model on the same sets (output_dir/base, the report's
+    # "Base model" row). A suite-level key: the cells' configs hold false.
+    base: bool = False
 
 
 @dataclass
@@ -394,6 +397,7 @@ def method_variants(cfg: RunConfig) -> list[RunConfig]:
         method = cell_method(cfg, preset)
         variants.append(dataclasses.replace(cfg, methods=[], method_overrides={}, method=method,
                                             output_dir=str(Path(cfg.output_dir) / preset)))
+    variants = [dataclasses.replace(v, eval=dataclasses.replace(v.eval, base=False)) for v in variants]
     if len(cfg.seeds) <= 1:
         if cfg.seeds:
             variants = [dataclasses.replace(v, train=dataclasses.replace(v.train, seed=cfg.seeds[0])) for v in variants]

@@ -201,6 +201,31 @@ def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False
     return table
 
 
+BASE_CELL = "base"
+
+
+def run_base_cell(cfg: RunConfig) -> dict:
+    """The bare base model scored on the suite's sets, in ``output_dir/base`` (reused when done):
+    ``eval/`` as any cell's, and a ``summary.json`` of zero trainable parameters (the report's
+    "Base model" row)."""
+    import dataclasses
+
+    from .io import write_json
+
+    folder = Path(cfg.output_dir) / BASE_CELL
+    done = folder / "eval" / "results.json"
+    base_cfg = dataclasses.replace(cfg, methods=[], method_overrides={}, seeds=[], grid={}, output_dir=str(folder),
+                                   eval=dataclasses.replace(cfg.eval, base=False))
+    with run_lock(folder):
+        if done.exists() and (folder / "summary.json").exists():
+            return read_result_file(done, ("benchmarks", "macro_accuracy"))
+        results = run_eval(base_cfg, out_dir=folder / "eval")
+        write_json(folder / "summary.json", {"method": "base", "base_model": cfg.model.name, "trainable_params": 0,
+                                             "steps": 0, "train_time_s": 0.0})
+    print(f"scored the base model {cfg.model.name} ({BASE_CELL})", file=sys.stderr)
+    return results
+
+
 def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict], Path]:
     """Every cell of a suite under one budget (finished cells reused), a routing audit of each
     routed method (its first seed), then the report; returns the cells' results and the
@@ -208,6 +233,8 @@ def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict
     from .report import write_report
 
     table = run_cells(cfg, variants, resume=True)
+    if cfg.eval.base:
+        table["base"] = run_base_cell(cfg)
     audited: set[str] = set()
     for variant in variants:
         run_dir = Path(variant.output_dir)
