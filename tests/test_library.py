@@ -412,3 +412,22 @@ def test_the_verifier_ranking_picks_the_answer_among_differing_candidates(librar
         scores = dict(zip("AB", (feats @ head.weight[0] + head.bias[0]).tolist()))
         picks.append(choose(["A", "B"], scores))
     assert picks == ["A", "B"]
+
+
+def test_medadapter_audit_records_whose_candidate_was_chosen(library_run, tmp_path):
+    from medpeft.audit import audit
+
+    run, _ = _medadapter(library_run, tmp_path)
+    targets = load_train_set(load_config(None, ["data.train=[{benchmark: medqa, name: t, path: pkg:medqa_dev.jsonl}]"]))
+    loaded = load_model("tiny", device="cpu")
+    model = load_trained(loaded.model, tmp_path / "medadapter")
+    result = audit(model, run.method, loaded.tokenizer, targets, tmp_path / "audit", max_length=192, batch_size=4)
+    assert result.summary["n_modules"] == 1 and sum(result.summary["top_adapter_counts"].values()) == len(targets)
+    from medpeft.evaluate import Evaluator
+
+    predictions = Evaluator(model, loaded.tokenizer, max_length=192, batch_size=4).score(targets, "letters")
+    rows = [json.loads(line) for line in (tmp_path / "audit" / "per_question.jsonl").read_text().splitlines()]
+    for p, row in zip(predictions, rows):  # the chosen candidate's voters hold all the usage
+        usage = row["modules"]["candidates"]["adapter_usage"]
+        assert abs(sum(usage) - 1) < 1e-3 and p.pred  # every question answered by some adapter's candidate
+    assert (tmp_path / "audit" / "adapter_usage.png").stat().st_size > 3000

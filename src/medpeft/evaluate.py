@@ -139,6 +139,8 @@ class Evaluator:
             for idx, seqs in self._batches(items):
                 _, mask = self._prompt_forward(seqs, [items[i] for i in idx], record=True)
                 state = routing_state(self.model)
+                if state is not None and state.predict is not None:  # its decisions are its predictions:
+                    state.predict(self, [items[i] for i in idx], "letters", "audit")  # it records them
                 yield idx, (state.records if state is not None else {}), mask.bool()
 
     @torch.no_grad()

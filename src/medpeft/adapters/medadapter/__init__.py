@@ -95,7 +95,8 @@ class MedadapterFamily(LibraryRouterFamily):
     methods = {"medadapter": "Adapter library"}
     schema = MedadapterMethod
     router = "route"  # library layers whose adapter is forced: one candidate pass per adapter
-    routed = False  # its decisions are candidates, recorded in the predictions (scores per letter)
+    # routed: the audit records, per question, the adapters whose candidate was chosen (their
+    # share of the vote for the chosen answer) as the "candidates" module
     presets = (Preset("medadapter", "medadapter", about="MedAdapter-style candidate verifier over the library's "
                       "greedy answers (an outcome-supervised logistic head on the base model)"),)
 
@@ -168,6 +169,7 @@ class MedadapterFamily(LibraryRouterFamily):
     # -- predicting: pool candidates, the verifier picks ------------------------------------
     @torch.no_grad()
     def predict(self, model, method, evaluator, items):
+        recording = routing_state(model).record  # the audit asks (Evaluator.recorded_batches)
         fmt = evaluator.fmt
         table = adapter_candidates(model, fmt, items, method.library_info, getattr(model.config, "_name_or_path", ""),
                                    method.library_info.folder.parent, evaluator.batch_size)
@@ -180,9 +182,17 @@ class MedadapterFamily(LibraryRouterFamily):
         by_item: dict[int, dict[str, float]] = {}
         for (i, a), s in zip(flat, scores):
             by_item.setdefault(i, {})[a] = float(s)
+        chosen = torch.zeros(len(items), 1, len(method.library_info.names))
         for i, row in enumerate(table):
             candidates = [c["pred"] for c in row]
-            out.append((frozenset(choose(candidates, by_item[i])), by_item[i]))
+            answer = choose(candidates, by_item[i])
+            out.append((frozenset(answer), by_item[i]))
+            voters = [k for k, c in enumerate(candidates) if c == answer]
+            chosen[i, 0, voters] = 1.0 / len(voters)
+        if recording:
+            state = routing_state(model)
+            state.record = True
+            state.records = {"candidates": {"gates": chosen.to(next(model.parameters()).device)}}
         return out
 
     # -- saving: the verifier head and the library's fingerprint ----------------------------
@@ -224,6 +234,9 @@ class MedadapterFamily(LibraryRouterFamily):
 
     def count_active(self, model, method, trainable):
         return trainable, method.r
+
+    def question_routing(self, records, prompt_mask):
+        return {name: {"usage": rec["gates"][:, 0].float()} for name, rec in records.items()}
 
     def aux_losses(self, model, method):
         routing_state(model).collect()
