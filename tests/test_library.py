@@ -431,3 +431,33 @@ def test_medadapter_audit_records_whose_candidate_was_chosen(library_run, tmp_pa
         usage = row["modules"]["candidates"]["adapter_usage"]
         assert abs(sum(usage) - 1) < 1e-3 and p.pred  # every question answered by some adapter's candidate
     assert (tmp_path / "audit" / "adapter_usage.png").stat().st_size > 3000
+
+
+def test_arrow_audit_records_the_coefficients_peft_mixed_with(library_run, tmp_path):
+    """The audit's per-token coefficients of an Arrow module reproduce the module's output:
+    base + sum_k c_k (alpha/r) B_k A_k x equals what peft's Arrow layer computed."""
+    from medpeft.adapters.routing import routing_state
+    from medpeft.audit import audit
+
+    root, cfg, items, _ = library_run
+    loaded = load_model("tiny", device="cpu")
+    method = family_of(preset_config("arrow")).resolve(preset_config("arrow"), root / "arrow")
+    model = apply_method(loaded.model, method).eval()
+    b = batch(loaded, items[:2])
+    captured = {}
+    target = model.base_model.model.model.layers[1].self_attn.q_proj
+    target.register_forward_hook(lambda m, args, out: captured.update(x=args[0], out=out))
+    set_routing(model, b.prompt_mask, b.specialty, b.operation, record=True)
+    with torch.no_grad():
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    coeff = routing_state(model).records["model.layers.1.self_attn.q_proj"]["gates"]  # [B, T, K]
+    x = captured["x"]
+    with torch.no_grad():
+        expected = target.base_layer(x)
+        for k, name in enumerate(target.lora_A.keys() - {"arrow_router"}):
+            k = int(name.split("_")[1])
+            delta = target.lora_B[name](target.lora_A[name](x)) * target.scaling[name]
+            expected = expected + coeff[..., k:k + 1] * delta
+    torch.testing.assert_close(captured["out"], expected, rtol=1e-4, atol=1e-5)
+    result = audit(model, method, loaded.tokenizer, items[:8], tmp_path / "audit", max_length=192, batch_size=4)
+    assert result.summary["n_modules"] == 14 and sum(result.summary["top_adapter_counts"].values()) == 8

@@ -109,7 +109,7 @@ def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
     assert len(report["comparisons"]) == 78  # 13 rows, pairwise
     base = next(r for r in report["methods"] if r["label"] == "base")
     assert base["family"] == "Base model" and base["trainable_params"] == 0
-    for routed in ("lora-library", "meteora", "lora-mixer", "medadapter"):  # each router's audit (first seed)
+    for routed in ("lora-library", "arrow", "meteora", "lora-mixer", "medadapter"):  # each router's audit (seed 0)
         assert (out / routed / "seed-0" / "audit" / "summary.json").exists(), routed
     scored = json.loads((out / "base" / "eval" / "results.json").read_text())
     assert scored["method"] == "base" and base["macro"]["mean"] == pytest.approx(100 * scored["macro_accuracy"])

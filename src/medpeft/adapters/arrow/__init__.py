@@ -17,13 +17,49 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ...errors import ConfigError, MedpeftError
 from ..library import RouterMethod, library_of
+from ..library.audit import audit_adapters, question_usage
 from ..library.config import validate_router, validate_temperature
 from ..library.store import fingerprint
 from ..registry import MethodFamily, Preset, register_family
 
 ROUTER_JSON = "router.json"
+_ARROW_SUFFIX = ".lora_arrow.arrow_router"  # peft's Arrow router module inside each adapted Linear
+
+
+def _record_coefficients(state, name: str, module, args, kwargs, output) -> None:
+    """Forward hook of peft's Arrow layer: for the audit, the per-token coefficients it mixed
+    the adapters with, recomputed from its prototypes exactly as its forward does
+    (``softmax(|x . v|_topk / T)``; peft keeps no copy of them)."""
+    if not state.record:
+        return
+    x = args[0] if args else kwargs["x"]
+    protos = module.prototypes
+    tok = x.reshape(-1, x.shape[-1]).to(protos.dtype)
+    sim = (tok @ protos.T).abs()
+    top_v, idx = sim.topk(module.top_k, dim=1)
+    full = torch.full_like(sim, float("-inf")).scatter(1, idx, top_v)
+    coeff = torch.softmax(full / module.temperature, dim=1)
+    state.records[name] = {"gates": coeff.reshape(*x.shape[:-1], -1).detach().float()}
+
+
+def _attach_audit(model, names: list[str]) -> None:
+    """A routing state on the Arrow model whose hooks record each module's coefficients when
+    asked (``set_routing(..., record=True)``), so the routing audit works as for our layers."""
+    from functools import partial
+
+    from ..routing import ROUTING_ATTR, RoutingState
+
+    state = RoutingState()
+    state.library_names = list(names)
+    setattr(model, ROUTING_ATTR, state)
+    for name, module in model.named_modules():
+        if name.endswith(_ARROW_SUFFIX):
+            linear = name[: -len(_ARROW_SUFFIX)].removeprefix("base_model.model.")
+            module.register_forward_hook(partial(_record_coefficients, state, linear), with_kwargs=True)
 
 
 @dataclass
@@ -48,6 +84,7 @@ class ArrowFamily(MethodFamily):
     methods = {"arrow": "Adapter library"}
     schema = ArrowMethod
     presets = (Preset("arrow", "arrow", about="Arrow LoRA-weight router over the library (peft), training-free"),)
+    routed = True  # per-token coefficients over the adapters, recorded by hooks for the audit
 
     def validate(self, method, prefix="method"):
         validate_router(method, prefix)
@@ -95,6 +132,7 @@ class ArrowFamily(MethodFamily):
                                    general_adapter_paths=list(method.general_adapters) or None)
         for p in model.parameters():
             p.requires_grad_(False)
+        _attach_audit(model, info.names)
         return model
 
     def remove(self, model):
@@ -121,6 +159,14 @@ class ArrowFamily(MethodFamily):
 
     def count_active(self, model, method, trainable):
         return trainable, method.r * method.top_k
+
+    def question_routing(self, records, prompt_mask):
+        return question_usage(records, prompt_mask)
+
+    def audit(self, model, method, routes, items):
+        from ..routing import routing_state
+
+        return audit_adapters(routes, items, routing_state(model).library_names)
 
     def parametric_preset(self, name):
         import re
