@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gpu-8b suite in parts that each fit a 10-minute device call (docs/performance.md).
 #
-#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..7 or all; OUT_DIR default: $OUT or .
+#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..8 or all; OUT_DIR default: $OUT or .
 #
 # Each part prints its table and writes OUT_DIR/partN.json (rewritten as it goes, so a part
 # cut short keeps what it measured). About 30 s of compilation per method on an H100.
@@ -12,6 +12,7 @@
 #   5  step time with gradient checkpointing: lora-r16 birg
 #   6  evaluation throughput, with eval.compile_decode
 #   7  pipeline vs plain Trainer + peft
+#   8  the adapter-library routers: evaluation q/s and step time (benchmarks/library_cost.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part="${1:?usage: gpu_parts.sh PART [OUT_DIR]}"
@@ -28,11 +29,12 @@ run_part() {
     5) step --methods lora-r16 birg --gradient-checkpointing --json "$out/part5.json" ;;
     6) python benchmarks/run.py --config gpu-8b --skip-steps --skip-pipeline --compile-decode --json "$out/part6.json" ;;
     7) python benchmarks/run.py --config gpu-8b --skip-steps --skip-eval --json "$out/part7.json" ;;
-    *) echo "unknown part: $1 (1..7 or all)" >&2; exit 2 ;;
+    8) python benchmarks/library_cost.py --config gpu-8b | tee "$out/part8.md" ;;
+    *) echo "unknown part: $1 (1..8 or all)" >&2; exit 2 ;;
   esac
 }
 if [ "$part" = all ]; then
-  for p in 1 2 3 4 5 6 7; do run_part "$p"; done
+  for p in 1 2 3 4 5 6 7 8; do run_part "$p"; done
 else
   run_part "$part"
 fi

@@ -461,3 +461,27 @@ def test_arrow_audit_records_the_coefficients_peft_mixed_with(library_run, tmp_p
     torch.testing.assert_close(captured["out"], expected, rtol=1e-4, atol=1e-5)
     result = audit(model, method, loaded.tokenizer, items[:8], tmp_path / "audit", max_length=192, batch_size=4)
     assert result.summary["n_modules"] == 14 and sum(result.summary["top_adapter_counts"].values()) == 8
+
+
+def test_the_pool_key_changes_with_the_base_model_and_genknowsub_builds(library_run):
+    from medpeft.adapters.medadapter.pool import model_key
+
+    root, cfg, items, _ = library_run
+    a, b = load_model("tiny", device="cpu").model, load_model("tiny", device="cpu").model
+    assert model_key(a) == model_key(b)
+    with torch.no_grad():
+        b.get_input_embeddings().weight[0] += 1.0  # another checkpoint of the same architecture
+    assert model_key(a) != model_key(b)
+    library = root / "lora-library" / "adapter"
+    general = json.loads((library / "library.json").read_text())["adapters"][0]["name"]
+    loaded = load_model("tiny", device="cpu")
+    plain = apply_method(loaded.model, family_of(preset_config("arrow")).resolve(preset_config("arrow"),
+                                                                                root / "arrow")).eval()
+    bt = batch(loaded, items[:2])
+    without = logits(plain, bt)
+    gks = dataclasses.replace(preset_config("arrow"), use_gks=True, general_adapters=[str(library / general)])
+    with pytest.raises(ConfigError, match="general_adapters"):
+        load_config(None, ["method={preset: arrow, use_gks: true}"])
+    loaded = load_model("tiny", device="cpu")
+    model = apply_method(loaded.model, family_of(gks).resolve(gks, root / "arrow")).eval()
+    assert not torch.allclose(logits(model, bt), without, atol=1e-5)  # the general adapter was subtracted
