@@ -22,7 +22,7 @@ import torch
 from ...errors import ConfigError, MedpeftError
 from ..library import RouterMethod, library_of
 from ..library.audit import audit_adapters, question_usage
-from ..library.config import validate_router, validate_temperature
+from ..library.config import validate_gate, validate_router
 from ..library.store import fingerprint
 from ..registry import MethodFamily, Preset, register_family
 
@@ -88,9 +88,7 @@ class ArrowFamily(MethodFamily):
 
     def validate(self, method, prefix="method"):
         validate_router(method, prefix)
-        validate_temperature(method.temperature, f"{prefix}.temperature")
-        if method.top_k < 1:
-            raise ConfigError(f"config key '{prefix}.top_k' must be >= 1, got {method.top_k}")
+        validate_gate(method, prefix)
         if method.use_gks and not method.general_adapters:
             raise ConfigError(f"config key '{prefix}.general_adapters' is empty, but '{prefix}.use_gks' is true: "
                               "GenKnowSub subtracts general adapters, name their folders")

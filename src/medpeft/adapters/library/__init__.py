@@ -24,7 +24,7 @@ from ..inject import InjectedFamily, inject_adapters, remove_adapters
 from ..registry import Part, Preset, method_from_dict, register_family
 from ..routing import routing_state
 from .audit import audit_adapters, question_usage
-from .config import ROUTE_AXES, LibraryMethod, RouterMethod, validate_library, validate_router
+from .config import ROUTE_AXES, LibraryMethod, RouterMethod, validate_gate, validate_library, validate_router
 from .layer import LibraryLinear, LibraryState
 from .routes import folder_name, library_routes, route_index_table, tag_route_values
 from .store import (LibraryInfo, copy_peft_adapter, export_peft, fingerprint, load_stacked, locate, read_library,
@@ -197,6 +197,8 @@ class LibraryRouterFamily(InjectedFamily):
 
     def validate(self, method, prefix="method"):
         validate_router(method, prefix)
+        if hasattr(method, "top_k"):
+            validate_gate(method, prefix)
 
     def depends_on(self, method):
         return (method.library,) if "/" not in method.library else ()

@@ -63,3 +63,9 @@ def validate_router(method: RouterMethod, prefix: str) -> None:
 
 def validate_temperature(value: float, key: str) -> None:
     require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+
+
+def validate_gate(method, prefix: str) -> None:
+    """A router's per-token mixture: ``top_k >= 1`` adapters, ``temperature > 0``."""
+    require(method.top_k >= 1, f"{prefix}.top_k", f"must be >= 1, got {method.top_k}")
+    validate_temperature(method.temperature, f"{prefix}.temperature")

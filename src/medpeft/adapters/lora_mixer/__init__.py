@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import ConfigError
 from ..library import LibraryRouterFamily, RouterMethod
-from ..library.config import validate_temperature
 from ..registry import Preset, register_family
 from ..routing import routing_state
 
@@ -64,12 +62,6 @@ class LoraMixerFamily(LibraryRouterFamily):
     presets = (Preset("lora-mixer", "lora-mixer", about="LoRA-Mixer-style hard-soft router over the library: top-2, "
                       "load balance + entropy shaping"),)
     table_rows = ("lora-mixer-16x",)
-
-    def validate(self, method, prefix="method"):
-        super().validate(method, prefix)
-        validate_temperature(method.temperature, f"{prefix}.temperature")
-        if method.top_k < 1:
-            raise ConfigError(f"config key '{prefix}.top_k' must be >= 1, got {method.top_k}")
 
     def loss_weights(self, method):
         return {"balance": method.l_balance, "entropy": method.l_entropy}

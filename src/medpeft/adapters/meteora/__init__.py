@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from ..library import LibraryRouterFamily, RouterMethod
-from ..library.config import validate_temperature
 from ..registry import Preset, register_family
 from ..routing import routing_state
 
@@ -56,14 +55,6 @@ class MeteoraFamily(LibraryRouterFamily):
     presets = (Preset("meteora", "meteora", about="MeteoRA-style soft MoE over the library: per-token top-2 gate, "
                       "route-supervised"),)
     table_rows = ("meteora-16x",)
-
-    def validate(self, method, prefix="method"):
-        super().validate(method, prefix)
-        validate_temperature(method.temperature, f"{prefix}.temperature")
-        if method.top_k < 1:
-            from ...errors import ConfigError
-
-            raise ConfigError(f"config key '{prefix}.top_k' must be >= 1, got {method.top_k}")
 
     def loss_weights(self, method):
         return {"route": method.l_route}
