@@ -485,3 +485,14 @@ def test_the_pool_key_changes_with_the_base_model_and_genknowsub_builds(library_
     loaded = load_model("tiny", device="cpu")
     model = apply_method(loaded.model, family_of(gks).resolve(gks, root / "arrow")).eval()
     assert not torch.allclose(logits(model, bt), without, atol=1e-5)  # the general adapter was subtracted
+
+
+def test_a_library_route_too_small_is_one_line_exit_2_before_training(tmp_path, capsys):
+    from medpeft.cli import main
+
+    out = tmp_path / "lib"
+    code = main(["train", "quickstart", "methods=[]", "method={preset: lora-library, small_routes: error}",
+                 f"output_dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fewer than method.min_items=8" in err[0] and "training set" in err[0]
+    assert not (out / "parts").exists()  # nothing was trained

@@ -62,9 +62,13 @@ def folder_name(value: str, taken: set[str]) -> str:
     return name
 
 
-def library_routes(method: LibraryMethod, train_set: list, source: str = "the training set") -> list[tuple[str, list]]:
+def library_routes(method: LibraryMethod, train_set: list, source: str | None = None) -> list[tuple[str, list]]:
     """``(route value, items)`` per adapter, largest first: routes with fewer than ``min_items``
-    items are an error or merged into ``other`` (``small_routes``), never dropped."""
+    items are an error or merged into ``other`` (``small_routes``), never dropped. Errors name
+    ``source`` (default: the training sets' names)."""
+    if source is None:
+        names = sorted({getattr(t, "set_name", "") for t in train_set} - {""})
+        source = f"training set {', '.join(names)}" if names else "the training set"
     groups: dict[str, list] = {}
     missing = []
     for item in train_set:
