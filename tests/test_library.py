@@ -315,6 +315,8 @@ def test_params_counts_routers_over_a_library_of_n(tmp_path):
     # one gate Linear(d_in, 16) per target module: 36 layers x (4 x 4096 + 2 x 4096 + 12288) inputs
     assert meteora.trainable_params == 36 * 16 * (6 * 4096 + 12288)
     assert count_method("qwen3-8b", "arrow-16x").trainable_params == 0
+    with pytest.raises(ValueError, match="'meteora-16x'"):  # a router's size is its library's: say which
+        count_method("qwen3-8b", "meteora")
     assert count_method("qwen3-8b", "library-16x-lora-r8").trainable_params == 349_175_808
 
 

@@ -77,11 +77,15 @@ def count_method(arch: str, name: str, method=None) -> MethodCount:
     if method is None and not is_preset(preset):
         raise ValueError(f"unknown method preset {preset!r}; known: {', '.join(catalogue())}, or "
                          "library-<N>x-<preset>")
+    given = method is not None
     try:
-        method = method if method is not None else preset_config(preset)
+        method = method if given else preset_config(preset)
     except ConfigError as err:
         raise ValueError(f"{name!r}: {err}") from None
     family = family_of(method)
+    if not given and preset in catalogue() and family.depends_on(method):  # a router: its size is its library's
+        raise ValueError(f"{name!r} reads the cell {family.depends_on(method)[0]!r}, whose size sets its parameters; "
+                         f"count it over a library of N adapters as '{name}-<N>x' (e.g. '{name}-16x')")
     with torch.device("meta"):
         model = family.apply(build_meta_model(arch), method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
