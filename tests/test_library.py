@@ -498,3 +498,40 @@ def test_a_library_route_too_small_is_one_line_exit_2_before_training(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "fewer than method.min_items=8" in err[0] and "training set" in err[0]
     assert not (out / "parts").exists()  # nothing was trained
+
+
+def test_pool_candidates_are_the_letters_scorers_decisions_with_that_adapter(library_run, tmp_path):
+    import shutil
+
+    from medpeft.adapters.library import read_library
+    from medpeft.adapters.medadapter import pool
+    from medpeft.adapters.routing import routing_state
+    from medpeft.evaluate import Evaluator
+
+    root, cfg, items, _ = library_run
+    shutil.copytree(root / "lora-library", tmp_path / "lora-library")
+    info = read_library(tmp_path / "lora-library" / "adapter")
+    loaded = load_model("tiny", device="cpu")
+    method = family_of(preset_config("medadapter")).resolve(preset_config("medadapter"), tmp_path / "medadapter")
+    model = apply_method(loaded.model, method).eval()
+    singles = [t for t in items if t.record.question_type == "single"][:10]
+    ev = Evaluator(model, loaded.tokenizer, max_length=192, batch_size=4)
+    table = pool.adapter_candidates(model, ev.fmt, singles, info, "tiny", tmp_path / "lora-library", 4)
+    state = routing_state(model)
+    for k in (0, 3):
+        state.forced = k
+        scored = ev.score_forward(singles, "letters")
+        assert ["".join(p.pred) for p in scored] == [row[k]["pred"] for row in table]
+        for p, row in zip(scored, table):
+            assert all(abs(p.scores[l] - v) < 1e-4 for l, v in row[k]["logprobs"].items())
+    state.forced = -1
+
+
+def test_a_missing_library_stops_training_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import medpeft.pipeline as pipeline
+    from medpeft.cli import main
+
+    monkeypatch.setattr(pipeline, "_loaded", lambda cfg: pytest.fail("the model was loaded"))
+    code = main(["train", "quickstart", "methods=[]", "method={preset: meteora}", f"output_dir={tmp_path / 'm'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds no trained library" in err[0]

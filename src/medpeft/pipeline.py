@@ -91,6 +91,10 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
             raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
         eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
         train_set = load_train_set(cfg, eval_sets)
+        # before the model loads: the cells the method reads (a router's library) and the parts it
+        # is made of (a library's routes) are checked; train() builds them again, cheaply
+        family = family_of(cfg.method)
+        family.parts(family.resolve(cfg.method, run_dir), train_set)
         return train(cfg, _loaded(cfg), train_set, resume=resume, force_resume=force_resume).summary
 
 
@@ -113,7 +117,11 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
     if not cfg.eval.benchmarks:
         raise MedpeftError("config key 'eval.benchmarks' is empty: nothing to evaluate")
     if run_dir is not None:
-        read_adapter_method(run_dir, cfg.method)  # the adapter fits the config, before anything is loaded
+        method = read_adapter_method(run_dir, cfg.method)  # the adapter fits the config, before anything is loaded
+        try:
+            family_of(method).resolve(method, Path(run_dir))  # e.g. a router's library is there and fits
+        except MedpeftError as err:
+            raise MedpeftError(f"{Path(run_dir) / 'adapter'}: {err}") from None
     eval_sets = load_eval_sets(cfg.eval.benchmarks)
     loaded = _loaded(cfg)
     if run_dir is not None:

@@ -17,6 +17,10 @@ Coefficients (``router``):
 * ``topk``  -- a per-token gate ``l = W_g x`` [K]; ``c = softmax(topk(l) / T)`` over the k
   largest logits, 0 elsewhere (MeteoRA's and LoRA-Mixer's routers; their losses differ).
 
+Why not peft's own multi-adapter LoRA: peft mixes adapters per *sample* (``adapter_names``)
+or merges them with fixed weights (``add_weighted_adapter``); a per-token, trained gate over
+K frozen adapters has no peft layer (Arrow's, which peft has, is used as is in ``arrow/``).
+
 The library's weights are buffers of the router families (frozen, not saved with the router)
 and parameters of ``lora-library`` itself when built fresh.
 """

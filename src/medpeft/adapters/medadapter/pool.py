@@ -80,7 +80,12 @@ def pool_folder(library_run: Path, model: torch.nn.Module, model_name: str) -> P
 
 @torch.no_grad()
 def letter_logprobs(model, fmt: PromptFormatter, items: list, batch_size: int) -> list[dict[str, float]]:
-    """Each item's option-letter log-probabilities after its prompt (one forward per batch)."""
+    """Each item's option-letter log-probabilities after its prompt (one forward per batch).
+
+    The letters scorer's forward pass for single-answer items (left padding, position ids,
+    logits at the last position), written here because the verifier is fitted during
+    training, below the evaluation module (``medpeft.evaluate`` imports the adapters, not the
+    reverse); tests/test_library.py checks the answers are the adapters' letters decisions."""
     device = next(model.parameters()).device
     encoded = [e.input_ids for e in fmt.encode_prompts([t.record for t in items])]
     out: list = [None] * len(items)
