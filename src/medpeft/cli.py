@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import MedpeftError
 
 EXIT_BAD_INPUT = 2
+# the subcommands that run on several processes (torchrun / accelerate launch)
+MULTI_PROCESS_COMMANDS = ("train", "run", "eval")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +86,10 @@ def cmd_train(args) -> int:
 
     _, variants = _variants(args)
     summaries = [run_train(variant, resume=args.resume, force_resume=args.force_resume) for variant in variants]
+    from .distributed import processes
+
+    if not processes().is_main:
+        return 0
     print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
     return 0
 
@@ -111,7 +117,10 @@ def cmd_eval(args) -> int:
         out = _out_dir(args.out) if args.out else Path(cfg.output_dir) / "eval-base"
         results = run_eval(cfg, run_dir=None, out_dir=out)
         label = f"base ({args.target})"
-    _print_results(results, label, out)
+    from .distributed import processes
+
+    if processes().is_main:
+        _print_results(results, label, out)
     return 0
 
 
@@ -122,6 +131,10 @@ def cmd_run(args) -> int:
 
     cfg, variants = _variants(args)
     table = run_cells(cfg, variants, resume=args.resume, force_resume=args.force_resume)
+    from .distributed import processes
+
+    if not processes().is_main:
+        return 0  # the main process prints and writes
     print(results_table(table), end="")
     if cfg.methods or len(cfg.seeds) > 1 or cfg.grid:
         write_json(Path(cfg.output_dir) / "results.json", table)
@@ -356,11 +369,26 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
+    from . import distributed
+
     try:
-        return args.func(args)
+        proc = distributed.init_from_environment()
+        if proc.distributed and args.command not in MULTI_PROCESS_COMMANDS:
+            raise MedpeftError(f"'medpeft {args.command}' runs in one process; launch only "
+                               f"{', '.join(MULTI_PROCESS_COMMANDS)} with torchrun or accelerate launch (a suite "
+                               "fans its cells out with --executor local --devices ... or --executor slurm)")
+        code = args.func(args)
+        distributed.finish()
+        return code
     except MedpeftError as err:
-        print(f"medpeft: error: {err}", file=sys.stderr)
+        distributed.report_failure(str(err), lambda: print(f"medpeft: error: {err}", file=sys.stderr, flush=True))
+        if distributed.processes().distributed:
+            distributed.exit_now(EXIT_BAD_INPUT)  # the other ranks are ended by the launcher
         return EXIT_BAD_INPUT
+    except RuntimeError:
+        if distributed.failed_elsewhere():  # a collective broke because another rank failed: it said why
+            distributed.exit_now(EXIT_BAD_INPUT)
+        raise
     except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing to report to
         return EXIT_BAD_INPUT
     except OSError as err:  # the file system refused: disk full, read-only or unwritable folder, a file in the way

@@ -12,6 +12,9 @@
   static cache and a compiled decoding step (experimental).
 
 Open-ended items (GSM8K) are always generated and scored by the final number.
+
+Under ``torchrun`` / ``accelerate launch`` each process scores every ``world``-th batch and
+the predictions are gathered: the same files and numbers as one process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 from .adapters import routing_state, set_routing
 from .data.record import normalize_number
 from .dataset import TaggedRecord
+from .distributed import processes
 from .io import write_json, write_jsonl
 from .precision import autocast_for, half_precision_adapters
 from .prompts import PromptFormatter
@@ -212,18 +216,29 @@ class Evaluator:
     def score_forward(self, items: list[TaggedRecord], scorer: str, desc: str = "eval") -> list[Prediction]:
         """Score with the model's forward pass (what :meth:`score` does for every method that
         does not predict its own way; such a method calls this for its candidates)."""
+        proc = processes()
         preds: list[Prediction | None] = [None] * len(items)
         choice = [i for i, t in enumerate(items) if t.record.question_type != "open"]
         open_ = [i for i, t in enumerate(items) if t.record.question_type == "open"]
         total = len(items)
-        with tqdm(total=total, desc=desc, unit="q", leave=False) as bar, half_precision_adapters(self.model):
+        with tqdm(total=total, desc=desc, unit="q", leave=False, disable=not proc.is_main) as bar, \
+                half_precision_adapters(self.model):
             for group, fn in ((choice, self._score_letters if scorer == "letters" else self._score_generate),
                               (open_, self._score_open)):
                 sub = [items[i] for i in group]
-                for idx, seqs in self._batches(sub):
+                batches = list(self._batches(sub))
+                # with several processes, batch b is scored by rank b mod world: the batches are the
+                # one-process ones, so every item is scored in the same padded batch (same numbers)
+                for b in proc.shard(len(batches)):
+                    idx, seqs = batches[b]
                     for j, p in zip(idx, fn([sub[j] for j in idx], seqs)):
                         preds[group[j]] = p
-                    bar.update(len(idx))
+                    bar.update(sum(len(batches[c][0]) for c in range(b, min(b + proc.world, len(batches)))))
+        if proc.distributed:
+            mine = [(i, p.pred, p.correct, p.scores, p.text) for i, p in enumerate(preds) if p is not None]
+            for rows in proc.gather(mine):
+                for i, pred, correct, scores, text in rows:
+                    preds[i] = Prediction(items[i], pred, correct, scores, text)
         return preds  # type: ignore[return-value]
 
     def _score_letters(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
@@ -309,6 +324,8 @@ def evaluate_sets(evaluator: Evaluator, eval_sets: dict[str, list[TaggedRecord]]
         evaluator.model.train()
     results = {**(meta or {}), "scorer": scorer, **accuracy_summary(flags)}
     out_dir = Path(out_dir)
-    write_jsonl(out_dir / "predictions.jsonl", rows)
-    write_json(out_dir / "results.json", results)
+    if processes().is_main:
+        write_jsonl(out_dir / "predictions.jsonl", rows)
+        write_json(out_dir / "results.json", results)
+    processes().barrier()
     return results

@@ -86,6 +86,11 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
+    from .distributed import processes
+
+    if not processes().is_main:  # the main process of a multi-process run holds it for the run
+        yield
+        return
     run_dir = Path(run_dir).resolve()
     held = _HELD_LOCKS.get(run_dir)
     if held is not None:

@@ -100,7 +100,11 @@ class LoadedModel:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device under ``torchrun`` / ``accelerate launch``, else CUDA if present."""
+    from .distributed import processes
+
+    own = processes().device
+    return own if own is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -143,12 +147,16 @@ def smollm2_folder() -> Path:
     stat = gguf_path.stat()
     source = {"gguf": str(gguf_path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     marker = folder / "medpeft_source.json"
+    from .distributed import processes
+
+    proc = processes()
     try:
-        if json.loads(marker.read_text()) == source:
-            return folder
+        fresh = json.loads(marker.read_text()) == source
     except (OSError, ValueError):
-        pass
-    _convert_gguf(gguf_path, folder, {**source, "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest()})
+        fresh = False
+    if not fresh and proc.is_main:  # once per machine; the other processes wait for it (every rank calls this)
+        _convert_gguf(gguf_path, folder, {**source, "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest()})
+    proc.barrier()
     return folder
 
 
@@ -255,6 +263,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
     default): a model folder that ships code is refused unless it is True.
     """
     dev = torch.device(device) if device else default_device()
+    if dev.type == "cuda" and dev.index is None:  # 'cuda' names this process's GPU when there are several
+        dev = default_device() if default_device().type == "cuda" else dev
     if trust_remote_code and name != TINY:
         import logging
 

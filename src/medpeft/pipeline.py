@@ -10,6 +10,7 @@ from pathlib import Path
 from .adapters import family_of, load_trained, read_adapter_method, reads_tags
 from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
+from .distributed import processes
 from .errors import MedpeftError
 from .evaluate import Evaluator, evaluate_sets
 from .io import run_lock
@@ -160,7 +161,8 @@ def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out:
         rates[str(rate)] = {"macro": macros, "mean": statistics.fmean(macros),
                             "std": statistics.stdev(macros) if len(macros) > 1 else 0.0}
     summary = {"clean_macro": clean, "seeds": list(cfg.eval.perturb_seeds), "rates": rates}
-    write_json(out / "perturbation.json", summary)
+    if processes().is_main:
+        write_json(out / "perturbation.json", summary)
     return summary
 
 
@@ -203,8 +205,9 @@ def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False
             results = (read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists()
                        else run_eval(variant, run_dir=run_dir))
         label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
-        print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
-              f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
+        if processes().is_main:
+            print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
+                  f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
         table[label] = results
     return table
 

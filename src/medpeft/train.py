@@ -7,7 +7,13 @@ accumulation over ``micro_batch_size``), ``lr`` with ``warmup_steps`` and a sche
 Data order is a pure function of (seed, step): epoch ``e`` is ``randperm(N)`` drawn from
 ``seed + e``, and step ``s`` takes examples ``[s*B, (s+1)*B)`` of the epoch stream. So a
 resumed run needs only the step number, the trainable weights, the optimizer, scheduler
-and RNG states -- all in each checkpoint -- to continue exactly as if never stopped.
+and RNG states -- all in each checkpoint -- to continue exactly as if never stopped. The
+RNG (dropout) is re-seeded per micro-batch from (seed, step, micro-batch).
+
+Several processes (``torchrun`` / ``accelerate launch``): every rank builds the same step
+and micro-batches; micro-batch ``i`` runs on rank ``i mod world``; the gradients are summed
+over ranks once per step (or reduce-scattered by FSDP2). Per-step losses and the trained
+adapter equal the one-process run's whatever the number of processes (docs/training.md).
 
 Loss: cross-entropy on the answer tokens only, normalised by the number of answer
 tokens in the whole optimizer step (so the micro-batch split does not change the
@@ -32,6 +38,7 @@ import torch
 from .adapters import apply_method, family_of, save_trained, set_routing
 from .config import RunConfig, TrainConfig, dump_config
 from .dataset import TaggedRecord
+from .distributed import Processes, processes
 from .errors import ConfigError, MedpeftError
 from .io import atomic_dir, write_json, write_text
 from .models import LoadedModel
@@ -87,16 +94,18 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def answer_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def answer_loss_sum(model: torch.nn.Module, batch: Batch, full_forward: bool = False) -> torch.Tensor:
     """Sum of token cross-entropies over answer tokens.
 
     ``L = sum_{t in answer} -log p(x_t | x_<t)``; hidden states are gathered at the
     positions that predict answer tokens and only those go through the LM head.
+    ``full_forward``: through the model's own forward (full logits), as FSDP2 needs its root
+    module's forward to run.
     """
     lm = causal_lm_of(model)
     targets_mask = batch.labels[:, 1:] != IGNORE  # position t predicts token t+1
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap or not hasattr(lm, "get_decoder"):
+    if softcap or full_forward or not hasattr(lm, "get_decoder"):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
         picked = logits[targets_mask]
     else:
@@ -362,6 +371,25 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig):
     return optimizer, scheduler
 
 
+class _NoWriter(contextlib.nullcontext):
+    """The metrics file and TensorBoard writer of a process that does not write."""
+
+    def __enter__(self):
+        return self
+
+    def write(self, *_):
+        pass
+
+    def flush(self):
+        pass
+
+    def add_scalar(self, *_):
+        pass
+
+    def close(self):
+        pass
+
+
 @dataclass
 class StepResult:
     """One optimizer step's numbers, kept on the device (read back only when logged)."""
@@ -375,29 +403,51 @@ class StepResult:
     grad_norm: torch.Tensor | None = None
 
 
-def accumulate_gradients(model: torch.nn.Module, method, batches: list[Batch], batch_size: int) -> StepResult:
-    """Forward, losses, backward and the family's after-backward hook over a step's micro-batches.
+def micro_batch_seed(seed: int, step: int, micro: int) -> int:
+    """The RNG seed of micro-batch ``micro`` of step ``step`` (dropout, noisy gates): a function of
+    (seed, step, micro-batch) only, so it does not depend on which process runs it."""
+    return (seed * 1_000_003 + step) * 1_009 + micro + 1
+
+
+def accumulate_gradients(model: torch.nn.Module, method, batches: list[Batch], batch_size: int,
+                         proc: Processes | None = None, seed_of=None) -> StepResult:
+    """Forward, losses, backward and the family's step updates over a step's micro-batches.
 
     ``objective = sum_micro [ L_ans(micro) / n_answer + sum_k w_k s_k L_k(micro) ]`` where
     ``s_k`` is the micro-batch's share of the step's examples for a batch statistic and 1 for
     a term of the weights only (computed on the first micro-batch). So ``aux[k]`` is the
     share-weighted mean of term k over the step and ``objective = loss + sum_k w_k aux[k]``.
+
+    With several processes (``proc``), micro-batch ``i`` runs on rank ``i mod world``; the
+    micro-batches themselves are the one-process ones (a function of seed, step and
+    ``micro_batch_size`` only), so every batch statistic is computed over the same examples
+    as in one process, and summing the ranks' gradients (:func:`reduce_step`) gives the
+    one-process gradient of the step. ``seed_of(i)``: the RNG seed of micro-batch ``i``
+    (:func:`micro_batch_seed`; None: the RNG runs on).
     """
+    proc = proc or processes()
     family = family_of(method)
     weights = family.loss_weights(method)
     device = next(model.parameters()).device
-    n_answer = sum(b.n_answer_tokens for b in batches)
+    n_answer = sum(b.n_answer_tokens for b in batches)  # every rank builds every micro-batch: known locally
     loss_value = torch.zeros((), device=device)
     objective = torch.zeros((), device=device)
     aux_values: dict[str, torch.Tensor] = {}
-    tokens = 0
-    for i, b in enumerate(batches):
-        b = b.to(device)
-        set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0)
+    updates: list[tuple[int, object]] = []
+    mine = proc.shard(len(batches))
+    # FSDP2 gathers parameters in every forward: every rank runs as many as the busiest one
+    # (a rank short of micro-batches repeats one with the loss scaled by 0)
+    rounds = -(-len(batches) // proc.world) if proc.fsdp else len(mine)
+    for r in range(rounds):
+        i, dummy = (mine[r], False) if r < len(mine) else (mine[0] if mine else 0, True)
+        b = batches[i].to(device)
+        if seed_of is not None:
+            torch.manual_seed(seed_of(i))
+        set_routing(model, b.prompt_mask, b.specialty, b.operation, parameter_losses=i == 0 and not dummy)
         with autocast_for(model):
-            loss = answer_loss_sum(model, b) / n_answer
+            answer = answer_loss_sum(model, b, full_forward=proc.fsdp) / n_answer
             terms = family.aux_losses(model, method)
-        loss_value += loss.detach()
+        loss = answer
         share = b.input_ids.shape[0] / batch_size
         for key, value in terms.items():
             if weights.get(key, 0.0) <= 0:
@@ -405,19 +455,77 @@ def accumulate_gradients(model: torch.nn.Module, method, batches: list[Batch], b
                                    f"{weights.get(key)}; a family reports exactly its terms of non-zero weight")
             w = 1.0 if key in family.parameter_losses else share
             loss = loss + weights[key] * w * value
-            aux_values[key] = aux_values.get(key, 0.0) + w * value.detach().float()
-        objective += loss.detach()
+            if not dummy:
+                aux_values[key] = aux_values.get(key, 0.0) + w * value.detach().float()
+        if dummy:
+            loss = loss * 0.0
+        else:
+            loss_value += answer.detach()
+            objective += loss.detach()
         loss.backward()
-        family.after_backward(model)
-        tokens += b.n_tokens
+        update = family.micro_batch_update(model)
+        if not dummy and update is not None:
+            updates.append((i, _to_cpu(update) if proc.distributed else update))
+    gathered = [u for rank_updates in proc.gather(updates) for u in rank_updates] if proc.distributed else updates
+    family.apply_step_updates(model, [u for _, u in sorted(gathered, key=lambda x: x[0])])
+    tokens = sum(b.n_tokens for b in batches)
     return StepResult(loss_value, objective, aux_values, {k: weights[k] for k in aux_values}, tokens, n_answer)
 
 
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def reduce_step(model: torch.nn.Module, result: StepResult, proc: Processes, weights: dict[str, float]) -> None:
+    """Sum the step's gradients and numbers over the ranks, in place.
+
+    A step-level reduction instead of DDP's per-backward one: ranks hold unequal numbers of
+    micro-batches (the split is the one-process one), the loss calls the decoder past any
+    wrapper's forward (hidden states are gathered before the LM head), and a routed expert
+    that a rank's micro-batches did not use must neither hang nor be updated where one
+    process would not update it -- so every trainable tensor is reduced once per step, with
+    a flag of whether any rank gave it a gradient (AdamW skips a tensor without one).
+    Under FSDP2 the sharded tensors were already reduce-scattered by FSDP itself.
+    """
+    if not proc.distributed:
+        return
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    keys = sorted(k for k, w in weights.items() if w > 0)
+    device = next(model.parameters()).device
+    present = torch.tensor([p.grad is not None for p in params] + [k in result.aux for k in keys],
+                           dtype=torch.float32, device=device)
+    numbers = torch.stack([result.loss.float(), result.objective.float(),
+                           *(torch.as_tensor(result.aux.get(k, 0.0), dtype=torch.float32, device=device)
+                             for k in keys)])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    proc.sum_([present, numbers, *(p.grad for p in params)])
+    for p, flag in zip(params, present[:len(params)].tolist()):
+        if flag == 0:
+            p.grad = None
+    result.loss, result.objective = numbers[0], numbers[1]
+    result.aux = {k: numbers[2 + j] for j, k in enumerate(keys) if present[len(params) + j] > 0}
+    result.aux_weights = {k: weights[k] for k in result.aux}
+
+
 def training_step(model: torch.nn.Module, method, batches: list[Batch], optimizer, scheduler, *,
-                  batch_size: int, max_grad_norm: float) -> StepResult:
-    """One optimizer step as training runs it: :func:`accumulate_gradients`, gradient clipping,
-    the optimizer and scheduler steps. Used by :func:`train` and ``benchmarks/step_time.py``."""
-    result = accumulate_gradients(model, method, batches, batch_size)
+                  batch_size: int, max_grad_norm: float, proc: Processes | None = None,
+                  seed_of=None) -> StepResult:
+    """One optimizer step as training runs it: :func:`accumulate_gradients`, the reduction over
+    processes, gradient clipping, the optimizer and scheduler steps. Used by :func:`train` and
+    ``benchmarks/step_time.py``."""
+    proc = proc or processes()
+    result = accumulate_gradients(model, method, batches, batch_size, proc, seed_of)
+    reduce_step(model, result, proc, family_of(method).loss_weights(method))
     result.grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm if max_grad_norm > 0 else math.inf)
     optimizer.step()
@@ -497,9 +605,11 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     if not family.trains_with_loop(method):
         return _build_untrained(cfg, method, loaded, train_set, run_dir)
     tc = cfg.train
+    proc = processes()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is None:  # a fresh start: no stale checkpoint of an earlier attempt may be resumed later
+    proc.agree(ckpt.name if ckpt else None, f"checkpoints in {run_dir}")  # before the main process changes them
+    if ckpt is None and proc.is_main:  # a fresh start: no stale checkpoint of an earlier attempt may be resumed
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
         write_text(run_dir / "config.yaml", dump_config(cfg))
 
@@ -507,6 +617,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     formatter = PromptFormatter(loaded.tokenizer, cfg.data.max_length)
     encoded = [formatter.encode_train(t.record) for t in train_set]
     data_hash = training_data_hash(train_set, encoded)
+    proc.agree(data_hash, "training data (ids or token ids)")
     n_truncated = sum(e.truncated for e in encoded)
     if n_truncated:
         log.warning("%d of %d training prompts were longer than max_length=%d and were left-truncated",
@@ -520,6 +631,8 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
+    if proc.fsdp:
+        shard_model(model, method, proc)
     compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) else []
     optimizer, scheduler = build_optimizer(model, tc)
     params = count_parameters(model)
@@ -541,26 +654,32 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
             changed = [*changed, "training data"]
         start_step, tokens_seen = state["step"], state["tokens"]
         answer_tokens_seen, elapsed_before = state["answer_tokens"], state["elapsed_s"]
-        _truncate_metrics(metrics_path, start_step)
-        write_text(run_dir / "config.yaml", dump_config(cfg))  # only once the checkpoint has loaded
+        if proc.is_main:
+            _truncate_metrics(metrics_path, start_step)
+            write_text(run_dir / "config.yaml", dump_config(cfg))  # only once the checkpoint has loaded
         log.info("resuming %s from step %d", run_dir, start_step)
-    elif metrics_path.exists():
+    elif metrics_path.exists() and proc.is_main:
         metrics_path.unlink()
 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    # logs, TensorBoard and progress on the main process only
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None) \
+        if proc.is_main else _NoWriter()
     t0 = time.perf_counter()
-    progress = tqdm(total=tc.steps, initial=start_step, desc=f"train {cfg.method.name}", unit="step", leave=False)
-    with open(metrics_path, "a", encoding="utf-8") as metrics, half_precision_adapters(model), \
-            compile_fallback(tc.compile == "auto"), contextlib.closing(progress), contextlib.closing(writer):
+    progress = tqdm(total=tc.steps, initial=start_step, desc=f"train {cfg.method.name}", unit="step", leave=False,
+                    disable=not proc.is_main)
+    with (open(metrics_path, "a", encoding="utf-8") if proc.is_main else _NoWriter()) as metrics, \
+            half_precision_adapters(model), compile_fallback(tc.compile == "auto"), contextlib.closing(progress), \
+            contextlib.closing(writer):
         for step in range(start_step, tc.steps):
             indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)
             batches = [collate([encoded[i] for i in c], [train_set[i].tags for i in c], pad_id) for c in chunks]
             result = training_step(model, cfg.method, batches, optimizer, scheduler, batch_size=tc.batch_size,
-                                   max_grad_norm=tc.max_grad_norm)
+                                   max_grad_norm=tc.max_grad_norm, proc=proc,
+                                   seed_of=lambda i, step=step: micro_batch_seed(tc.seed, step, i))
             tokens_seen += result.tokens
             answer_tokens_seen += result.answer_tokens
             done = step + 1
@@ -582,15 +701,21 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
                 for key in ("loss", "objective", "lr", "grad_norm", *(f"aux_{k}" for k in aux)):
                     writer.add_scalar(f"train/{key}", row[key], done)
             if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
-                save_checkpoint(run_dir, done, model, cfg.method, optimizer, scheduler,
-                                {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen, "train_data": data_hash,
-                                 "elapsed_s": elapsed_before + time.perf_counter() - t0})
+                if proc.is_main:  # every rank holds the same weights, optimizer and training state
+                    save_checkpoint(run_dir, done, model, cfg.method, optimizer, scheduler,
+                                    {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
+                                     "train_data": data_hash, "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                                     "processes": proc.world})
+                proc.barrier()
             if on_step is not None:
                 on_step(done)
     loop_time = elapsed_before + time.perf_counter() - t0
     uncompile(compiled)
 
-    save_trained(model, cfg.method, run_dir, built=method)
+    if proc.fsdp:
+        model = unsharded_copy(model, cfg, method, proc)  # full tensors, on the main process only
+    if proc.is_main:
+        save_trained(model, cfg.method, run_dir, built=method)
     summary = {
         "method": cfg.method.name, "base_model": cfg.model.name, **params,
         "loss_weights": {k: w for k, w in family_of(cfg.method).loss_weights(cfg.method).items() if w > 0},
@@ -598,11 +723,66 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
         "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
         "train_time_s": round(loop_time, 3),  # the training loop, without the final save
         "resumed_from_step": start_step or None, "resumed_with_changes": changed or None,
-        "device": str(loaded.device), "compiled": bool(compiled),
+        "device": str(loaded.device), "compiled": bool(compiled), "processes": proc.world,
     }
-    write_json(run_dir / "summary.json", summary)
-    shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them
+    if proc.is_main:
+        write_json(run_dir / "summary.json", summary)
+        shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the adapter supersedes them
+    proc.barrier()  # the other ranks may read the adapter next (evaluation)
     return TrainResult(model, summary)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def shard_model(model: torch.nn.Module, method, proc: Processes) -> None:
+    """Shard ``model`` with FSDP2 (``torch.distributed.fsdp.fully_shard``, what accelerate's FSDP2
+    plugin applies): each decoder layer is one unit, then the whole model (the root).
+
+    Gradients are reduce-scattered as sums (divide factor 1), the one-process gradient of the
+    step. A family with auxiliary losses reads its weights after the forward pass (e.g.
+    BiRG's L_orth, a mixture's expert representations), so its parameters stay gathered
+    between forward and backward (``reshard_after_forward: false``, ZeRO-2-like memory).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    reshard = bool(proc.fsdp_settings.get("reshard_after_forward", True))
+    if reshard and any(w > 0 for w in family_of(method).loss_weights(method).values()):
+        log.warning("FSDP2: %s reads its weights in its auxiliary losses; keeping them gathered after the forward "
+                    "pass (reshard_after_forward false)", method.name)
+        reshard = False
+    offload = CPUOffloadPolicy() if proc.fsdp_settings.get("cpu_offload") else OffloadPolicy()
+    decoder = causal_lm_of(model).get_decoder() if hasattr(causal_lm_of(model), "get_decoder") else None
+    units = [*getattr(decoder, "layers", []), model]
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=reshard, offload_policy=offload)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo (CPU) has no pre-multiplied sum
+
+
+def unsharded_copy(model: torch.nn.Module, cfg: RunConfig, method, proc: Processes) -> torch.nn.Module:
+    """The trained model with full tensors, on the main process, for saving: the sharded
+    model's full state (gathered by every rank: ``get_model_state_dict``) loaded into a fresh
+    copy of the base model with the method applied. Other ranks get the sharded model back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .models import load_model
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not proc.is_main:
+        return model
+    fresh = apply_method(load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
+                                    attn_implementation=cfg.model.attn_implementation,
+                                    trust_remote_code=cfg.model.trust_remote_code).model, method)
+    missing = trainable - set(full)
+    if missing:
+        raise RuntimeError(f"FSDP2 state dict lacks trained tensors {sorted(missing)[:3]}")
+    own = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name in trainable:
+            own[name].copy_(full[name].to(own[name].dtype))
+    return fresh
 
 
 PARTS_DIR = "parts"
@@ -619,10 +799,13 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
     from .config import config_differences, load_config
 
     root = run_dir / PARTS_DIR
-    if not resume:  # a fresh start: parts of an earlier attempt must not be reused
+    proc = processes()
+    proc.barrier()
+    if not resume and proc.is_main:  # a fresh start: parts of an earlier attempt must not be reused
         shutil.rmtree(root, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
+    if proc.is_main:
+        write_text(run_dir / "config.yaml", dump_config(cfg))
     summaries, run_dirs = [], {}
     for i, part in enumerate(parts):
         part_cfg = dataclasses.replace(cfg, method=part.method, methods=[], seeds=[], grid={},
@@ -636,13 +819,16 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
                 log.info("%s is already trained; reusing it", part_dir)
                 summaries.append(json.loads((part_dir / "summary.json").read_text(encoding="utf-8")))
                 continue
-            shutil.rmtree(part_dir)
+            proc.barrier()
+            if proc.is_main:
+                shutil.rmtree(part_dir)
         log.info("training part %d/%d of %s: %s (%d items)", i + 1, len(parts), run_dir, part.name, len(part.items))
         result = train(part_cfg, loaded, part.items, resume=latest_checkpoint(part_dir) is not None,
                        force_resume=force_resume)
         family_of(part.method).remove(result.model)  # the bare base model again, for the next part
         summaries.append(result.summary)
-    save_assembled(cfg.method, method, parts, run_dirs, run_dir)
+    if proc.is_main:
+        save_assembled(cfg.method, method, parts, run_dirs, run_dir)
     summary = {
         "method": cfg.method.name, "base_model": cfg.model.name,
         "trainable_params": sum(s["trainable_params"] for s in summaries),
@@ -655,8 +841,11 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
         "parts": [{"name": p.name, "train_examples": s["train_examples"], "train_time_s": s["train_time_s"],
                    **p.about} for p, s in zip(parts, summaries)],
         "device": str(loaded.device), "compiled": any(s.get("compiled") for s in summaries),
+        "processes": proc.world,
     }
-    write_json(run_dir / "summary.json", summary)
+    if proc.is_main:
+        write_json(run_dir / "summary.json", summary)
+    proc.barrier()
     model = load_trained(loaded.model, run_dir, expected=cfg.method)
     return TrainResult(model, summary)
 
@@ -665,19 +854,24 @@ def _build_untrained(cfg: RunConfig, method, loaded: LoadedModel, train_set: lis
     """A method without the answer-loss loop: training-free (e.g. Arrow over a trained library)
     or fitted its own way (:meth:`MethodFamily.fit`, e.g. a verifier); build it, fit it, save its
     adapter folder, and write a summary of zero loop steps."""
+    proc = processes()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
+    if proc.is_main:
+        write_text(run_dir / "config.yaml", dump_config(cfg))
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = apply_method(loaded.model, method)
     params = count_parameters(model)
-    fitted = family_of(method).fit(model, method, train_set, loaded.tokenizer, cfg)
-    save_trained(model, cfg.method, run_dir, built=method)
+    fitted = family_of(method).fit(model, method, train_set, loaded.tokenizer, cfg)  # the same on every rank
+    if proc.is_main:
+        save_trained(model, cfg.method, run_dir, built=method)
     summary = {"method": cfg.method.name, "base_model": cfg.model.name, **params,
                "loss_weights": {}, "steps": 0, "batch_size": cfg.train.batch_size,
                "train_examples": len(train_set) if fitted is not None else 0,
                "truncated_prompts": 0, "tokens": 0, "answer_tokens": 0,
                "train_time_s": round(time.perf_counter() - t0, 3), "training_free": fitted is None,
-               **(fitted or {}), "device": str(loaded.device), "compiled": False}
-    write_json(run_dir / "summary.json", summary)
+               **(fitted or {}), "device": str(loaded.device), "compiled": False, "processes": proc.world}
+    if proc.is_main:
+        write_json(run_dir / "summary.json", summary)
+    proc.barrier()
     return TrainResult(model, summary)

@@ -163,8 +163,15 @@ class MethodFamily:
         non-zero weight (parameter losses only when the routing state asks for them)."""
         return {}
 
-    def after_backward(self, model: "nn.Module") -> None:
-        """Updates that follow a micro-batch's backward pass (e.g. an expert memory queue)."""
+    def micro_batch_update(self, model: "nn.Module"):
+        """What a micro-batch's forward leaves to apply once the optimizer step is done (e.g. new
+        entries of an expert memory queue), or None. The trainer collects these from every
+        micro-batch of the step -- on every process -- and passes them, in micro-batch order,
+        to :meth:`apply_step_updates`, so the state stays identical on every rank."""
+        return None
+
+    def apply_step_updates(self, model: "nn.Module", updates: list) -> None:
+        """Apply one step's :meth:`micro_batch_update` results (micro-batch order)."""
 
     def training_state(self, model: "nn.Module") -> dict[str, "torch.Tensor"]:
         """Tensors besides the trainable weights that a resumed run needs (checkpointed)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ...distributed import processes
+
 from ...errors import MedpeftError
 from ...prompts import PromptFormatter
 from ..routing import routing_state, set_routing
@@ -74,7 +76,8 @@ def pool_folder(library_run: Path, model: torch.nn.Module, model_name: str) -> P
         from ...io import write_json
 
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(header, {"model": model_name, "model_key": key})
+        if processes().is_main:
+            write_json(header, {"model": model_name, "model_key": key})
     return folder
 
 
@@ -136,12 +139,12 @@ def adapter_candidates(model, fmt: PromptFormatter, items: list, library, model_
             if missing:
                 state.forced = k
                 scores = letter_logprobs(model, fmt, [items[i] for i in missing], batch_size)
-                with open(file, "a", encoding="utf-8") as fh:
-                    for i, s in zip(missing, scores):
-                        row = {"id": items[i].record.id, "prompt_sha": prompts[i], "pred": max(s, key=s.get),
-                               "logprobs": {l: round(v, 6) for l, v in s.items()}}
-                        cached[(row["id"], row["prompt_sha"])] = row
-                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                rows = [{"id": items[i].record.id, "prompt_sha": prompts[i], "pred": max(s, key=s.get),
+                         "logprobs": {l: round(v, 6) for l, v in s.items()}} for i, s in zip(missing, scores)]
+                cached.update(((row["id"], row["prompt_sha"]), row) for row in rows)
+                if processes().is_main:  # the other processes computed the same rows
+                    with open(file, "a", encoding="utf-8") as fh:
+                        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             counters["computed"] += len(missing)
             counters["reused"] += len(items) - len(missing)
             for i, t in enumerate(items):

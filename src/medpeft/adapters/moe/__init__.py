@@ -12,7 +12,7 @@ from . import config
 from .audit import audit_experts, question_usage
 from .config import MoeMethod
 from .layer import MOE_LOSSES, PARAMETER_LOSSES, ExpertQueue, LoraMixtureLinear, experts_at_layer, layer_ranks
-from .losses import commit_queues, expert_representations, moe_losses, supcon_from_similarities
+from .losses import commit_queues, expert_representations, pending_pushes, moe_losses, supcon_from_similarities
 
 __all__ = ["MoeMethod", "LoraMixtureLinear", "ExpertQueue", "experts_at_layer", "moe_losses",
            "expert_representations", "supcon_from_similarities", "MoeFamily"]
@@ -80,8 +80,11 @@ class MoeFamily(InjectedFamily):
     def aux_losses(self, model, method):
         return moe_losses(routing_state(model), method)
 
-    def after_backward(self, model):
-        commit_queues(routing_state(model))
+    def micro_batch_update(self, model):
+        return pending_pushes(routing_state(model))
+
+    def apply_step_updates(self, model, updates):
+        commit_queues(routing_state(model), updates)
 
     def training_state(self, model) -> dict[str, torch.Tensor]:
         """SparseDoctor's expert memory queues (entries, labels, ring pointer) per module."""

@@ -84,8 +84,8 @@ class ExpertQueue(nn.Module):
         if n >= self.size:
             reps, labels, n = reps[-self.size:], labels[-self.size:], self.size
         idx = (self.ptr + torch.arange(n, device=self.items.device)) % self.size
-        self.items[idx] = reps.detach().to(self.items.dtype)
-        self.labels[idx] = labels
+        self.items[idx] = reps.detach().to(self.items.device, self.items.dtype)
+        self.labels[idx] = labels.to(self.labels.device)
         self.ptr.copy_((self.ptr + n) % self.size)
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ class LoraMixtureLinear(InjectedLinear):
         super().__init__(base, state, name)  # routing_out: this training forward's loss inputs (moe_losses)
         if router not in ("topk", "soft", "route"):
             raise ValueError(f"router must be topk, soft or route, got {router!r}")
-        self.pending_push: tuple | None = None  # queue entries to commit after backward
+        self.pending_push: tuple | None = None  # queue entries of the last forward, pushed once the step is done
         self.n_anchor, self.n_spec = n_anchor, len(ranks) - n_anchor
         if self.n_spec < 1:
             raise ValueError("a mixture needs at least one routed (specialist) expert")

@@ -18,8 +18,11 @@ each representation by the question's mean gate of that expert, ``o_bi = gbar_bi
 h_b``, so the contrastive objective also supervises the router, and keeps an **expert
 memory queue** per module: a fixed-size FIFO ring of past (detached) representations with
 their expert labels, used as extra positives/negatives so the term needs no large batch.
-The queue is updated after each optimizer micro-step with that forward's representations
-(:func:`commit_queues`); it holds no gradient and its memory is fixed. Slots not yet filled
+The queue is updated once per optimizer step with the representations of the step's
+micro-batches in micro-batch order (:func:`pending_pushes`, :func:`commit_queues`), so every
+micro-batch of a step reads the same queue: the result depends neither on how the step is
+split into micro-batches nor on how many processes run them (each rank pushes every
+micro-batch's entries, gathered). It holds no gradient and its memory is fixed. Slots not yet filled
 carry label -1 and are masked out of the loss, so the queue always has one shape (no host
 sync to count entries, no recompilation under ``torch.compile``).
 
@@ -114,13 +117,23 @@ def contrastive_losses(layers: list[LoraMixtureLinear], method) -> dict[str, tor
 
 
 
-def commit_queues(state: RoutingState) -> None:
-    """Push the last forward's expert representations into each module's memory queue."""
+def pending_pushes(state: RoutingState) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The last forward's expert representations and labels by module name (taken: a later
+    forward does not see them), or None when no module keeps a queue."""
+    out = {}
     for layer in state.layers:
         if getattr(layer, "pending_push", None) is not None:
-            layer.queue.push(*layer.pending_push)
+            out[layer.name] = layer.pending_push
             layer.pending_push = None
+    return out or None
 
+
+def commit_queues(state: RoutingState, pushes: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Push a step's :func:`pending_pushes` (in micro-batch order) into the modules' queues."""
+    layers = {layer.name: layer for layer in state.layers}
+    for push in pushes:
+        for name, (reps, labels) in push.items():
+            layers[name].queue.push(reps, labels)
 
 
 def gate_losses(layers: list[LoraMixtureLinear], prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,227 @@
+"""Several processes (torchrun, gloo on CPU): the same run as one process.
+
+Each test launches ``torchrun --standalone --nproc_per_node 2`` on ``tests/dist_launch.py``
+(medpeft's CLI, with test-only faults) and compares with the same config run in this
+process. Tolerances (fp32): the ranks' gradients are summed in another order than one
+process accumulates them, so per-step numbers agree to 1e-5 (absolute, or relative for
+large gradient norms) and trained tensors to 5e-5 (measured: 5e-7 and 1.3e-5); evaluation files are identical byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medpeft.cli import main
+
+HERE = Path(__file__).resolve().parent
+PRESETS = ["lora-r16", "birg", "moelora", "sparsedoctor", "medmoe", "full"]
+LOSS_ATOL, WEIGHT_ATOL = 1e-5, 5e-5
+
+
+def write_config(tmp_path: Path, methods: list[str], **train) -> Path:
+    """Tiny model, the shipped example questions; 6 examples per step in micro-batches of 2:
+    three micro-batches, so the two ranks hold unequal numbers of them."""
+    settings = {"steps": 4, "batch_size": 6, "micro_batch_size": 2, "lr": 5e-3, "warmup_steps": 1, "seed": 0,
+                "save_every": 0, "log_every": 1, "compile": False, **train}
+    cfg = {"output_dir": str(tmp_path / "runs"), "methods": methods, "model": {"name": "tiny"},
+           "method": {"name": "lora", "r": 4, "alpha": 8},
+           "data": {"max_length": 256, "train": [{"benchmark": "cmb", "name": "cmb-examples",
+                                                  "path": "pkg:cmb_train.json"}]},
+           "train": settings,
+           "eval": {"scorer": "letters", "batch_size": 4,
+                    "benchmarks": [{"benchmark": "medqa", "name": "medqa-examples", "path": "pkg:medqa_dev.jsonl"}]}}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun`` with two CPU processes; the test fails (instead of hanging) past ``timeout``."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "dist_launch.py"), *args], env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run / "adapter").rglob("*.safetensors")):
+        out.update({f"{f.relative_to(run / 'adapter')}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    """Same per-step numbers (every logged term) and the same trained tensors."""
+    m1, m2 = metrics(one), metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]
+    for r1, r2 in zip(m1, m2):
+        keys = [k for k in r1 if k in ("loss", "objective", "grad_norm") or (k.startswith("aux_") and k != "aux_weights")]
+        assert set(keys) <= set(r2), (one.name, r1["step"], set(keys) - set(r2))
+        for k in keys:
+            assert r2[k] == pytest.approx(r1[k], rel=LOSS_ATOL, abs=LOSS_ATOL), (one.name, r1["step"], k)
+        assert r1["tokens"] == r2["tokens"]
+    w1, w2 = tensors(one), tensors(two)
+    assert w1.keys() == w2.keys() and w1
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=f"{one.name}: {k}")
+
+
+def no_leftovers(root: Path) -> None:
+    """Written once, atomically: no temporary folders or files of a second writer."""
+    assert not [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old")) or ".tmp." in p.name]
+
+
+def test_every_preset_trains_on_two_processes_to_the_one_process_result(tmp_path):
+    config = write_config(tmp_path, PRESETS)
+    done = torchrun("train", str(config), f"output_dir={tmp_path / 'two'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["train", str(config), f"output_dir={tmp_path / 'one'}"]) == 0
+    for preset in PRESETS:
+        one, two = tmp_path / "one" / preset, tmp_path / "two" / preset
+        assert_same_run(one, two)
+        assert json.loads((two / "summary.json").read_text())["processes"] == 2
+        assert len(metrics(two)) == 4  # one writer: each step logged once
+    no_leftovers(tmp_path / "two")
+    assert done.stdout.count('"method": "lora"') == 1  # the summary is printed by the main process only
+
+
+def test_resume_continues_exactly_with_the_same_and_another_number_of_processes(tmp_path):
+    """A 2-process run stopped after step 3 (checkpoint at step 2) resumes with 2 processes and
+    with 1, and a 1-process checkpoint resumes with 2: all equal the uninterrupted run
+    (SparseDoctor: its expert queues are part of the checkpoint)."""
+    config = write_config(tmp_path, ["sparsedoctor"], steps=5, save_every=2)
+    assert main(["train", str(config), f"output_dir={tmp_path / 'ref'}"]) == 0
+    stop = {"MEDPEFT_TEST_STOP_AFTER": "3"}
+    stopped = torchrun("train", str(config), f"output_dir={tmp_path / 'two'}", env=stop)
+    assert stopped.returncode != 0
+    ckpt = tmp_path / "two" / "sparsedoctor" / "checkpoints" / "step-0000002"
+    assert (ckpt / "state.json").exists() and not (tmp_path / "two" / "sparsedoctor" / "adapter").exists()
+    assert json.loads((ckpt / "state.json").read_text())["processes"] == 2
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    resumed = torchrun("train", str(config), f"output_dir={tmp_path / 'two'}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert main(["train", str(config), f"output_dir={tmp_path / 'two-then-one'}", "--resume"]) == 0
+    ref = tmp_path / "ref" / "sparsedoctor"
+    for run in ("two", "two-then-one"):
+        done = tmp_path / run / "sparsedoctor"
+        assert json.loads((done / "summary.json").read_text())["resumed_from_step"] == 2
+        assert_same_run(ref, done)
+    # and a 1-process checkpoint continued by 2 processes
+    from medpeft import train as train_module
+
+    calls = [0]
+    real = train_module.training_step
+
+    def stop_after_3(*args, **kwargs):
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    train_module.training_step = stop_after_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(["train", str(config), f"output_dir={tmp_path / 'one-then-two'}"])
+    finally:
+        train_module.training_step = real
+    resumed = torchrun("train", str(config), f"output_dir={tmp_path / 'one-then-two'}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(ref, tmp_path / "one-then-two" / "sparsedoctor")
+
+
+def test_evaluation_shards_items_and_writes_the_one_process_files(tmp_path, data_dir):
+    """Scored by two processes (each every other batch): predictions.jsonl and results.json
+    equal the one-process files byte for byte -- single-answer, multi-answer (constrained
+    decoding) and open-ended (generated) items, a routed method."""
+    config = write_config(tmp_path, ["moelora"], steps=2)
+    benchmarks = [{"benchmark": "cmb", "name": "cmb-examples", "path": "pkg:cmb_train.json"},
+                  {"benchmark": "medqa", "name": "medqa-examples", "path": "pkg:medqa_dev.jsonl"},
+                  {"benchmark": "gsm8k", "name": "gsm8k", "path": str(data_dir / "gsm8k" / "test.rows0-299.jsonl"),
+                   "limit": 6}]
+    overrides = [f"eval.benchmarks={json.dumps(benchmarks)}", "eval.max_new_tokens=4"]
+    assert main(["train", str(config), f"output_dir={tmp_path / 'one'}", *overrides]) == 0
+    run = tmp_path / "one" / "moelora"
+    assert main(["eval", str(run), "--out", str(tmp_path / "eval-one")]) == 0
+    done = torchrun("eval", str(run), "--out", str(tmp_path / "eval-two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("predictions.jsonl", "results.json"):
+        assert (tmp_path / "eval-two" / name).read_bytes() == (tmp_path / "eval-one" / name).read_bytes(), name
+    rows = [json.loads(line) for line in (tmp_path / "eval-two" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["benchmark"] for r in rows} == {"cmb-examples", "medqa-examples", "gsm8k"}
+    assert done.stdout.count("predictions and results in") == 1
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_the_error_shown_once(tmp_path):
+    """Rank 1 alone reads a training file with a bad record: one line naming the file, record
+    and field, shown once; every rank ends (no hang: the timeout would fail the test); nothing
+    of the run is written."""
+    bad = tmp_path / "bad.jsonl"
+    good = json.loads(Path(__file__).resolve().parents[1].joinpath(
+        "src/medpeft/data/examples/medqa_dev.jsonl").read_text().splitlines()[0])
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer_idx": "Q"}) + "\n")
+    config = write_config(tmp_path, ["lora-r16"])
+    train_override = json.dumps([{"benchmark": "medqa", "name": "m", "path": str(bad)}])
+    done = torchrun("train", str(config), f"output_dir={tmp_path / 'two'}",
+                    env={"MEDPEFT_TEST_RANK_OVERRIDE": f"1:data.train={train_override}"}, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "medpeft: error:" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert str(bad) in errors[0] and "line 2" in errors[0] and "answer_idx" in errors[0]
+    assert "site-packages/medpeft" not in done.stderr and "/src/medpeft/" not in done.stderr  # no traceback of ours
+    assert not (tmp_path / "two" / "lora-r16" / "summary.json").exists()
+
+
+def test_an_error_every_rank_hits_is_shown_once(tmp_path):
+    config = write_config(tmp_path, ["no-such-preset"])
+    done = torchrun("train", str(config), timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "medpeft: error:" in line]
+    assert done.returncode != 0 and len(errors) == 1 and "no-such-preset" in errors[0], done.stderr[-2000:]
+
+
+def test_commands_that_run_in_one_process_refuse_a_multi_process_launch(tmp_path):
+    config = write_config(tmp_path, ["lora-r16"])
+    done = torchrun("suite", str(config), timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "medpeft: error:" in line]
+    assert done.returncode != 0 and len(errors) == 1 and "--executor" in errors[0]
+
+
+def test_fsdp2_trains_like_one_process_and_saves_full_adapters(tmp_path):
+    """accelerate's FSDP2 plugin settings (what ``accelerate launch --config_file
+    configs/accelerate/fsdp2.yaml`` exports): decoder layers sharded over the two ranks; the
+    per-step losses and the saved adapter equal the one-process run's, and the saved adapter
+    loads in one process to the one-process model's logits."""
+    from medpeft.config import load_config
+    from medpeft.pipeline import load_run_model
+
+    methods = ["lora-r16", "full", "moelora"]
+    config = write_config(tmp_path, methods)
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+    done = torchrun("train", str(config), f"output_dir={tmp_path / 'two'}", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["train", str(config), f"output_dir={tmp_path / 'one'}"]) == 0
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    for method in methods:
+        one, two = tmp_path / "one" / method, tmp_path / "two" / method
+        assert_same_run(one, two)
+        logits = []
+        for run in (one, two):
+            cfg = load_config(str(run / "config.yaml"))
+            model = load_run_model(cfg, run).model.eval()
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits)
+        torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
