@@ -52,7 +52,9 @@ def audit(model, method, tokenizer, items: list[TaggedRecord], out_dir: Path | N
                          "(its outputs do not depend on a per-question gate)")
     routes = collect_routing(model, method, tokenizer, items, max_length=max_length, batch_size=batch_size)
     result = family.audit(model, method, routes, items)
-    if out_dir is not None:
+    from .distributed import processes
+
+    if out_dir is not None and processes().is_main:  # every rank computed the same audit
         out_dir = Path(out_dir)
         rows = [{"id": t.record.id, "benchmark": t.set_name, "specialty": t.tags.specialty,
                  "operation": t.tags.operation, "modules": modules} for t, modules in zip(items, result.modules)]

@@ -262,20 +262,77 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _executor_settings(args):
+    from .executors import ExecutorSettings
+
+    extra = {}
+    for item in args.slurm_arg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MedpeftError(f"--slurm-arg {item!r} must look like KEY=VALUE (e.g. account=myproject)")
+        extra[key] = value
+    settings = ExecutorSettings(kind=args.executor, devices=[d.strip() for d in (args.devices or "").split(",")
+                                                             if d.strip()],
+                                gpus_per_cell=args.gpus_per_cell, partition=args.partition, time_min=args.time,
+                                cpus_per_cell=args.cpus_per_cell, mem_gb=args.mem_gb, slurm_args=extra)
+    settings.check()
+    return settings
+
+
 def cmd_suite(args) -> int:
     """Every (method, seed) of the config; finished runs are reused; routing audits of the
-    routed methods (first seed); then the report."""
-    from .pipeline import run_suite
+    routed methods (first seed); then the report. ``--executor local|slurm`` runs the cells
+    as submitit jobs; the exit code is the number of cells that failed."""
+    from .distributed import processes
+    from .io import write_json
+    from .pipeline import cell_label, check_cells, run_suite, run_suite_cell
     from .report import results_table
 
-    from .io import write_json
-
+    settings = _executor_settings(args)
     cfg, variants = _variants(args)
-    table, out = run_suite(cfg, variants)
-    print(results_table(table), end="")
-    write_json(Path(cfg.output_dir) / "results.json", table)
-    print(f"report.md, report.json and plots in {out}")
-    return 0
+    if args.only_cell:  # one cell, as a job of a fanned-out suite runs it
+        check_cells([v for v in variants if cell_label(cfg, v) == args.only_cell])
+        results = run_suite_cell(cfg, variants, args.only_cell)
+        if processes().is_main:
+            print(results_table({args.only_cell: results}), end="")
+        return 0
+    if settings.kind == "sequential":
+        table, out = run_suite(cfg, variants)
+        print(results_table(table), end="")
+        write_json(Path(cfg.output_dir) / "results.json", table)
+        print(f"report.md, report.json and plots in {out}")
+        return 0
+    return _fan_out_suite(args, cfg, variants, settings)
+
+
+def _fan_out_suite(args, cfg, variants, settings) -> int:
+    from .executors import cell_command, fan_out
+    from .io import write_json
+    from .pipeline import cell_needs, check_cells, suite_labels
+    from .report import read_result_file, results_table, write_report
+
+    check_cells(variants)  # before any job is submitted
+    labels = suite_labels(cfg, variants)
+    uses_gpus = settings.kind == "slurm" or any(d != "cpu" for d in settings.devices)
+    commands = {label: cell_command(args.config, args.overrides, label, skip_invalid=args.skip_invalid,
+                                    processes=settings.gpus_per_cell if uses_gpus else 1) for label in labels}
+    outcomes = fan_out(commands, cell_needs(cfg, variants), settings, Path(cfg.output_dir) / "jobs")
+    root = Path(cfg.output_dir)
+    table = {label: read_result_file(root / label / "eval" / "results.json", ("benchmarks", "macro_accuracy"))
+             for label, outcome in outcomes.items() if outcome.ok}
+    failed = [o for o in outcomes.values() if not o.ok]
+    if table:
+        print(results_table(table), end="")
+        write_json(root / "results.json", table)
+        out = root / "report"
+        write_report(root, out)
+        print(f"report.md, report.json and plots in {out}")
+    for o in failed:
+        print(f"medpeft: cell {o.label} failed: {o.reason}" + (f" (log: {o.log})" if o.log else ""), file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(outcomes)} cells failed; run the same command again to retry them (finished "
+              "cells are reused)", file=sys.stderr)
+    return min(len(failed), 125)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("suite", help="train and evaluate every method x seed of a config (resumable), then report")
     _add_config_args(p)
+    p.add_argument("--executor", default="sequential", help="sequential (this process, default), local (submitit: "
+                   "cells in parallel, one per device group) or slurm (submitit: one job per cell)")
+    p.add_argument("--devices", help="local: GPU indices to spread cells over (e.g. 0,1,2,3), or cpu,cpu for CPU "
+                   "workers")
+    p.add_argument("--gpus-per-cell", type=int, default=1, help="devices per cell (more than 1: torchrun in the job)")
+    p.add_argument("--partition", help="slurm: partition")
+    p.add_argument("--time", type=int, default=24 * 60, help="time limit per cell in minutes (default 1440)")
+    p.add_argument("--cpus-per-cell", type=int, help="slurm: CPUs per cell")
+    p.add_argument("--mem-gb", type=int, help="slurm: memory per cell in GB")
+    p.add_argument("--slurm-arg", action="append", help="slurm: extra sbatch option KEY=VALUE (repeatable)")
+    p.add_argument("--only-cell", help=argparse.SUPPRESS)  # what each job of a fanned-out suite runs
     p.set_defaults(func=cmd_suite)
 
     p = sub.add_parser("methods", help="the method presets: what each is built on and what it changes")
@@ -373,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         proc = distributed.init_from_environment()
-        if proc.distributed and args.command not in MULTI_PROCESS_COMMANDS:
+        if proc.distributed and args.command not in MULTI_PROCESS_COMMANDS and not getattr(args, "only_cell", None):
             raise MedpeftError(f"'medpeft {args.command}' runs in one process; launch only "
                                f"{', '.join(MULTI_PROCESS_COMMANDS)} with torchrun or accelerate launch (a suite "
                                "fans its cells out with --executor local --devices ... or --executor slurm)")

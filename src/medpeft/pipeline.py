@@ -184,32 +184,45 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
                  max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
 
 
-def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False,
-              force_resume: bool = False) -> dict[str, dict]:
-    """Train then evaluate every run config (finished ones reused with ``resume``), by label.
-    Every cell's evaluation sets are loaded and checked before the first training starts."""
+def check_cells(variants: list[RunConfig]) -> None:
+    """Every cell's evaluation sets load and its method fits the model: a bad eval path or
+    record, or a method that fits no layer, must not cost a run."""
     checked: list = []
-    for variant in variants:  # a bad eval path or record, or a method that fits no layer, must not cost a run
+    for variant in variants:
         if variant.eval.benchmarks not in checked:
             load_eval_sets(variant.eval.benchmarks)
             checked.append(variant.eval.benchmarks)
         if (variant.model, variant.method) not in checked:
             check_method_fits(variant)
             checked.append((variant.model, variant.method))
-    table = {}
-    for variant in variants:
-        run_dir = Path(variant.output_dir)
-        with run_lock(run_dir):
-            summary = run_train(variant, resume=resume, force_resume=force_resume)
-            done = run_dir / "eval" / "results.json"
-            results = (read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists()
-                       else run_eval(variant, run_dir=run_dir))
-        label = run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
-        if processes().is_main:
-            print(f"trained {label} ({summary['method']}): {summary['trainable_params']:,} trainable parameters, "
-                  f"{summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
-        table[label] = results
-    return table
+
+
+def cell_label(cfg: RunConfig, variant: RunConfig) -> str:
+    """A cell's name in tables: its run folder below the suite's ``output_dir``."""
+    run_dir = Path(variant.output_dir)
+    return run_dir.relative_to(cfg.output_dir).as_posix() if run_dir != Path(cfg.output_dir) else run_dir.name
+
+
+def run_one_cell(cfg: RunConfig, variant: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
+    """Train then evaluate one run config (a finished one reused with ``resume``)."""
+    run_dir = Path(variant.output_dir)
+    with run_lock(run_dir):
+        summary = run_train(variant, resume=resume, force_resume=force_resume)
+        done = run_dir / "eval" / "results.json"
+        results = (read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists()
+                   else run_eval(variant, run_dir=run_dir))
+    if processes().is_main:
+        print(f"trained {cell_label(cfg, variant)} ({summary['method']}): {summary['trainable_params']:,} trainable "
+              f"parameters, {summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
+    return results
+
+
+def run_cells(cfg: RunConfig, variants: list[RunConfig], *, resume: bool = False,
+              force_resume: bool = False) -> dict[str, dict]:
+    """Train then evaluate every run config (finished ones reused with ``resume``), by label.
+    Every cell's evaluation sets are loaded and checked before the first training starts."""
+    check_cells(variants)
+    return {cell_label(cfg, v): run_one_cell(cfg, v, resume=resume, force_resume=force_resume) for v in variants}
 
 
 BASE_CELL = "base"
@@ -231,30 +244,74 @@ def run_base_cell(cfg: RunConfig) -> dict:
         if done.exists() and (folder / "summary.json").exists():
             return read_result_file(done, ("benchmarks", "macro_accuracy"))
         results = run_eval(base_cfg, out_dir=folder / "eval")
-        write_json(folder / "summary.json", {"method": "base", "base_model": cfg.model.name, "trainable_params": 0,
-                                             "steps": 0, "train_time_s": 0.0})
-    print(f"scored the base model {cfg.model.name} ({BASE_CELL})", file=sys.stderr)
+        if processes().is_main:
+            write_json(folder / "summary.json", {"method": "base", "base_model": cfg.model.name,
+                                                 "trainable_params": 0, "steps": 0, "train_time_s": 0.0})
+            print(f"scored the base model {cfg.model.name} ({BASE_CELL})", file=sys.stderr)
+    processes().barrier()
     return results
 
 
-def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict], Path]:
-    """Every cell of a suite under one budget (finished cells reused), a routing audit of each
-    routed method (its first seed), then the report; returns the cells' results and the
-    report folder."""
-    from .report import write_report
-
-    table = run_cells(cfg, variants, resume=True)
-    if cfg.eval.base:
-        table["base"] = run_base_cell(cfg)
-    audited: set[str] = set()
+def audited_variants(variants: list[RunConfig]) -> list[RunConfig]:
+    """The cells a suite audits: each routed method's first seed."""
+    seen: set[str] = set()
+    out = []
     for variant in variants:
         run_dir = Path(variant.output_dir)
         method_dir = str(run_dir.parent if run_dir.name.startswith("seed-") else run_dir)
-        if not family_of(variant.method).routed or method_dir in audited:
-            continue
-        audited.add(method_dir)
+        if family_of(variant.method).routed and method_dir not in seen:
+            seen.add(method_dir)
+            out.append(variant)
+    return out
+
+
+def run_suite_cell(cfg: RunConfig, variants: list[RunConfig], label: str) -> dict:
+    """One cell of a suite as every executor runs it: train, evaluate and (a routed method's
+    first seed) audit; the label ``base`` scores the base model. Finished work is reused."""
+    if label == BASE_CELL and cfg.eval.base:
+        return run_base_cell(cfg)
+    by_label = {cell_label(cfg, v): v for v in variants}
+    if label not in by_label:
+        raise MedpeftError(f"--only-cell {label!r}: not a cell of this suite ({', '.join(by_label)})")
+    variant = by_label[label]
+    results = run_one_cell(cfg, variant, resume=True)
+    if any(v is variant for v in audited_variants(variants)):
+        run_dir = Path(variant.output_dir)
         if not (run_dir / "audit" / "summary.json").exists():
             run_audit(variant, run_dir)
+    return results
+
+
+def suite_labels(cfg: RunConfig, variants: list[RunConfig]) -> list[str]:
+    """The suite's cells in order (the base model's last)."""
+    return [cell_label(cfg, v) for v in variants] + ([BASE_CELL] if cfg.eval.base else [])
+
+
+def cell_needs(cfg: RunConfig, variants: list[RunConfig]) -> dict[str, list[str]]:
+    """The cells each cell reads (a router: its library's cells in the same grid cell, every
+    seed), which an executor must finish first."""
+    def preset_and_group(v: RunConfig) -> tuple[str, str]:
+        rel = Path(cell_label(cfg, v))
+        rel = rel.parent if rel.name.startswith("seed-") else rel
+        return rel.name, rel.parent.as_posix()
+
+    keyed = [(cell_label(cfg, v), *preset_and_group(v), v) for v in variants]
+    needs = {}
+    for label, _, group, v in keyed:
+        wanted = set(family_of(v.method).depends_on(v.method))
+        needs[label] = [other for other, preset, g, _ in keyed if g == group and preset in wanted]
+    if cfg.eval.base:
+        needs[BASE_CELL] = []
+    return needs
+
+
+def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict], Path]:
+    """Every cell of a suite under one budget, one after another in this process (finished
+    cells reused), then the report; returns the cells' results and the report folder."""
+    from .report import write_report
+
+    check_cells(variants)
+    table = {label: run_suite_cell(cfg, variants, label) for label in suite_labels(cfg, variants)}
     out = Path(cfg.output_dir) / "report"
     write_report(Path(cfg.output_dir), out)
     return table, out
