@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gpu-8b suite in parts that each fit a 10-minute device call (docs/performance.md).
 #
-#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..8 or all; OUT_DIR default: $OUT or .
+#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..9 or all; OUT_DIR default: $OUT or .
 #
 # Each part prints its table and writes OUT_DIR/partN.json (rewritten as it goes, so a part
 # cut short keeps what it measured). About 30 s of compilation per method on an H100.
@@ -13,6 +13,8 @@
 #   6  evaluation throughput, with eval.compile_decode
 #   7  pipeline vs plain Trainer + peft
 #   8  the adapter-library routers: evaluation q/s and step time (benchmarks/library_cost.py)
+#   9  1 vs all GPUs (benchmarks/parallel.py): tokens/s of lora-r16 birg moelora, and full
+#      under FSDP2 with its peak memory per GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part="${1:?usage: gpu_parts.sh PART [OUT_DIR]}"
@@ -30,11 +32,16 @@ run_part() {
     6) python benchmarks/run.py --config gpu-8b --skip-steps --skip-pipeline --compile-decode --json "$out/part6.json" ;;
     7) python benchmarks/run.py --config gpu-8b --skip-steps --skip-eval --json "$out/part7.json" ;;
     8) python benchmarks/library_cost.py --config gpu-8b | tee "$out/part8.md" ;;
-    *) echo "unknown part: $1 (1..8 or all)" >&2; exit 2 ;;
+    9) n="$(python -c 'import torch; print(torch.cuda.device_count())')"
+       procs=1; [ "$n" -gt 1 ] && procs="1 $n"
+       python benchmarks/parallel.py --config gpu-8b --processes $procs --json "$out/part9.json" | tee "$out/part9.md"
+       python benchmarks/parallel.py --config gpu-8b --methods full --fsdp --processes "$n" \
+         --json "$out/part9-fsdp.json" | tee -a "$out/part9.md" ;;
+    *) echo "unknown part: $1 (1..9 or all)" >&2; exit 2 ;;
   esac
 }
 if [ "$part" = all ]; then
-  for p in 1 2 3 4 5 6 7 8; do run_part "$p"; done
+  for p in 1 2 3 4 5 6 7 8 9; do run_part "$p"; done
 else
   run_part "$part"
 fi

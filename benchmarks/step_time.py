@@ -6,8 +6,8 @@
 Every method trains on the same base model (adapters are removed between methods) and the
 same batch of random tokens (answer = the last 2 tokens of each row), through the step
 training runs (``medpeft.train.training_step``: routing context, answer-only loss with
-logits at answer positions only, auxiliary losses, backward, the family's after-backward
-work such as SparseDoctor's queue, clipping, and training's own optimizer and schedule,
+logits at answer positions only, auxiliary losses, backward, the family's step updates
+such as SparseDoctor's queue push, clipping, and training's own optimizer and schedule,
 ``build_optimizer``). The default methods are the registry's ``benchmark`` presets.
 Prints a Markdown table with
 ratios to peft LoRA r16 and, for each method, to peft LoRA of equal *active* rank (the rank

@@ -66,19 +66,38 @@ def tensors(run: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(one: Path, two: Path) -> None:
-    """Same per-step numbers (every logged term) and the same trained tensors."""
-    m1, m2 = metrics(one), metrics(two)
-    assert [r["step"] for r in m1] == [r["step"] for r in m2]
-    for r1, r2 in zip(m1, m2):
-        keys = [k for k in r1 if k in ("loss", "objective", "grad_norm") or (k.startswith("aux_") and k != "aux_weights")]
-        assert set(keys) <= set(r2), (one.name, r1["step"], set(keys) - set(r2))
-        for k in keys:
-            assert r2[k] == pytest.approx(r1[k], rel=LOSS_ATOL, abs=LOSS_ATOL), (one.name, r1["step"], k)
-        assert r1["tokens"] == r2["tokens"]
+    """Same per-step numbers (every logged term, of the run and of its parts), the same trained
+    tensors and the same adapter description."""
+    logs = sorted(p.relative_to(one) for p in one.rglob("metrics.jsonl"))
+    assert logs == sorted(p.relative_to(two) for p in two.rglob("metrics.jsonl"))
+    for rel in logs:
+        m1, m2 = metrics((one / rel).parent), metrics((two / rel).parent)
+        assert [r["step"] for r in m1] == [r["step"] for r in m2]
+        for r1, r2 in zip(m1, m2):
+            keys = [k for k in r1 if k in ("loss", "objective", "grad_norm")
+                    or (k.startswith("aux_") and k != "aux_weights")]
+            assert set(keys) <= set(r2), (one.name, r1["step"], set(keys) - set(r2))
+            for k in keys:
+                assert r2[k] == pytest.approx(r1[k], rel=LOSS_ATOL, abs=LOSS_ATOL), (str(rel), r1["step"], k)
+            assert r1["tokens"] == r2["tokens"]
     w1, w2 = tensors(one), tensors(two)
-    assert w1.keys() == w2.keys() and w1
+    assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=f"{one.name}: {k}")
+    meta = sorted(p.relative_to(one) for p in (one / "adapter").rglob("*.json"))
+    assert meta == sorted(p.relative_to(two) for p in (two / "adapter").rglob("*.json"))
+    for rel in meta:
+        assert described(one / rel) == described(two / rel), rel
+
+
+def described(path: Path) -> dict:
+    """An adapter's JSON, with peft's ``target_modules`` (a set, written in hash order) sorted and
+    a router's ``library_sha256`` dropped (a hash of library tensors, compared to tolerance above)."""
+    data = json.loads(path.read_text())
+    data.pop("library_sha256", None)
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    return data
 
 
 def no_leftovers(root: Path) -> None:
@@ -98,6 +117,27 @@ def test_every_preset_trains_on_two_processes_to_the_one_process_result(tmp_path
         assert len(metrics(two)) == 4  # one writer: each step logged once
     no_leftovers(tmp_path / "two")
     assert done.stdout.count('"method": "lora"') == 1  # the summary is printed by the main process only
+
+
+def test_every_other_preset_trains_alike_on_two_processes(tmp_path):
+    """The rest of the registry's presets (ablations, DoRA, the adapter library and its four
+    routers, which read the library cell trained first): same numbers and files as one process."""
+    from medpeft.adapters.registry import describe_presets
+
+    others = [r["preset"] for r in describe_presets() if r["preset"] not in PRESETS
+              and not r["preset"].startswith("tagscale")]  # tagscale: the tests' own example family
+    assert {"lora-library", "arrow", "meteora", "lora-mixer", "medadapter", "dora-r24"} <= set(others)
+    config = write_config(tmp_path, others, steps=3)
+    small_routes = 'method_overrides={"lora-library": {"min_items": 3}}'  # several routes of the 30 examples
+    done = torchrun("run", str(config), f"output_dir={tmp_path / 'two'}", small_routes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["run", str(config), f"output_dir={tmp_path / 'one'}", small_routes]) == 0
+    for preset in others:
+        one, two = tmp_path / "one" / preset, tmp_path / "two" / preset
+        assert_same_run(one, two)
+        if preset == "lora-library":
+            assert len(list((two / "parts").iterdir())) >= 2  # several routes, each a part
+    no_leftovers(tmp_path / "two")
 
 
 def test_resume_continues_exactly_with_the_same_and_another_number_of_processes(tmp_path):
@@ -200,6 +240,40 @@ def test_commands_that_run_in_one_process_refuse_a_multi_process_launch(tmp_path
     assert done.returncode != 0 and len(errors) == 1 and "--executor" in errors[0]
 
 
+def accelerate_env(name: str) -> dict[str, str]:
+    """The variables ``accelerate launch --config_file configs/accelerate/<name>.yaml`` exports for
+    medpeft (accelerate's own parsing and launch preparation)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = HERE.parent / "configs" / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "medpeft", "train", "x"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def test_the_shipped_accelerate_configs_select_what_their_comments_say():
+    from medpeft import distributed
+
+    ddp, full, grad_op = accelerate_env("ddp"), accelerate_env("fsdp2"), accelerate_env("fsdp2-grad-op")
+    assert "ACCELERATE_USE_FSDP" not in ddp and ddp["ACCELERATE_MIXED_PRECISION"] == "no"
+    for env, reshard in ((full, True), (grad_op, False)):
+        os.environ.update(env)
+        try:
+            assert distributed._fsdp_settings() == {"version": 2, "reshard_after_forward": reshard,
+                                                    "cpu_offload": False}
+        finally:
+            for key in env:
+                os.environ.pop(key)
+
+
+def test_accelerate_mixed_precision_is_refused_in_one_line(tmp_path):
+    config = write_config(tmp_path, ["lora-r16"])
+    done = torchrun("train", str(config), env={"ACCELERATE_MIXED_PRECISION": "bf16"}, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "medpeft: error:" in line]
+    assert done.returncode != 0 and len(errors) == 1 and "model.dtype" in errors[0]
+
+
 def test_fsdp2_trains_like_one_process_and_saves_full_adapters(tmp_path):
     """accelerate's FSDP2 plugin settings (what ``accelerate launch --config_file
     configs/accelerate/fsdp2.yaml`` exports): decoder layers sharded over the two ranks; the
@@ -210,7 +284,8 @@ def test_fsdp2_trains_like_one_process_and_saves_full_adapters(tmp_path):
 
     methods = ["lora-r16", "full", "moelora"]
     config = write_config(tmp_path, methods)
-    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+    env = accelerate_env("fsdp2")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     done = torchrun("train", str(config), f"output_dir={tmp_path / 'two'}", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["train", str(config), f"output_dir={tmp_path / 'one'}"]) == 0

@@ -290,7 +290,7 @@ def test_an_adapter_folder_without_its_method_file_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ the benchmark's step
 
-def test_the_step_benchmark_times_the_training_step_with_its_after_backward_work(monkeypatch):
+def test_the_step_benchmark_times_the_training_step_with_its_step_updates(monkeypatch):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import step_time
 

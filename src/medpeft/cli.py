@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except MedpeftError as err:
         distributed.report_failure(str(err), lambda: print(f"medpeft: error: {err}", file=sys.stderr, flush=True))
-        if distributed.processes().distributed:
+        if distributed.launched_world_size() > 1:
             distributed.exit_now(EXIT_BAD_INPUT)  # the other ranks are ended by the launcher
         return EXIT_BAD_INPUT
     except RuntimeError:

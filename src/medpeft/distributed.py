@@ -134,6 +134,10 @@ def init_from_environment() -> Processes:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         raise MedpeftError("accelerate config: distributed_type DEEPSPEED is not supported by medpeft's training "
                            "loop; use configs/accelerate/fsdp2.yaml (sharded, the ZeRO-3 equivalent) or ddp.yaml")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("no", ""):
+        raise MedpeftError(f"accelerate config: mixed_precision {precision!r} is not applied by medpeft; set it to "
+                           "'no' and choose the precision with model.dtype (bf16: bf16 weights, fp32 adapters)")
     if launched_world_size() <= 1:
         return _CURRENT
     from accelerate import PartialState
@@ -179,7 +183,13 @@ def report_failure(message: str, say, grace_s: float = 2.0) -> None:
     true), so nothing hangs.
     """
     proc = processes()
-    if not proc.distributed or not torch.distributed.is_initialized():
+    if launched_world_size() > 1 and not torch.distributed.is_initialized():
+        if os.environ.get("RANK", "0") == "0":  # before the group is up: the launch's settings, alike on every rank
+            say()
+        else:
+            time.sleep(grace_s)  # leave rank 0 the time to say it before the launcher ends the others
+        return
+    if not proc.distributed:
         say()
         return
     try:

@@ -73,7 +73,7 @@ def check_method_fits(cfg: RunConfig) -> None:
 def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
     """Train one run folder (holding its lock); with ``resume`` a finished run of the same
     config is reused and an interrupted one continued -- checked before anything is loaded."""
-    from .train import resume_changes, train
+    from .train import check_processes, resume_changes, train
 
     run_dir = Path(cfg.output_dir)
     done = finished_run(cfg, run_dir) if resume else None
@@ -81,6 +81,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
         log.info("%s is already trained; reusing it", run_dir)
         return done
     check_method_fits(cfg)  # before the run folder is created
+    check_processes(cfg)
     with run_lock(run_dir):
         done = finished_run(cfg, run_dir) if resume else None
         if done is not None:

@@ -540,6 +540,28 @@ RESUMABLE_CHANGES = ("output_dir", "train.save_every", "train.log_every", "train
                      "train.gradient_checkpointing", "model.device", "eval.")
 
 
+def check_processes(cfg: RunConfig) -> None:
+    """What this launch's processes cannot do with ``cfg``, as a config error before anything loads."""
+    proc = processes()
+    if proc.fsdp and cfg.train.save_every:
+        raise ConfigError("config key 'train.save_every': checkpoints under FSDP2 are not written yet (only the "
+                          "final adapter is); set train.save_every=0, or train with ddp.yaml")
+    if proc.fsdp:
+        from .adapters.registry import MethodFamily
+
+        if type(family_of(cfg.method)).parts is not MethodFamily.parts:
+            raise ConfigError(f"config key 'method': {cfg.method.name!r} trains its parts on one shared base model, "
+                              "which FSDP2 would leave sharded; train it with configs/accelerate/ddp.yaml")
+    if proc.fsdp and cfg.train.compile not in (False, "auto"):
+        raise ConfigError("config key 'train.compile': not combined with FSDP2 here; set it to false")
+    if proc.distributed:
+        n_micro = -(-cfg.train.batch_size // cfg.train.micro_batch_size)
+        if n_micro < proc.world:
+            log.warning("train.batch_size / train.micro_batch_size = %d micro-batches per step on %d processes: "
+                        "%d process(es) idle each step; set train.micro_batch_size to %d or less", n_micro,
+                        proc.world, proc.world - n_micro, max(1, cfg.train.batch_size // proc.world))
+
+
 def resume_changes(cfg: RunConfig, run_dir: Path, *, force: bool = False) -> list[str]:
     """The keys in which ``cfg`` differs from the config an interrupted run in ``run_dir``
     started with (those that change its result); refused unless ``force``."""
@@ -633,7 +655,8 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     model.train()
     if proc.fsdp:
         shard_model(model, method, proc)
-    compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) else []
+    # FSDP2's sharded layers are trained eagerly (compile: auto is off under FSDP2; untested with it)
+    compiled = compile_decoder_layers(model) if compile_wanted(tc.compile, loaded.device) and not proc.fsdp else []
     optimizer, scheduler = build_optimizer(model, tc)
     params = count_parameters(model)
 
