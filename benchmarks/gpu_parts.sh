@@ -34,7 +34,8 @@ run_part() {
     8) python benchmarks/library_cost.py --config gpu-8b | tee "$out/part8.md" ;;
     9) n="$(python -c 'import torch; print(torch.cuda.device_count())')"
        procs=1; [ "$n" -gt 1 ] && procs="1 $n"
-       python benchmarks/parallel.py --config gpu-8b --processes $procs --json "$out/part9.json" | tee "$out/part9.md"
+       python benchmarks/parallel.py --config gpu-8b --methods lora-r16 birg moelora --processes $procs \
+         --json "$out/part9.json" | tee "$out/part9.md"
        python benchmarks/parallel.py --config gpu-8b --methods full --fsdp --processes "$n" \
          --json "$out/part9-fsdp.json" | tee -a "$out/part9.md" ;;
     *) echo "unknown part: $1 (1..9 or all)" >&2; exit 2 ;;

@@ -126,13 +126,17 @@ def launch(n: int, args, out: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu-tiny", choices=sorted(CONFIGS))
-    parser.add_argument("--methods", nargs="+", default=["lora-r16", "birg", "moelora"])
+    parser.add_argument("--methods", nargs="+", help="method presets (default: the registry's benchmark presets)")
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (accelerate's plugin variables)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
+    if not args.methods:
+        from medpeft.adapters.registry import benchmark_presets
+
+        args.methods = list(benchmark_presets())
     if args.worker_out:
         worker(cfg, args.methods, Path(args.worker_out))
         return

@@ -268,22 +268,60 @@ def training_data_hash(train_set: list, encoded: list) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, scheduler, stats: dict) -> None:
+def gather_sharded_state(model, optimizer) -> tuple[dict, dict]:
+    """Under FSDP2: the trainable weights and the optimizer state as one process holds them
+    (full tensors on the main process; every rank must call this). The optimizer state is
+    turned from ``torch.distributed.checkpoint``'s by-name form into ``optimizer.state_dict()``'s
+    by-index form, so a checkpoint is the same whatever wrote it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    full = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if "param_groups" not in by_name:  # cpu_offload: the full state is on the main process only
+        return {}, {}
+    index = {n: i for i, n in enumerate(names)}
+    weights = {n: full[n] for n in names if n in full}
+    state = {"state": {index[n]: v for n, v in by_name.get("state", {}).items()},
+             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    return weights, state
+
+
+def load_sharded_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Under FSDP2: load one-process-form weights and optimizer state (every rank read the same
+    checkpoint) into the sharded model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    by_name = {"state": {names[int(i)]: v for i, v in optimizer_state["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                for g in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, scheduler, stats: dict,
+                    gathered: tuple[dict, dict] | None = None) -> None:
     """``checkpoints/step-N/``: trainable weights, the method's training state, and the optimizer,
-    scheduler and RNG states -- safetensors and JSON only (no pickle); ``state.json`` last."""
+    scheduler and RNG states -- safetensors and JSON only (no pickle); ``state.json`` last.
+    ``gathered``: the weights and optimizer state of a sharded model (:func:`gather_sharded_state`)."""
     from safetensors.torch import save_file
 
     family = family_of(method)
     final = run_dir / CKPT_DIR / f"step-{step:07d}"
+    weights, optimizer_state = gathered if gathered is not None else (
+        {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, optimizer.state_dict())
     with atomic_dir(final) as tmp:
-        save_file({n: t.contiguous().cpu() for n, t in
-                   ((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)},
-                  str(tmp / "trainable.safetensors"))
+        save_file({n: t.contiguous().cpu() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
         extra = {n: t.detach().contiguous().cpu() for n, t in family.training_state(model).items()}
         if extra:  # e.g. SparseDoctor's expert memory queues: part of the training state
             save_file(extra, str(tmp / TRAINING_STATE))
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = split_tensors({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        skeleton = split_tensors({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                   "rng_cpu": torch.get_rng_state(),
                                   "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                                  tensors)
@@ -294,9 +332,11 @@ def save_checkpoint(run_dir: Path, step: int, model, method, optimizer, schedule
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler, steps: int | None = None) -> dict:
+def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler, steps: int | None = None,
+                    sharded: bool = False) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint`; a missing, truncated or foreign
-    file is one line naming it (a pickled ``state.pt`` of an older medpeft is refused)."""
+    file is one line naming it (a pickled ``state.pt`` of an older medpeft is refused).
+    ``sharded``: ``model`` is sharded with FSDP2 (every rank loads the same files)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -316,16 +356,20 @@ def load_checkpoint(ckpt: Path, model, method, optimizer, scheduler, steps: int 
         bad += sorted(n for n in weights if n in params and weights[n].shape != params[n].shape)
         if bad:
             raise ValueError(f"its tensors do not fit this model ({', '.join(bad[:3])})")
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        if not sharded:
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
         current = next((p for p in (ckpt / TRAINING_STATE, ckpt / LEGACY_TRAINING_STATE) if p.exists()), ckpt)
         family_of(method).load_training_state(model, load_file(str(current), device=str(device))
                                               if current != ckpt else {})
         current = ckpt / OPTIMIZER_STATE
         state = join_tensors(meta["state"], load_file(str(current), device="cpu"))
         current = ckpt / "state.json"
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_sharded_state(model, optimizer, weights, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, SafetensorError,
@@ -543,9 +587,6 @@ RESUMABLE_CHANGES = ("output_dir", "train.save_every", "train.log_every", "train
 def check_processes(cfg: RunConfig) -> None:
     """What this launch's processes cannot do with ``cfg``, as a config error before anything loads."""
     proc = processes()
-    if proc.fsdp and cfg.train.save_every:
-        raise ConfigError("config key 'train.save_every': checkpoints under FSDP2 are not written yet (only the "
-                          "final adapter is); set train.save_every=0, or train with ddp.yaml")
     if proc.fsdp:
         from .adapters.registry import MethodFamily
 
@@ -664,7 +705,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     metrics_path = run_dir / "metrics.jsonl"
     if ckpt is not None:
         try:
-            state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler, steps=tc.steps)
+            state = load_checkpoint(ckpt, model, cfg.method, optimizer, scheduler, steps=tc.steps, sharded=proc.fsdp)
         except MedpeftError as err:
             older = [p for p in complete_checkpoints(run_dir) if p != ckpt]
             hint = f"; an older checkpoint exists: remove {ckpt} to resume from {older[-1].name}" if older else ""
@@ -724,11 +765,12 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
                 for key in ("loss", "objective", "lr", "grad_norm", *(f"aux_{k}" for k in aux)):
                     writer.add_scalar(f"train/{key}", row[key], done)
             if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
+                gathered = gather_sharded_state(model, optimizer) if proc.fsdp else None  # every rank
                 if proc.is_main:  # every rank holds the same weights, optimizer and training state
                     save_checkpoint(run_dir, done, model, cfg.method, optimizer, scheduler,
                                     {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
                                      "train_data": data_hash, "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                                     "processes": proc.world})
+                                     "processes": proc.world}, gathered=gathered)
                 proc.barrier()
             if on_step is not None:
                 on_step(done)
