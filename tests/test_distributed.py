@@ -325,3 +325,37 @@ def test_fsdp2_checkpoints_resume_exactly_under_fsdp2_and_in_one_process(tmp_pat
     for run in ("two", "two-then-one"):
         assert json.loads((tmp_path / run / "full" / "summary.json").read_text())["resumed_from_step"] == 2
         assert_same_run(tmp_path / "ref" / "full", tmp_path / run / "full")
+
+
+def test_the_step_reduction_keeps_unused_tensors_out_of_the_optimizer():
+    """``reduce_step`` with a simulated second rank: a tensor only the other rank used gets its
+    gradient; a tensor no rank used keeps ``grad=None`` (AdamW skips it, as in one process);
+    losses and auxiliary terms are summed, a term only one rank reported is kept."""
+    from medpeft.distributed import Processes
+    from medpeft.train import StepResult, reduce_step
+
+    class TwoRanks(Processes):
+        def __init__(self, other):
+            super().__init__(rank=0, world=2)
+            self.other = other  # the second rank's flat contribution, in call order
+
+        def sum_(self, tensors):
+            for t, o in zip(tensors, self.other):
+                t.add_(o)
+
+    model = torch.nn.Module()
+    model.used_here = torch.nn.Parameter(torch.zeros(2))
+    model.used_there = torch.nn.Parameter(torch.zeros(3))
+    model.unused = torch.nn.Parameter(torch.zeros(1))
+    model.used_here.grad = torch.tensor([1.0, 2.0])
+    result = StepResult(torch.tensor(0.5), torch.tensor(0.7), {"con": torch.tensor(0.2)}, {"con": 0.1}, 10, 4)
+    other = [torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0]),  # presence: used_here, used_there, unused; con, var
+             torch.tensor([0.25, 0.35, 0.0, 0.3]),  # loss, objective, aux con, aux var
+             torch.tensor([0.5, 0.5]), torch.tensor([3.0, 3.0, 3.0]), torch.tensor([0.0])]
+    reduce_step(model, result, TwoRanks(other), {"con": 0.1, "var": 0.2, "off": 0.0})
+    torch.testing.assert_close(model.used_here.grad, torch.tensor([1.5, 2.5]))
+    torch.testing.assert_close(model.used_there.grad, torch.tensor([3.0, 3.0, 3.0]))
+    assert model.unused.grad is None
+    assert float(result.loss) == pytest.approx(0.75) and float(result.objective) == pytest.approx(1.05)
+    assert set(result.aux) == {"con", "var"} and float(result.aux["var"]) == pytest.approx(0.3)
+    assert result.aux_weights == {"con": 0.1, "var": 0.2}
