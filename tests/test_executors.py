@@ -76,6 +76,15 @@ def test_a_failed_cell_is_reported_with_its_log_and_counted_in_the_exit_code(tmp
     assert "lora-r16" in json.loads((fan / "results.json").read_text())
 
 
+def test_a_suite_of_one_cell_fans_out_too(tmp_path):
+    """No methods list: the suite's one cell is its output folder itself."""
+    config = suite_config(tmp_path, [], base=False)
+    fan = tmp_path / "fan"
+    assert main(["suite", str(config), f"output_dir={fan}", "--executor", "local", "--devices", "cpu"]) == 0
+    assert (fan / "eval" / "results.json").exists() and (fan / "report" / "report.md").exists()
+    assert list(json.loads((fan / "results.json").read_text())) == ["fan"]
+
+
 def test_dependencies_start_after_the_cells_they_read():
     """A router waits for its library; cells without dependencies start at once (a fake
     executor records the order)."""
@@ -140,6 +149,7 @@ def test_slurm_without_srun_is_one_line(tmp_path, monkeypatch):
     (["--executor", "local", "--devices", "0,x"], "neither a GPU index"),
     (["--executor", "local", "--devices", "0,1,2", "--gpus-per-cell", "2"], "not a multiple"),
     (["--executor", "slurm"], "needs --partition"),
+    (["--executor", "local", "--devices", "cpu,0"], "not mixed"),
     (["--executor", "cloud"], "choose one of"),
 ])
 def test_executor_settings_are_checked_before_any_work(tmp_path, capsys, args, message):

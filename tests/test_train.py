@@ -83,6 +83,30 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert not (run_b / "checkpoints").exists()
 
 
+def test_a_checkpoint_of_the_older_training_step_is_not_resumed_silently(tmp_path):
+    """A checkpoint without ``step_version`` (an older medpeft: RNG and queue updates per
+    micro-batch) is refused by --resume; --force-resume continues and records it."""
+    from medpeft.errors import MedpeftError
+
+    cfg = small_cfg(tmp_path)
+    train_set = load_train_set(cfg)
+
+    def kill_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, load_model("tiny", device="cpu"), train_set, on_step=kill_at_4)
+    state_file = Path(cfg.output_dir) / "checkpoints" / "step-0000003" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("step_version") == 2
+    write_json(state_file, state)
+    with pytest.raises(MedpeftError, match="written by an older medpeft whose training step differed"):
+        train(cfg, load_model("tiny", device="cpu"), train_set, resume=True)
+    summary = train(cfg, load_model("tiny", device="cpu"), train_set, resume=True, force_resume=True).summary
+    assert summary["resumed_from_step"] == 3 and "training step version" in summary["resumed_with_changes"]
+
+
 def test_lora_adapter_loads_with_peft_and_gives_the_same_outputs(tmp_path):
     from peft import PeftModel
 

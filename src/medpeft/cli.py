@@ -308,7 +308,7 @@ def cmd_suite(args) -> int:
 def _fan_out_suite(args, cfg, variants, settings) -> int:
     from .executors import cell_command, fan_out
     from .io import write_json
-    from .pipeline import cell_needs, check_cells, suite_labels
+    from .pipeline import BASE_CELL, cell_label, cell_needs, check_cells, suite_labels
     from .report import read_result_file, results_table, write_report
 
     check_cells(variants)  # before any job is submitted
@@ -318,7 +318,8 @@ def _fan_out_suite(args, cfg, variants, settings) -> int:
                                     processes=settings.gpus_per_cell if uses_gpus else 1) for label in labels}
     outcomes = fan_out(commands, cell_needs(cfg, variants), settings, Path(cfg.output_dir) / "jobs")
     root = Path(cfg.output_dir)
-    table = {label: read_result_file(root / label / "eval" / "results.json", ("benchmarks", "macro_accuracy"))
+    folders = {cell_label(cfg, v): Path(v.output_dir) for v in variants} | {BASE_CELL: root / BASE_CELL}
+    table = {label: read_result_file(folders[label] / "eval" / "results.json", ("benchmarks", "macro_accuracy"))
              for label, outcome in outcomes.items() if outcome.ok}
     failed = [o for o in outcomes.values() if not o.ok]
     if table:
@@ -439,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
     from . import distributed
 
+    def fail(message: str) -> int:
+        """One line, shown once over the processes of a run; every process ends."""
+        distributed.report_failure(message, lambda: print(f"medpeft: error: {message}", file=sys.stderr, flush=True))
+        if distributed.launched_world_size() > 1:
+            distributed.exit_now(EXIT_BAD_INPUT)  # the launcher ends the other ranks
+        return EXIT_BAD_INPUT
+
     try:
         proc = distributed.init_from_environment()
         if proc.distributed and args.command not in MULTI_PROCESS_COMMANDS and not getattr(args, "only_cell", None):
@@ -449,28 +457,21 @@ def main(argv: list[str] | None = None) -> int:
         distributed.finish()
         return code
     except MedpeftError as err:
-        distributed.report_failure(str(err), lambda: print(f"medpeft: error: {err}", file=sys.stderr, flush=True))
-        if distributed.launched_world_size() > 1:
-            distributed.exit_now(EXIT_BAD_INPUT)  # the other ranks are ended by the launcher
-        return EXIT_BAD_INPUT
-    except RuntimeError:
-        if distributed.failed_elsewhere():  # a collective broke because another rank failed: it said why
-            distributed.exit_now(EXIT_BAD_INPUT)
-        raise
+        return fail(str(err))
     except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing to report to
         return EXIT_BAD_INPUT
     except OSError as err:  # the file system refused: disk full, read-only or unwritable folder, a file in the way
         where = err.filename or "a file"
-        print(f"medpeft: error: {where}: {err.strerror or err}; nothing written before this was lost "
-              "(files are replaced only when complete)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(f"{where}: {err.strerror or err}; nothing written before this was lost (files are replaced "
+                    "only when complete)")
     except Exception as err:  # noqa: BLE001
         from safetensors import SafetensorError
 
-        if not isinstance(err, SafetensorError):
-            raise
-        print(f"medpeft: error: writing or reading tensors failed: {str(err).splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        if isinstance(err, SafetensorError):
+            return fail(f"writing or reading tensors failed: {str(err).splitlines()[0]}")
+        if isinstance(err, RuntimeError) and distributed.failed_elsewhere():
+            distributed.exit_now(EXIT_BAD_INPUT)  # a collective broke because another rank failed: it said why
+        raise
 
 
 if __name__ == "__main__":

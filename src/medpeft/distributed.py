@@ -171,7 +171,7 @@ def _store():
     return distributed_c10d._get_default_store()  # torch has no public getter of the launcher's store
 
 
-def report_failure(message: str, say, grace_s: float = 2.0) -> None:
+def report_failure(message: str, say, grace_s: float = 5.0) -> None:
     """Show this rank's one-line error (``say()``) unless a lower rank failed too, and record it.
 
     Several ranks failing alike (a bad config: every rank fails) show it once (the lowest

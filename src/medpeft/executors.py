@@ -58,6 +58,9 @@ class ExecutorSettings:
                 if d != "cpu" and not d.isdigit():
                     raise MedpeftError(f"--devices {','.join(self.devices)}: {d!r} is neither a GPU index nor 'cpu'")
             gpus = [d for d in self.devices if d != "cpu"]
+            if gpus and len(gpus) < len(self.devices):
+                raise MedpeftError(f"--devices {','.join(self.devices)}: GPU indices and cpu workers are not mixed "
+                                   "(a cell's command is set before it gets a slot)")
             if gpus and len(gpus) % self.gpus_per_cell:
                 raise MedpeftError(f"--devices lists {len(gpus)} GPUs, not a multiple of --gpus-per-cell "
                                    f"{self.gpus_per_cell}")

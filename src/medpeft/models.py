@@ -154,9 +154,22 @@ def smollm2_folder() -> Path:
         fresh = json.loads(marker.read_text()) == source
     except (OSError, ValueError):
         fresh = False
-    if not fresh and proc.is_main:  # once per machine; the other processes wait for it (every rank calls this)
+    if not fresh and proc.is_main:  # once per machine
         _convert_gguf(gguf_path, folder, {**source, "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest()})
-    proc.barrier()
+    elif not fresh:  # the main process converts it; no collective here (only some callers run on every rank)
+        import time
+
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(marker.read_text()) == source:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1.0)
+        else:
+            raise MedpeftError(f"{folder}: the main process did not finish converting {gguf_path.name} in 30 "
+                               "minutes; convert it first with one process (medpeft eval smollm2-135m)")
     return folder
 
 
@@ -263,8 +276,16 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
     default): a model folder that ships code is refused unless it is True.
     """
     dev = torch.device(device) if device else default_device()
-    if dev.type == "cuda" and dev.index is None:  # 'cuda' names this process's GPU when there are several
-        dev = default_device() if default_device().type == "cuda" else dev
+    from .distributed import processes
+
+    own = processes().device
+    if processes().distributed and own is not None and own.type == "cuda":
+        if dev.type != "cuda":
+            from .errors import ConfigError
+
+            raise ConfigError(f"config key 'model.device': {device!r} on a multi-GPU launch; every process "
+                              "trains on its own GPU (leave model.device unset)")
+        dev = own  # 'cuda' or 'cuda:N' in a config names this process's GPU when there are several
     if trust_remote_code and name != TINY:
         import logging
 

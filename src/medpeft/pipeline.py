@@ -266,9 +266,9 @@ def audited_variants(variants: list[RunConfig]) -> list[RunConfig]:
     return out
 
 
-def run_suite_cell(cfg: RunConfig, variants: list[RunConfig], label: str) -> dict:
-    """One cell of a suite as every executor runs it: train, evaluate and (a routed method's
-    first seed) audit; the label ``base`` scores the base model. Finished work is reused."""
+def run_suite_cell(cfg: RunConfig, variants: list[RunConfig], label: str, audit: bool = True) -> dict:
+    """One cell of a suite as every executor runs it: train, evaluate and (``audit``, a routed
+    method's first seed) audit; the label ``base`` scores the base model. Finished work is reused."""
     if label == BASE_CELL and cfg.eval.base:
         return run_base_cell(cfg)
     by_label = {cell_label(cfg, v): v for v in variants}
@@ -276,11 +276,18 @@ def run_suite_cell(cfg: RunConfig, variants: list[RunConfig], label: str) -> dic
         raise MedpeftError(f"--only-cell {label!r}: not a cell of this suite ({', '.join(by_label)})")
     variant = by_label[label]
     results = run_one_cell(cfg, variant, resume=True)
-    if any(v is variant for v in audited_variants(variants)):
-        run_dir = Path(variant.output_dir)
-        if not (run_dir / "audit" / "summary.json").exists():
-            run_audit(variant, run_dir)
+    if audit and any(v is variant for v in audited_variants(variants)):
+        audit_cell(variant)
     return results
+
+
+def audit_cell(variant: RunConfig) -> None:
+    """The routing audit of a suite cell, unless it is there already."""
+    run_dir = Path(variant.output_dir)
+    processes().barrier()  # every rank decides on the same files
+    if not (run_dir / "audit" / "summary.json").exists():
+        run_audit(variant, run_dir)
+    processes().barrier()
 
 
 def suite_labels(cfg: RunConfig, variants: list[RunConfig]) -> list[str]:
@@ -312,7 +319,10 @@ def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict
     from .report import write_report
 
     check_cells(variants)
-    table = {label: run_suite_cell(cfg, variants, label) for label in suite_labels(cfg, variants)}
+    # every cell trained and scored before the audits (as a fanned-out suite's jobs end up)
+    table = {label: run_suite_cell(cfg, variants, label, audit=False) for label in suite_labels(cfg, variants)}
+    for variant in audited_variants(variants):
+        audit_cell(variant)
     out = Path(cfg.output_dir) / "report"
     write_report(Path(cfg.output_dir), out)
     return table, out

@@ -196,6 +196,10 @@ CKPT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.safetensors"  # a family's extra state (MethodFamily.training_state)
 LEGACY_TRAINING_STATE = "buffers.safetensors"  # its name before the method registry (same tensor names)
 OPTIMIZER_STATE = "optimizer.safetensors"  # optimizer and RNG tensors; the rest of their state is in state.json
+# What a step does, in checkpoints: 2 = RNG re-seeded per micro-batch and the family's step
+# updates (expert queues) applied once per step; 1 (unrecorded) = the RNG ran on and queues
+# were pushed after each micro-batch. A resume across versions would mix two procedures.
+STEP_VERSION = 2
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -472,7 +476,8 @@ def accumulate_gradients(model: torch.nn.Module, method, batches: list[Batch], b
     proc = proc or processes()
     family = family_of(method)
     weights = family.loss_weights(method)
-    device = next(model.parameters()).device
+    # the compute device (FSDP2 with CPU offload keeps the sharded weights in CPU memory)
+    device = proc.device if proc.fsdp and proc.device is not None else next(model.parameters()).device
     n_answer = sum(b.n_answer_tokens for b in batches)  # every rank builds every micro-batch: known locally
     loss_value = torch.zeros((), device=device)
     objective = torch.zeros((), device=device)
@@ -543,7 +548,7 @@ def reduce_step(model: torch.nn.Module, result: StepResult, proc: Processes, wei
 
     params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     keys = sorted(k for k, w in weights.items() if w > 0)
-    device = next(model.parameters()).device
+    device = result.loss.device
     present = torch.tensor([p.grad is not None for p in params] + [k in result.aux for k in keys],
                            dtype=torch.float32, device=device)
     numbers = torch.stack([result.loss.float(), result.objective.float(),
@@ -716,6 +721,12 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
                                    "(another file, subset or tokenizer); resuming would mix two runs -- use "
                                    "--force-resume to continue anyway")
             changed = [*changed, "training data"]
+        if state.get("step_version", 1) != STEP_VERSION:
+            if not force_resume:
+                raise MedpeftError(f"{ckpt / 'state.json'}: written by an older medpeft whose training step differed "
+                                   "(dropout RNG and expert-queue updates, docs/training.md); resuming would mix two "
+                                   "procedures -- train again, or use --force-resume to continue anyway")
+            changed = [*changed, "training step version"]
         start_step, tokens_seen = state["step"], state["tokens"]
         answer_tokens_seen, elapsed_before = state["answer_tokens"], state["elapsed_s"]
         if proc.is_main:
@@ -770,7 +781,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
                     save_checkpoint(run_dir, done, model, cfg.method, optimizer, scheduler,
                                     {"tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
                                      "train_data": data_hash, "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                                     "processes": proc.world}, gathered=gathered)
+                                     "processes": proc.world, "step_version": STEP_VERSION}, gathered=gathered)
                 proc.barrier()
             if on_step is not None:
                 on_step(done)
@@ -808,8 +819,11 @@ def shard_model(model: torch.nn.Module, method, proc: Processes) -> None:
     BiRG's L_orth, a mixture's expert representations), so its parameters stay gathered
     between forward and backward (``reshard_after_forward: false``, ZeRO-2-like memory).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise MedpeftError(f"FSDP2 training needs a newer torch than {torch.__version__} (FSDPModule lacks "
+                           "set_force_sum_reduction_for_comms); upgrade torch or train with ddp.yaml")
     reshard = bool(proc.fsdp_settings.get("reshard_after_forward", True))
     if reshard and any(w > 0 for w in family_of(method).loss_weights(method).values()):
         log.warning("FSDP2: %s reads its weights in its auxiliary losses; keeping them gathered after the forward "
@@ -837,7 +851,8 @@ def unsharded_copy(model: torch.nn.Module, cfg: RunConfig, method, proc: Process
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not proc.is_main:
         return model
-    fresh = apply_method(load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base_dtype(model), "fp32")  # as trained
+    fresh = apply_method(load_model(cfg.model.name, dtype=dtype, device="cpu",
                                     attn_implementation=cfg.model.attn_implementation,
                                     trust_remote_code=cfg.model.trust_remote_code).model, method)
     missing = trainable - set(full)
@@ -868,6 +883,7 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
     proc.barrier()
     if not resume and proc.is_main:  # a fresh start: parts of an earlier attempt must not be reused
         shutil.rmtree(root, ignore_errors=True)
+    proc.barrier()  # no rank looks at the parts before they are gone
     run_dir.mkdir(parents=True, exist_ok=True)
     if proc.is_main:
         write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -887,6 +903,7 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
             proc.barrier()
             if proc.is_main:
                 shutil.rmtree(part_dir)
+            proc.barrier()
         log.info("training part %d/%d of %s: %s (%d items)", i + 1, len(parts), run_dir, part.name, len(part.items))
         result = train(part_cfg, loaded, part.items, resume=latest_checkpoint(part_dir) is not None,
                        force_resume=force_resume)
