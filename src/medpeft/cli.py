@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tag", help="write specialty/operation tags of a benchmark file")
     p.add_argument("file", help="benchmark file or folder in its native format")
-    p.add_argument("--benchmark", required=True, help="medqa, medmcqa, pubmedqa, cmb, cmexam, cmmlu, mmlu, gsm8k")
+    p.add_argument("--benchmark", required=True, help="medqa, medmcqa, pubmedqa, cmb, cmexam, cmmlu, mmlu, gsm8k, "
+                   "aci-bench, summary")
     p.add_argument("--text-only", action="store_true", help="ignore metadata; keyword rules only")
     p.add_argument("--out", help="write JSON lines here (default, or -: standard output)")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records and report them")

@@ -32,11 +32,12 @@ def find_predictions(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def load_correctness(path: Path) -> dict[tuple[str, str], bool]:
-    """(benchmark, id) -> correct, from a ``predictions.jsonl``; a malformed row is one line
-    naming the file, line and field (``correct`` must be a JSON boolean: a string "false"
+def load_correctness(path: Path) -> dict[tuple[str, str], float]:
+    """(benchmark, id) -> the item's score from a ``predictions.jsonl``: 1/0 for a QA item's
+    ``correct``, a summarisation item's ``score`` (ROUGE-L F in [0, 1]). A malformed row is one
+    line naming the file, line and field (``correct`` must be a JSON boolean: a string "false"
     would otherwise count as correct)."""
-    out: dict[tuple[str, str], bool] = {}
+    out: dict[tuple[str, str], float] = {}
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -54,15 +55,20 @@ def load_correctness(path: Path) -> dict[tuple[str, str], bool]:
             raise MedpeftError(f"{path}: line {lineno}: an unreadable JSON value") from None
         if not isinstance(row, dict):
             raise MedpeftError(f"{path}: line {lineno}: expected a prediction object, got {type(row).__name__}")
-        for field in ("benchmark", "id", "correct"):
+        for field in ("benchmark", "id", "score" if "score" in row else "correct"):
             if field not in row:
                 raise MedpeftError(f"{path}: line {lineno}: field '{field}': missing")
-        if not isinstance(row["correct"], bool):
+        if "score" in row:
+            if isinstance(row["score"], bool) or not isinstance(row["score"], (int, float)) \
+                    or not 0 <= row["score"] <= 1:
+                raise MedpeftError(f"{path}: line {lineno}: field 'score': must be a number in [0, 1], "
+                                   f"got {row['score']!r}")
+        elif not isinstance(row["correct"], bool):
             raise MedpeftError(f"{path}: line {lineno}: field 'correct': must be true or false, got {row['correct']!r}")
         key = (str(row["benchmark"]), str(row["id"]))
         if key in out:
             raise MedpeftError(f"{path}: line {lineno}: field 'id': duplicate item {key[1]!r} in {key[0]}")
-        out[key] = row["correct"]
+        out[key] = float(row["score"]) if "score" in row else float(row["correct"])
     if not out:
         raise MedpeftError(f"{path}: no prediction rows")
     return out
@@ -85,12 +91,14 @@ def _paired(a: dict, b: dict, names: tuple[str, str], intersect: bool) -> list[t
 def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = False,
                  n_resamples: int = 10_000, seed: int = 0) -> dict:
     keys = _paired(a, b, names, intersect)
-    ca = np.array([a[k] for k in keys], dtype=int)
-    cb = np.array([b[k] for k in keys], dtype=int)
+    ca = np.array([a[k] for k in keys], dtype=float)
+    cb = np.array([b[k] for k in keys], dtype=float)
     bench = np.array([k[0] for k in keys])
     deltas = {name: (ca - cb)[bench == name] for name in sorted(set(bench.tolist()))}
     boot = stratified_paired_bootstrap(deltas, n_resamples=n_resamples, seed=seed)
-    wins, losses = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
+    # the sign test counts the items where one run scores higher (correct vs wrong, or the
+    # higher ROUGE-L); ties are dropped
+    wins, losses = int((ca > cb).sum()), int((ca < cb).sum())
     return {
         "a": names[0], "b": names[1], "n": len(keys),
         "macro_delta": 100 * boot["macro_delta"], "ci_low": 100 * boot["ci_low"], "ci_high": 100 * boot["ci_high"],

@@ -58,6 +58,7 @@ class SourceConfig:
     routes: list[str] | None = None
     exclude: list[str] = field(default_factory=list)  # eval-set names this source must not overlap
     text_only_tags: bool = False
+    max_new_tokens: int | None = None  # a summarisation set's generation limit (default eval.summary_max_new_tokens)
 
     @property
     def display_name(self) -> str:
@@ -94,6 +95,7 @@ class EvalConfig:
     scorer: str = "letters"  # letters | generate
     batch_size: int = 16
     max_new_tokens: int = 10
+    summary_max_new_tokens: int = 512  # summarisation sets (a source's max_new_tokens overrides it)
     # Experimental: the generate scorer decodes with a static KV cache and a compiled
     # decoding step (transformers' CompileConfig; CUDA graphs on a GPU). Same tokens as the
     # default (tested on CPU); its GPU speed is not measured yet (docs/performance.md).
@@ -192,6 +194,8 @@ def validate_run_config(cfg: RunConfig) -> None:
             f"got {cfg.data.max_length}")
     require(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
+    require(cfg.eval.summary_max_new_tokens >= 1, "eval.summary_max_new_tokens",
+            f"must be >= 1, got {cfg.eval.summary_max_new_tokens}")
     require(all(0 < r <= 1 for r in cfg.eval.perturb_rates), "eval.perturb_rates",
             f"must be shares in (0, 1], got {cfg.eval.perturb_rates}")
     for section, sources in (("data.train", cfg.data.train), ("eval.benchmarks", cfg.eval.benchmarks)):
@@ -202,11 +206,14 @@ def validate_run_config(cfg: RunConfig) -> None:
     _check_device(cfg.model.device)
     out = Path(cfg.output_dir)
     require(not out.exists() or out.is_dir(), "output_dir", f"{str(out)!r} is a file, not a folder")
-    from .data import BENCHMARKS
+    from .data import BENCHMARKS, SUMMARY_BENCHMARKS
 
     for section, sources in (("data.train", cfg.data.train), ("eval.benchmarks", cfg.eval.benchmarks)):
         for i, src in enumerate(sources):
             require_choice(src.benchmark, tuple(BENCHMARKS), f"{section}.{i}.benchmark")
+            require(src.max_new_tokens is None or (src.max_new_tokens >= 1 and src.benchmark in SUMMARY_BENCHMARKS),
+                    f"{section}.{i}.max_new_tokens", f"a generation limit >= 1 of a summarisation set "
+                    f"({', '.join(SUMMARY_BENCHMARKS)}), got {src.max_new_tokens} for {src.benchmark!r}")
             try:
                 codecs.lookup(src.encoding)
             except LookupError:

@@ -12,6 +12,9 @@
   static cache and a compiled decoding step (experimental).
 
 Open-ended items (GSM8K) are always generated and scored by the final number.
+Summarisation items (ACI-Bench) are generated greedily (KV cache, batched, each item stopping
+at its end of turn) up to their set's ``max_new_tokens`` and scored with ROUGE-1/2/L F by
+Google's ``rouge-score`` (:func:`rouge_scores`).
 
 Under ``torchrun`` / ``accelerate launch`` each process scores every ``world``-th batch and
 the predictions are gathered: the same files and numbers as one process.
@@ -27,13 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import routing_state, set_routing
-from .data.record import normalize_number
+from .data.record import OPEN, SUMMARY, normalize_number
 from .dataset import TaggedRecord
 from .distributed import processes
 from .io import write_json, write_jsonl
 from .precision import autocast_for, half_precision_adapters
 from .prompts import PromptFormatter
-from .stats import accuracy_summary
+from .stats import results_summary
 
 # Patterns tried in order; the first that yields letters among the item's options wins.
 _ANSWER_PATTERNS = [
@@ -69,11 +72,36 @@ def parse_number(text: str) -> str | None:
     return normalize_number(found) if found is not None else None
 
 
+_ROUGE: dict[str, object] = {}
+
+
+class _CharTokenizer:
+    """rouge-score's tokenizer interface for Chinese: every non-space character is a token
+    (its default tokenizer keeps only [a-z0-9] and would see no Chinese text at all)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return [c for c in text.lower() if not c.isspace()]
+
+
+def rouge_scores(generated: str, reference: str, language: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of ``generated`` against ``reference`` with Google's
+    ``rouge-score`` (the reference implementation): Porter stemming for English, characters
+    as tokens for Chinese."""
+    scorer = _ROUGE.get(language)
+    if scorer is None:
+        from rouge_score import rouge_scorer
+
+        kinds = ["rouge1", "rouge2", "rougeL"]
+        scorer = _ROUGE[language] = (rouge_scorer.RougeScorer(kinds, tokenizer=_CharTokenizer()) if language == "zh"
+                                     else rouge_scorer.RougeScorer(kinds, use_stemmer=True))
+    return {k: float(v.fmeasure) for k, v in scorer.score(reference, generated).items()}
+
+
 @dataclass
 class Prediction:
     item: TaggedRecord
     pred: frozenset[str] | str | None
-    correct: bool
+    correct: bool | None  # None: a summarisation item (scored by ROUGE in ``scores``)
     scores: dict[str, float] | None = None
     text: str | None = None
 
@@ -93,13 +121,15 @@ class Evaluator:
     """Scores tagged records with a model; one instance per (model, tokenizer)."""
 
     def __init__(self, model, tokenizer, *, max_length: int = 768, batch_size: int = 16,
-                 max_new_tokens: int = 10, open_max_new_tokens: int = 256, device=None,
-                 compile_decode: bool = False):
+                 max_new_tokens: int = 10, open_max_new_tokens: int = 256, summary_max_new_tokens: int = 512,
+                 summary_limits: dict[str, int] | None = None, device=None, compile_decode: bool = False):
         self.model, self.tok = model, tokenizer
         self.compile_decode = compile_decode
         self._static_caches: dict[tuple[int, int], object] = {}
         self.fmt = PromptFormatter(tokenizer, max_length)
         self.batch_size, self.max_new_tokens, self.open_max_new_tokens = batch_size, max_new_tokens, open_max_new_tokens
+        self.summary_max_new_tokens = summary_max_new_tokens
+        self.summary_limits = dict(summary_limits or {})  # a summarisation set's own limit, by set name
         self.device = device or next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
         self.end_id = self.fmt.end_token_id
@@ -200,9 +230,9 @@ class Evaluator:
 
     def _score_by_method(self, items: list[TaggedRecord], scorer: str, predict, desc: str) -> list[Prediction]:
         """Multiple-choice items through the method's ``predict`` (open-ended ones as usual)."""
-        choice = [t for t in items if t.record.question_type != "open"]
+        choice = [t for t in items if t.record.question_type not in (OPEN, SUMMARY)]
         by_id = dict(zip((id(t) for t in choice), predict(self, choice, scorer, desc)))
-        open_items = [t for t in items if t.record.question_type == "open"]
+        open_items = [t for t in items if t.record.question_type in (OPEN, SUMMARY)]
         opened = dict(zip((id(t) for t in open_items), self.score_forward(open_items, scorer, desc)))
         out = []
         for t in items:
@@ -218,13 +248,14 @@ class Evaluator:
         does not predict its own way; such a method calls this for its candidates)."""
         proc = processes()
         preds: list[Prediction | None] = [None] * len(items)
-        choice = [i for i, t in enumerate(items) if t.record.question_type != "open"]
-        open_ = [i for i, t in enumerate(items) if t.record.question_type == "open"]
+        choice = [i for i, t in enumerate(items) if t.record.question_type not in (OPEN, SUMMARY)]
+        open_ = [i for i, t in enumerate(items) if t.record.question_type == OPEN]
+        summaries = [i for i, t in enumerate(items) if t.record.question_type == SUMMARY]
         total = len(items)
         with tqdm(total=total, desc=desc, unit="q", leave=False, disable=not proc.is_main) as bar, \
                 half_precision_adapters(self.model):
             for group, fn in ((choice, self._score_letters if scorer == "letters" else self._score_generate),
-                              (open_, self._score_open)):
+                              (open_, self._score_open), (summaries, self._score_summary)):
                 sub = [items[i] for i in group]
                 batches = list(self._batches(sub))
                 # with several processes, batch b is scored by rank b mod world: the batches are the
@@ -289,6 +320,15 @@ class Evaluator:
             out.append(Prediction(t, pred, pred == t.record.answer, None, text))
         return out
 
+    def _score_summary(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
+        out = []
+        limit = max(self.summary_limits.get(t.set_name, self.summary_max_new_tokens) for t in items)
+        for t, gen in zip(items, self._generate(seqs, items, limit)):
+            text = self._decode(gen)
+            out.append(Prediction(t, None, None, rouge_scores(text, t.record.reference or "", t.record.language),
+                                  text))
+        return out
+
     def _score_open(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
         out = []
         for t, gen in zip(items, self._generate(seqs, items, self.open_max_new_tokens)):
@@ -300,6 +340,10 @@ class Evaluator:
 
 def prediction_row(p: Prediction) -> dict:
     rec = p.item.record
+    if rec.question_type == SUMMARY:  # per-item ROUGE F (``score``: ROUGE-L, what compare pairs) and the text
+        return {"id": rec.id, "benchmark": p.item.set_name, "score": round(p.scores["rougeL"], 6),
+                "rouge": {k: round(v, 6) for k, v in p.scores.items()}, "output": p.text, "gold": rec.answer_text,
+                "specialty": p.item.tags.specialty, "operation": p.item.tags.operation}
     pred = "".join(sorted(p.pred)) if isinstance(p.pred, frozenset) else p.pred
     row = {"id": rec.id, "benchmark": p.item.set_name, "pred": pred, "gold": rec.answer_text,
            "correct": bool(p.correct), "specialty": p.item.tags.specialty, "operation": p.item.tags.operation}
@@ -310,19 +354,28 @@ def prediction_row(p: Prediction) -> dict:
     return row
 
 
+def set_results(preds_by_set: dict[str, list[Prediction]]) -> dict:
+    """``results.json``'s benchmarks and macro average from each set's predictions: accuracy of
+    a QA set, mean ROUGE of a summarisation set (:func:`medpeft.stats.results_summary`)."""
+    flags = {name: [p.correct for p in preds] for name, preds in preds_by_set.items()
+             if not any(p.correct is None for p in preds)}
+    rouge = {name: [p.scores for p in preds] for name, preds in preds_by_set.items() if name not in flags}
+    return results_summary(flags, rouge, order=list(preds_by_set))
+
+
 def evaluate_sets(evaluator: Evaluator, eval_sets: dict[str, list[TaggedRecord]], scorer: str,
                   out_dir: Path, meta: dict | None = None) -> dict:
     """Score every eval set; write ``predictions.jsonl`` and ``results.json`` to ``out_dir``."""
     was_training = evaluator.model.training
     evaluator.model.eval()
-    rows, flags = [], {}
+    rows, by_set = [], {}
     for name, items in eval_sets.items():
         preds = evaluator.score(items, scorer, desc=f"eval {name}")
         rows.extend(prediction_row(p) for p in preds)
-        flags[name] = [p.correct for p in preds]
+        by_set[name] = preds
     if was_training:
         evaluator.model.train()
-    results = {**(meta or {}), "scorer": scorer, **accuracy_summary(flags)}
+    results = {**(meta or {}), "scorer": scorer, **set_results(by_set)}
     out_dir = Path(out_dir)
     if processes().is_main:
         write_jsonl(out_dir / "predictions.jsonl", rows)

@@ -12,7 +12,7 @@ from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .distributed import processes
 from .errors import MedpeftError
-from .evaluate import Evaluator, evaluate_sets
+from .evaluate import Evaluator, evaluate_sets, set_results
 from .io import run_lock
 from .models import LoadedModel, load_model
 from .report import read_result_file
@@ -110,8 +110,9 @@ def load_run_model(cfg: RunConfig, run_dir: Path, loaded: LoadedModel | None = N
 
 def _evaluator(cfg: RunConfig, loaded: LoadedModel) -> Evaluator:
     return Evaluator(loaded.model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
-                     max_new_tokens=cfg.eval.max_new_tokens, device=loaded.device,
-                     compile_decode=cfg.eval.compile_decode)
+                     max_new_tokens=cfg.eval.max_new_tokens, summary_max_new_tokens=cfg.eval.summary_max_new_tokens,
+                     summary_limits={s.display_name: s.max_new_tokens for s in cfg.eval.benchmarks if s.max_new_tokens},
+                     device=loaded.device, compile_decode=cfg.eval.compile_decode)
 
 
 def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
@@ -149,16 +150,14 @@ def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out:
     import statistics
 
     from .io import write_json
-    from .stats import accuracy_summary
 
     rates = {}
     for rate in cfg.eval.perturb_rates:
         macros = []
         for seed in cfg.eval.perturb_seeds:
-            flags = {name: [p.correct for p in evaluator.score(perturb_tags(items, rate, seed), cfg.eval.scorer,
-                                                                 desc=f"perturb {rate:.0%} {name}")]
-                     for name, items in eval_sets.items()}
-            macros.append(accuracy_summary(flags)["macro_accuracy"])
+            preds = {name: evaluator.score(perturb_tags(items, rate, seed), cfg.eval.scorer,
+                                           desc=f"perturb {rate:.0%} {name}") for name, items in eval_sets.items()}
+            macros.append(set_results(preds)["macro_accuracy"])
         rates[str(rate)] = {"macro": macros, "mean": statistics.fmean(macros),
                             "std": statistics.stdev(macros) if len(macros) > 1 else 0.0}
     summary = {"clean_macro": clean, "seeds": list(cfg.eval.perturb_seeds), "rates": rates}

@@ -3,13 +3,19 @@
 The target is the gold option letters in alphabetical order (``"B"``, ``"ACD"``) followed
 by the end-of-turn token. With a chat template (Qwen3: thinking off) the question is the
 user turn and the letters the assistant turn; without one, a plain ``Answer:`` suffix.
+
+A summarisation item's user turn is an instruction and its source text; the target is the
+reference summary. A prompt longer than its budget loses tokens from the *middle of the
+source text* (its beginning and end are kept, joined by " ... "), so the instruction and the
+end of the prompt (the cue the answer follows) stay intact; a QA prompt is left-truncated
+(its end holds the options and the cue).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .data.record import MULTI, OPEN, QARecord
+from .data.record import MULTI, OPEN, SUMMARY, QARecord
 
 INSTRUCTIONS = {
     ("zh", "single"): "以下是一道医学单项选择题，请只回答正确选项的字母。",
@@ -19,14 +25,34 @@ INSTRUCTIONS = {
                      "Answer with the letters of all correct options only, for example ACD.",
     ("en", "open"): "Solve the following problem. End with \"The answer is <number>\".",
     ("zh", "open"): "请解答下面的问题，最后写出“答案是<数字>”。",
+    ("en", "summary"): "Summarise the following clinical text.",
+    ("zh", "summary"): "请概括以下临床文本。",
 }
+# ACI-Bench: the note (or one section of it) written from a doctor-patient conversation
+NOTE_INSTRUCTION = "Write the {what} for the following doctor-patient conversation."
+NOTE_SECTIONS = {"full": "clinical note", "subjective": "SUBJECTIVE section of the clinical note",
+                 "objective_exam": "OBJECTIVE EXAM section of the clinical note",
+                 "objective_results": "OBJECTIVE RESULTS section of the clinical note",
+                 "assessment_and_plan": "ASSESSMENT AND PLAN section of the clinical note"}
+ELLIPSIS = " ... "
+
+
+def instruction(record: QARecord) -> str:
+    """The instruction line of ``record``'s prompt."""
+    if record.question_type == SUMMARY:
+        section = record.metadata.get("note_section") if record.benchmark == "aci-bench" else None
+        if section in NOTE_SECTIONS:
+            return NOTE_INSTRUCTION.format(what=NOTE_SECTIONS[section])
+        return INSTRUCTIONS[(record.language, SUMMARY)]
+    kind = MULTI if record.question_type == MULTI else OPEN if record.question_type == OPEN else "single"
+    return INSTRUCTIONS[(record.language, kind)]
 PLAIN_ANSWER_CUE = {"zh": "答案：", "en": "Answer:"}
 
 
-def user_message(record: QARecord) -> str:
-    """Instruction, stem and options, as the user turn."""
-    kind = MULTI if record.question_type == MULTI else OPEN if record.question_type == OPEN else "single"
-    lines = [INSTRUCTIONS[(record.language, kind)], "", record.question]
+def user_message(record: QARecord, text: str | None = None) -> str:
+    """Instruction, stem (a summarisation item's source text, or ``text`` in its place) and
+    options, as the user turn."""
+    lines = [instruction(record), "", record.question if text is None else text]
     lines += [f"{letter}. {text}" for letter, text in record.options.items()]
     return "\n".join(lines)
 
@@ -57,13 +83,13 @@ class PromptFormatter:
                 return candidate
         return self.tokenizer.eos_token or ""
 
-    def prompt_text(self, record: QARecord) -> str:
+    def prompt_text(self, record: QARecord, text: str | None = None) -> str:
         if self.chat:
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user_message(record)}],
+                [{"role": "user", "content": user_message(record, text)}],
                 tokenize=False, add_generation_prompt=True, enable_thinking=False,
             )
-        return user_message(record) + "\n" + PLAIN_ANSWER_CUE[record.language]
+        return user_message(record, text) + "\n" + PLAIN_ANSWER_CUE[record.language]
 
     def target_text(self, record: QARecord) -> str:
         return self.answer_prefix + record.answer_text + self.answer_end
@@ -85,19 +111,39 @@ class PromptFormatter:
         limit = self.max_length - reserve
         out = []
         encoded = self.tokenizer([self.prompt_text(r) for r in records], add_special_tokens=False)["input_ids"]
-        for ids in encoded:
+        for record, ids in zip(records, encoded):
             ids = bos + ids
             truncated = len(ids) > limit
-            if truncated:
+            if truncated and record.question_type == SUMMARY:
+                ids = bos + self._shortened_source_prompt(record, len(ids) - limit)
+            if len(ids) > limit:  # a QA prompt (or a summary prompt whose text alone is too long)
                 ids = ids[len(ids) - limit:]
             out.append(EncodedExample(ids, len(ids), truncated))
         return out
 
+    def _shortened_source_prompt(self, record: QARecord, excess: int) -> list[int]:
+        """The prompt of a summarisation item with ``excess`` (and a few more) tokens cut from the
+        middle of its source text: its first and last halves of what fits, joined by " ... "."""
+        source = self.tokenizer(record.question, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = source["offset_mapping"]
+        keep = max(len(offsets) - excess - len(self._ids(ELLIPSIS)) - 2, 0)  # 2: re-tokenization at the joins
+        head, tail = offsets[:keep // 2], offsets[len(offsets) - (keep - keep // 2):] if keep else []
+        text = record.question[:head[-1][1] if head else 0] + ELLIPSIS + record.question[tail[0][0] if tail else
+                                                                                       len(record.question):]
+        return self._ids(self.prompt_text(record, text.strip()))
+
     def encode_train(self, record: QARecord) -> EncodedExample:
-        """Prompt + target ids; the prompt and target are tokenized apart so no token spans both."""
+        """Prompt + target ids; the prompt and target are tokenized apart so no token spans both.
+
+        A target longer than half of ``max_length`` (a long reference summary) is cut to that
+        half -- without its end-of-turn token, so the model is not taught to stop there -- and
+        the prompt gets the other half."""
         target = self._ids(self.target_text(record))
+        cut = len(target) > self.max_length - self.max_length // 2
+        if cut:
+            target = target[:self.max_length - self.max_length // 2]
         prompt = self.encode_prompt(record, reserve=len(target))
-        return EncodedExample(prompt.input_ids + target, prompt.prompt_len, prompt.truncated)
+        return EncodedExample(prompt.input_ids + target, prompt.prompt_len, prompt.truncated or cut)
 
     def letter_token_ids(self, letters: str) -> dict[str, int]:
         """The single token that starts an answer with each letter (as in the training target).

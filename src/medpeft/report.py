@@ -7,22 +7,36 @@ import statistics
 from pathlib import Path
 
 from .io import atomic_open, write_json, write_text
+from .stats import headline
+
+
+def _cell(v: dict) -> str:
+    """A benchmark's result: accuracy (%) [Wilson 95%] (n), or ROUGE-L F x 100 [bootstrap 95%] (n)."""
+    if v.get("metric") == "rougeL":
+        return f"R-L {100 * v['rougeL']:.1f} [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}] ({v['n']})"
+    return f"{100 * v['accuracy']:.1f} [{100 * v['wilson_low']:.1f}, {100 * v['wilson_high']:.1f}] ({v['n']})"
+
+
+def macro_header(results: list[dict], name: str = "macro") -> str:
+    """The macro column's header; it says when it mixes accuracy with ROUGE-L (as Med-MoE-LoRA's Average)."""
+    mixed = any(v.get("metric") == "rougeL" for r in results for v in r["benchmarks"].values())
+    return f"{name} (accuracy and ROUGE-L)" if mixed else name
 
 
 def results_table(runs: dict[str, dict]) -> str:
-    """One row per run: accuracy (%) per benchmark with its Wilson 95% interval, and the macro average."""
+    """One row per run: accuracy (%) per benchmark with its Wilson 95% interval (a summarisation
+    set: ROUGE-L F x 100 with its bootstrap interval), and the macro average."""
     names: list[str] = []
     for res in runs.values():
         names += [b for b in res["benchmarks"] if b not in names]
-    head = "| run | " + " | ".join(f"{b} (n)" for b in names) + " | macro |"
+    head = "| run | " + " | ".join(f"{b} (n)" for b in names) + f" | {macro_header(list(runs.values()))} |"
     sep = "|---" * (len(names) + 2) + "|"
     lines = [head, sep]
     for run, res in runs.items():
         cells = []
         for b in names:
             v = res["benchmarks"].get(b)
-            cells.append("-" if v is None else
-                         f"{100 * v['accuracy']:.1f} [{100 * v['wilson_low']:.1f}, {100 * v['wilson_high']:.1f}] ({v['n']})")
+            cells.append("-" if v is None else _cell(v))
         lines.append(f"| {run} | " + " | ".join(cells) + f" | {100 * res['macro_accuracy']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -75,8 +89,8 @@ def read_result_file(path: Path, fields: tuple[str, ...]) -> dict:
         if isinstance(data[field], bool) or not isinstance(data[field], kind):
             raise MedpeftError(f"{path}: field '{field}': {data[field]!r} is not what medpeft writes there")
     for name, bench in data.get("benchmarks", {}).items() if "benchmarks" in fields else ():
-        if not isinstance(bench, dict) or not isinstance(bench.get("accuracy"), (int, float)):
-            raise MedpeftError(f"{path}: field 'benchmarks.{name}': expected an accuracy")
+        if not isinstance(bench, dict) or not isinstance(bench.get("score", bench.get("accuracy")), (int, float)):
+            raise MedpeftError(f"{path}: field 'benchmarks.{name}': expected an accuracy or a score")
     return data
 
 
@@ -90,11 +104,12 @@ def method_table(runs: dict[str, dict]) -> tuple[str, list[dict]]:
     for r in runs.values():
         for s in r["seeds"]:
             benches += [b for b in s["results"]["benchmarks"] if b not in benches]
-    rows, lines = [], ["| Family | Method | Params | " + " | ".join(benches) + " | Avg. | seeds |",
+    avg = macro_header([s["results"] for r in runs.values() for s in r["seeds"]], "Avg.")
+    rows, lines = [], ["| Family | Method | Params | " + " | ".join(benches) + f" | {avg} | seeds |",
                        "|---" * (len(benches) + 5) + "|"]
     for label, r in runs.items():
         method = r["summary"]["method"]
-        per = {b: _mean_std([100 * s["results"]["benchmarks"][b]["accuracy"] for s in r["seeds"]
+        per = {b: _mean_std([100 * headline(s["results"]["benchmarks"][b]) for s in r["seeds"]
                              if b in s["results"]["benchmarks"]]) for b in benches}
         macro = _mean_std([100 * s["results"]["macro_accuracy"] for s in r["seeds"]])
         n = len(r["seeds"])

@@ -688,7 +688,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     proc.agree(data_hash, "training data (ids or token ids)")
     n_truncated = sum(e.truncated for e in encoded)
     if n_truncated:
-        log.warning("%d of %d training prompts were longer than max_length=%d and were left-truncated",
+        log.warning("%d of %d training examples were longer than max_length=%d and were truncated (docs/training.md)",
                     n_truncated, len(encoded), cfg.data.max_length)
     lengths = [len(e.input_ids) for e in encoded]
     pad_id = loaded.tokenizer.pad_token_id
@@ -724,7 +724,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
         if state.get("step_version", 1) != STEP_VERSION:
             if not force_resume:
                 raise MedpeftError(f"{ckpt / 'state.json'}: written by an older medpeft whose training step differed "
-                                   "(dropout RNG and expert-queue updates, docs/training.md); resuming would mix two "
+                                   "(its RNG and the methods' step updates, docs/training.md); resuming would mix two "
                                    "procedures -- train again, or use --force-resume to continue anyway")
             changed = [*changed, "training step version"]
         start_step, tokens_seen = state["step"], state["tokens"]

@@ -18,6 +18,9 @@ Formats (see docs/data.md for examples):
 * ``cmmlu``    CSV with an unnamed index column, ``Question, A, B, C, D, Answer``; subject = file name
 * ``mmlu``     headerless CSV ``question, A, B, C, D, answer``; subject = file name
 * ``gsm8k``    JSONL ``{question, answer}``, gold = the number after ``####``
+* ``aci-bench`` summarisation: the release JSON ``{"data": [{src, tgt, file}]}`` (dialogue ->
+               clinical note; ``*_full`` files the whole note, ``*_assessment_and_plan`` etc. one section)
+* ``summary``  summarisation: JSONL ``{id, text, summary[, language][, metadata]}``
 * ``cmb``/``cmexam`` also read the converted ``{question, option, anwer, source}`` format of some
   public copies (detected from the ``anwer`` key).
 
@@ -33,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import DataError
 from .readers import iter_csv, iter_json_records
-from .record import MULTI, OPEN, SINGLE, QARecord, normalize_number
+from .record import MULTI, OPEN, SINGLE, SUMMARY, QARecord, normalize_number
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -360,6 +363,81 @@ def _parse_gsm8k(ctx: _Ctx, row: dict) -> QARecord:
     )
 
 
+def _summary_record(ctx: _Ctx, *, rid: str, text: str, summary: str, language: str,
+                    metadata: dict[str, Any], text_field: str, summary_field: str) -> QARecord:
+    """A summarisation item: the source ``text`` to summarise and its reference ``summary``."""
+    for name, value in (("id", rid), (text_field, text), (summary_field, summary)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ctx.error(name, "contains an unpaired surrogate (\\ud800-\\udfff), not text") from None
+    if not text.strip():
+        raise ctx.error(text_field, "empty source text")
+    if not summary.strip():
+        raise ctx.error(summary_field, "empty reference summary")
+    if language not in ("en", "zh"):
+        raise ctx.error("language", f"expected 'en' or 'zh', got {language!r}")
+    return QARecord(id=rid, benchmark=ctx.benchmark, language=language, question=text, options={},
+                    answer=frozenset(), question_type=SUMMARY,
+                    metadata={k: v for k, v in metadata.items() if v not in (None, "")}, reference=summary,
+                    source=f"{ctx.path.name}:{ctx.where}")
+
+
+ACI_SECTIONS = ("full", "subjective", "objective_exam", "objective_results", "assessment_and_plan")
+
+
+def _aci_split_and_section(path: Path) -> tuple[str, str]:
+    """ACI-Bench's split and target from its file name: ``valid_full.json`` -> (valid, full: the
+    whole note), ``valid_assessment_and_plan.json`` -> (valid, assessment_and_plan: one section)."""
+    stem = path.name.split(".")[0]
+    for section in ACI_SECTIONS:
+        if stem.endswith("_" + section):
+            return stem[:-len(section) - 1], section
+    return stem, "full"
+
+
+def _parse_aci_bench(ctx: _Ctx, row: dict) -> QARecord:
+    """ACI-Bench (doctor-patient dialogue -> clinical note): ``{"src", "tgt", "file"}``."""
+    native = row.get("file")
+    if native is not None and not isinstance(native, (str, int)):
+        raise ctx.error("file", f"expected the encounter id as text, got {_json_kind(native)}")
+    split, section = _aci_split_and_section(ctx.path)
+    return _summary_record(ctx, rid=_row_id(ctx, native), text=_text(ctx, row, "src"),
+                           summary=_text(ctx, row, "tgt"), language="en",
+                           metadata={"note_section": section, "split": split}, text_field="src",
+                           summary_field="tgt")
+
+
+def _parse_summary(ctx: _Ctx, row: dict) -> QARecord:
+    """Generic summarisation JSONL: ``{id, text, summary[, language][, metadata]}``."""
+    meta = row.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise ctx.error("metadata", f"expected an object, got {_json_kind(meta)}")
+    language = row.get("language", "en")
+    if not isinstance(language, str):
+        raise ctx.error("language", f"expected 'en' or 'zh', got {_json_kind(language)}")
+    rid = row.get("id")
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise ctx.error("id", f"expected text or a number, got {_json_kind(rid)}")
+    return _summary_record(ctx, rid=_row_id(ctx, rid), text=_text(ctx, row, "text"),
+                           summary=_text(ctx, row, "summary"), language=language,
+                           metadata={k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))},
+                           text_field="text", summary_field="summary")
+
+
+def _aci_rows(path: Path, opts: dict, errors: list) -> Iterator[tuple[str, Any]]:
+    """ACI-Bench's release JSON ``{"data": [record, ...]}`` (or JSON lines of records)."""
+    if path.suffix == ".jsonl":
+        yield from iter_json_records(path, opts.get("encoding", "utf-8"), errors)
+        return
+    rows = list(iter_json_records(path, opts.get("encoding", "utf-8"), errors))
+    data = [rec for where, rec in rows if where == "record 'data'"]
+    if len(rows) != 1 or not data or not isinstance(data[0], list):
+        raise DataError(path, "top level", "data", "expected ACI-Bench's release object {\"data\": [records]}")
+    for i, rec in enumerate(data[0]):
+        yield f"record {i}", rec
+
+
 # ----------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -391,7 +469,11 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "cmmlu": BenchmarkSpec("cmmlu", "zh", _parse_cmmlu, _csv_rows(True), ("*.csv", "*.jsonl")),
     "mmlu": BenchmarkSpec("mmlu", "en", _parse_mmlu, _csv_rows(False), ("*.csv", "*.jsonl"), row_type=list),
     "gsm8k": BenchmarkSpec("gsm8k", "en", _parse_gsm8k, _json_rows, ("*.jsonl",)),
+    # summarisation (a source text -> a reference summary)
+    "aci-bench": BenchmarkSpec("aci-bench", "en", _parse_aci_bench, _aci_rows, ("*.json", "*.jsonl")),
+    "summary": BenchmarkSpec("summary", "en", _parse_summary, _json_rows, ("*.jsonl",)),
 }
+SUMMARY_BENCHMARKS = ("aci-bench", "summary")
 
 
 def _answer_key(path: Path, encoding: str) -> dict[str, str]:

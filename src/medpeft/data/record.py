@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SINGLE, MULTI, OPEN = "single", "multi", "open"
+SUMMARY = "summary"  # a summarisation item: source text in ``question``, the reference summary in ``reference``
 
 
 def normalize_number(text: str) -> str | None:
@@ -29,7 +30,9 @@ class QARecord:
     """One benchmark item.
 
     ``answer`` holds the gold option letters (a set, so multi-answer items compare as
-    sets); it is empty for open-ended items (GSM8K), whose gold is ``reference``.
+    sets); it is empty for open-ended items (GSM8K) and summarisation items (ACI-Bench),
+    whose gold is ``reference`` (the final number; the reference summary, never read for
+    tags or routing). A summarisation item's source text is its ``question``.
     ``metadata`` holds only *non-answer* fields of the release (exam class, subject,
     department...); explanations are dropped because they reveal the answer.
     """
