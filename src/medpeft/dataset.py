@@ -99,7 +99,7 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
             log.warning("%s: %d open-ended items (e.g. GSM8K) are not used for training", src.display_name, open_ended)
         out.extend(t for t in tagged if t.record.question_type != "open")
     if not out:
-        raise ConfigError("the training sources hold no multiple-choice items")
+        raise ConfigError("the training sources hold no multiple-choice or summarisation items")
     return out
 
 

@@ -174,8 +174,9 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
         raise MedpeftError(f"{run_dir}: method {cfg.method.name!r} has no routed adapters to audit "
                            "(its outputs do not depend on a per-question gate)")
     read_adapter_method(run_dir, cfg.method)  # before anything is loaded
+    # multiple-choice items only (the audit of summarisation items is not built yet)
     items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets
-             if t.record.question_type != "open"]
+             if t.record.question_type not in ("open", "summary")]
     if not items:
         raise MedpeftError(f"{run_dir}: the audit sets hold no multiple-choice questions (open-ended ones, e.g. GSM8K, "
                            "have no routed prompt to audit)")
