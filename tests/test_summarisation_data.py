@@ -280,3 +280,44 @@ def test_a_suite_writes_the_med_moe_lora_table_layout(tmp_path, data_dir):
         res = json.loads((tmp_path / "suite" / method / "eval" / "results.json").read_text())
         assert res["benchmarks"]["Clinical-Sum"]["metric"] == "rougeL"
         assert res["macro_accuracy"] == pytest.approx(sum(v["score"] for v in res["benchmarks"].values()) / 3)
+
+
+def test_source_weights_keep_the_configured_proportions():
+    """Sampling weights: source s makes up w_s |s| / sum_t w_t |t| of every epoch, each epoch a
+    function of (seed, epoch); fractional weights draw a fresh seeded share per epoch."""
+    from medpeft.train import step_indices, weighted_epoch
+
+    groups = [list(range(0, 30)), list(range(30, 40))]  # 30 QA items, 10 summaries
+    weights = [0.5, 2.0]
+    epoch = weighted_epoch(groups, weights, seed=3, epoch=0)
+    assert len(epoch) == 15 + 20
+    assert sum(i < 30 for i in epoch) == 15 and sorted(i for i in epoch if i >= 30) == sorted(list(range(30, 40)) * 2)
+    assert len(set(i for i in epoch if i < 30)) == 15  # without repeats within the share
+    assert weighted_epoch(groups, weights, 3, 0) == epoch and weighted_epoch(groups, weights, 3, 1) != epoch
+    stream = [i for step in range(7) for i in
+              step_indices(35, 10, 3, step, lambda e: weighted_epoch(groups, weights, 3, e))]
+    assert stream[:35] == epoch and stream[35:70] == weighted_epoch(groups, weights, 3, 1)
+
+
+def test_a_weighted_training_run_reads_its_sources_in_proportion(tmp_path, data_dir, monkeypatch):
+    """Through train(): the examples of a run with a summary source of weight 3 and a QA source
+    of weight 1 are drawn in that proportion (6 steps of 8 = 48 draws over epochs of 30 + 36)."""
+    from medpeft import train as train_module
+
+    drawn: list[int] = []
+    real_steps = train_module.step_indices
+
+    def recording_steps(*args, **kwargs):
+        out = real_steps(*args, **kwargs)
+        drawn.extend(out)
+        return out
+
+    monkeypatch.setattr(train_module, "step_indices", recording_steps)
+    aci = str(data_dir / "aci-bench" / "train_full.json")
+    out = tmp_path / "run"
+    assert main(["train", "quickstart", f"output_dir={out}", "methods=[]", "train.steps=6", "train.batch_size=11", "train.micro_batch_size=1",
+                 "data.max_length=256", "train.save_every=0",
+                 'data.train=[{"benchmark": "cmb", "path": "pkg:cmb_train.json"}, '
+                 f'{{"benchmark": "aci-bench", "name": "aci", "path": "{aci}", "limit": 12, "weight": 3}}]']) == 0
+    assert len(drawn) == 66  # 6 steps x 11 = one epoch of 30 + 3 x 12
+    assert sum(i >= 30 for i in drawn) == 36 and sum(i < 30 for i in drawn) == 30

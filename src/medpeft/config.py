@@ -59,6 +59,7 @@ class SourceConfig:
     exclude: list[str] = field(default_factory=list)  # eval-set names this source must not overlap
     text_only_tags: bool = False
     max_new_tokens: int | None = None  # a summarisation set's generation limit (default eval.summary_max_new_tokens)
+    weight: float = 1.0  # training sources: sampling weight (examples per epoch = weight x the source's size)
 
     @property
     def display_name(self) -> str:
@@ -203,6 +204,10 @@ def validate_run_config(cfg: RunConfig) -> None:
             for key in ("limit", "per_route"):
                 value = getattr(src, key)
                 require(value is None or value >= 1, f"{section}.{i}.{key}", f"must be >= 1, got {value}")
+    names = [src.display_name for src in cfg.data.train]
+    for i, src in enumerate(cfg.data.train):  # weights are applied by source name
+        require(src.weight == 1 or names.count(src.display_name) == 1, f"data.train.{i}.weight",
+                f"two training sources are named {src.display_name!r}: give the weighted one its own 'name'")
     _check_device(cfg.model.device)
     out = Path(cfg.output_dir)
     require(not out.exists() or out.is_dir(), "output_dir", f"{str(out)!r} is a file, not a folder")
@@ -211,6 +216,9 @@ def validate_run_config(cfg: RunConfig) -> None:
     for section, sources in (("data.train", cfg.data.train), ("eval.benchmarks", cfg.eval.benchmarks)):
         for i, src in enumerate(sources):
             require_choice(src.benchmark, tuple(BENCHMARKS), f"{section}.{i}.benchmark")
+            require(src.weight > 0 and (section == "data.train" or src.weight == 1), f"{section}.{i}.weight",
+                    f"a training source's sampling weight > 0, got {src.weight}" if section == "data.train"
+                    else "is a training-source key (evaluation sets are scored whole)")
             require(src.max_new_tokens is None or (src.max_new_tokens >= 1 and src.benchmark in SUMMARY_BENCHMARKS),
                     f"{section}.{i}.max_new_tokens", f"a generation limit >= 1 of a summarisation set "
                     f"({', '.join(SUMMARY_BENCHMARKS)}), got {src.max_new_tokens} for {src.benchmark!r}")

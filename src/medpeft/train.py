@@ -121,15 +121,59 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Example indices of optimizer step ``step`` (0-based) in the seeded epoch stream."""
+def weighted_epoch(groups: list[list[int]], weights: list[float], seed: int, epoch: int) -> list[int]:
+    """One epoch of a training set mixed from sources with sampling weights.
+
+    Source ``s`` (example indices ``groups[s]``, weight ``w_s``) contributes
+    ``floor(w_s)`` copies of every example plus a seeded ``round(frac(w_s) * |s|)`` of them,
+    drawn afresh each epoch; the pool is then shuffled. Every epoch has the same length, so
+    the stream stays a function of (seed, step), and source ``s`` makes up
+    ``w_s |s| / sum_t w_t |t|`` of it (up to the rounding).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_000_017)
+    pool: list[int] = []
+    for items, weight in zip(groups, weights):
+        whole = int(weight)
+        pool += items * whole
+        extra = round((weight - whole) * len(items))
+        if extra:
+            pool += [items[i] for i in torch.randperm(len(items), generator=g)[:extra].tolist()]
+    return [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int, epoch_fn: Callable[[int], list[int]] | None = None
+                 ) -> list[int]:
+    """Example indices of optimizer step ``step`` (0-based) in the seeded epoch stream
+    (``epoch_fn(e)``: epoch ``e``'s order, of length ``n``; default a permutation of ``n``)."""
+    epoch_fn = epoch_fn or (lambda e: epoch_order(n, seed, e))
     out: list[int] = []
     start = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        order = epoch_order(n, seed, epoch)
+        order = epoch_fn(epoch)
         out.extend(order[offset: offset + batch_size - len(out)])
     return out
+
+
+def epoch_stream(cfg: RunConfig, train_set: list) -> tuple[int, Callable[[int], list[int]] | None]:
+    """The epoch length and order function of ``cfg``'s training set: a plain permutation, or
+    :func:`weighted_epoch` when a source has a sampling ``weight`` other than 1."""
+    weights = {src.display_name: src.weight for src in cfg.data.train}
+    if all(w == 1 for w in weights.values()):
+        return len(train_set), None
+    names = list(dict.fromkeys(t.set_name for t in train_set))
+    groups = [[i for i, t in enumerate(train_set) if t.set_name == name] for name in names]
+    ws = [weights.get(name, 1.0) for name in names]
+    length = len(weighted_epoch(groups, ws, cfg.train.seed, 0))
+    cache: dict[int, list[int]] = {}
+
+    def order(epoch: int) -> list[int]:
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = weighted_epoch(groups, ws, cfg.train.seed, epoch)
+        return cache[epoch]
+
+    return length, order
 
 
 def micro_batches(indices: list[int], lengths: list[int], micro: int) -> list[list[int]]:
@@ -692,6 +736,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
                     n_truncated, len(encoded), cfg.data.max_length)
     lengths = [len(e.input_ids) for e in encoded]
     pad_id = loaded.tokenizer.pad_token_id
+    stream_length, epoch_fn = epoch_stream(cfg, train_set)
 
     model = apply_method(loaded.model, method)
     if tc.gradient_checkpointing:
@@ -749,7 +794,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
             half_precision_adapters(model), compile_fallback(tc.compile == "auto"), contextlib.closing(progress), \
             contextlib.closing(writer):
         for step in range(start_step, tc.steps):
-            indices = step_indices(len(encoded), tc.batch_size, tc.seed, step)
+            indices = step_indices(stream_length, tc.batch_size, tc.seed, step, epoch_fn)
             chunks = micro_batches(indices, lengths, tc.micro_batch_size)
             batches = [collate([encoded[i] for i in c], [train_set[i].tags for i in c], pad_id) for c in chunks]
             result = training_step(model, cfg.method, batches, optimizer, scheduler, batch_size=tc.batch_size,
