@@ -167,6 +167,18 @@ def cmd_tag(args) -> int:
     return 0
 
 
+def cmd_clinical_sum(args) -> int:
+    from .data.mimic import build_clinical_sum
+
+    if Path(args.out).resolve() == Path(args.noteevents).resolve():
+        raise MedpeftError(f"--out {args.out!r} is the input file")
+    meta = build_clinical_sum(args.noteevents, args.out, kind=args.kind, n=args.n, seed=args.seed,
+                              section=args.section)
+    print(f"wrote {meta['written']} pairs ({meta['eligible']} eligible of {meta['rows_read']} notes, seed "
+          f"{meta['seed']}) to {args.out}; settings and counts in {args.out}.meta.json")
+    return 0
+
+
 def cmd_params(args) -> int:
     from .adapters.accounting import count_method, params_table
     from .adapters.registry import table_rows
@@ -371,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-file", help="CMB answer-key file")
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("clinical-sum", help="build Clinical-Sum pairs from a local MIMIC-III NOTEEVENTS.csv")
+    p.add_argument("noteevents", help="your credentialed copy of MIMIC-III's NOTEEVENTS.csv")
+    p.add_argument("--out", required=True, help="JSONL to write (the generic 'summary' format)")
+    p.add_argument("--kind", default="radiology", help="radiology (FINDINGS -> IMPRESSION) or discharge "
+                   "(a discharge summary -> one of its sections)")
+    p.add_argument("--section", default="Brief Hospital Course", help="discharge: the section to summarise into")
+    p.add_argument("--n", type=int, default=1000, help="pairs to draw (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=cmd_clinical_sum)
 
     p = sub.add_parser("audit", help="routing audit of a routed run (rank atoms or experts per question, MI with tags)")
     p.add_argument("run_dir", help="a trained run folder of a routed method")
