@@ -321,3 +321,22 @@ def test_a_weighted_training_run_reads_its_sources_in_proportion(tmp_path, data_
                  f'{{"benchmark": "aci-bench", "name": "aci", "path": "{aci}", "limit": 12, "weight": 3}}]']) == 0
     assert len(drawn) == 66  # 6 steps x 11 = one epoch of 30 + 3 x 12
     assert sum(i >= 30 for i in drawn) == 36 and sum(i < 30 for i in drawn) == 30
+
+
+@pytest.mark.parametrize("preset", ["moelora", "birg"])
+def test_the_routing_audit_compares_summaries_with_questions(tmp_path, data_dir, preset):
+    """A routed run audited on QA and summarisation items: per-question rows for both, and the
+    family's summary over each kind apart (what the summaries' gates used vs the questions')."""
+    aci = str(data_dir / "aci-bench" / "valid_assessment_and_plan.json")
+    out = tmp_path / "run"
+    benchmarks = ('[{"benchmark": "medqa", "name": "medqa", "path": "pkg:medqa_dev.jsonl"}, '
+                  f'{{"benchmark": "aci-bench", "name": "aci", "path": "{aci}", "limit": 4, "max_new_tokens": 2}}]')
+    assert main(["train", "quickstart", f"output_dir={out}", "methods=[]", f"method={{preset: {preset}}}",
+                 "train.steps=2", "train.save_every=0", f"eval.benchmarks={benchmarks}"]) == 0
+    assert main(["audit", str(out)]) == 0
+    summary = json.loads((out / "audit" / "summary.json").read_text())
+    kinds = summary["by_item_kind"]
+    assert kinds["questions"]["n"] == 10 and kinds["summaries"]["n"] == 4
+    assert kinds["questions"]["headline"] != kinds["summaries"]["headline"]
+    rows = [json.loads(line) for line in (out / "audit" / "per_question.jsonl").read_text().splitlines()]
+    assert sum(r["benchmark"] == "aci" for r in rows) == 4 and all(r["modules"] for r in rows)

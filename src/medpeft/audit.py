@@ -16,6 +16,7 @@ import torch
 
 from .adapters import family_of
 from .adapters.audit_tools import AuditResult, Heatmap
+from .data.record import SUMMARY
 from .dataset import TaggedRecord
 from .evaluate import Evaluator
 from .io import atomic_open, write_json, write_jsonl
@@ -52,6 +53,11 @@ def audit(model, method, tokenizer, items: list[TaggedRecord], out_dir: Path | N
                          "(its outputs do not depend on a per-question gate)")
     routes = collect_routing(model, method, tokenizer, items, max_length=max_length, batch_size=batch_size)
     result = family.audit(model, method, routes, items)
+    kinds = {"questions": [i for i, t in enumerate(items) if t.record.question_type != SUMMARY],
+             "summaries": [i for i, t in enumerate(items) if t.record.question_type == SUMMARY]}
+    if all(kinds.values()):  # QA and summarisation items side by side: what each kind used
+        result.summary["by_item_kind"] = {kind: _sub_audit(family, model, method, routes, items, idx)
+                                          for kind, idx in kinds.items()}
     from .distributed import processes
 
     if out_dir is not None and processes().is_main:  # every rank computed the same audit
@@ -64,6 +70,14 @@ def audit(model, method, tokenizer, items: list[TaggedRecord], out_dir: Path | N
             for heatmap in result.heatmaps:
                 plot_usage(heatmap, out_dir / heatmap.filename)
     return result
+
+
+def _sub_audit(family, model, method, routes: dict, items: list, idx: list[int]) -> dict:
+    """The family's audit summary over the items ``idx`` only (routes are per item, in order)."""
+    pick = torch.tensor(idx, dtype=torch.long)
+    sub = {name: {key: value[pick] for key, value in values.items()} for name, values in routes.items()}
+    result = family.audit(model, method, sub, [items[i] for i in idx])
+    return {"n": len(idx), "headline": result.headline, **result.summary}
 
 
 def plot_usage(heatmap: Heatmap, path: Path) -> None:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .adapters import family_of, load_trained, read_adapter_method, reads_tags
+from .adapters import family_of, load_trained, read_adapter_method, reads_tags, routing_state
 from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .distributed import processes
@@ -167,20 +167,24 @@ def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out:
 
 
 def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
-    """Routing audit of a trained run on ``cfg``'s eval sets (multiple-choice items)."""
+    """Routing audit of a trained run on ``cfg``'s eval sets (multiple-choice and summarisation
+    items; a method that predicts its own way, e.g. a verifier over candidate letters, is
+    audited on its multiple-choice items only)."""
     from .audit import audit
 
     if not family_of(cfg.method).routed:
         raise MedpeftError(f"{run_dir}: method {cfg.method.name!r} has no routed adapters to audit "
                            "(its outputs do not depend on a per-question gate)")
     read_adapter_method(run_dir, cfg.method)  # before anything is loaded
-    # multiple-choice items only (the audit of summarisation items is not built yet)
     items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets
-             if t.record.question_type not in ("open", "summary")]
-    if not items:
+             if t.record.question_type != "open"]
+    if not any(t.record.question_type != "summary" for t in items):
         raise MedpeftError(f"{run_dir}: the audit sets hold no multiple-choice questions (open-ended ones, e.g. GSM8K, "
                            "have no routed prompt to audit)")
     loaded = load_run_model(cfg, run_dir)
+    state = routing_state(loaded.model)
+    if state is not None and state.predict is not None:  # its decisions are letters: questions only
+        items = [t for t in items if t.record.question_type != "summary"]
     return audit(loaded.model, cfg.method, loaded.tokenizer, items, out_dir or run_dir / "audit",
                  max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
 
