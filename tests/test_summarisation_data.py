@@ -340,3 +340,31 @@ def test_the_routing_audit_compares_summaries_with_questions(tmp_path, data_dir,
     assert kinds["questions"]["headline"] != kinds["summaries"]["headline"]
     rows = [json.loads(line) for line in (out / "audit" / "per_question.jsonl").read_text().splitlines()]
     assert sum(r["benchmark"] == "aci" for r in rows) == 4 and all(r["modules"] for r in rows)
+
+
+def test_generation_stops_per_item(data_dir, tiny):
+    """An item that reaches its end of turn stops there (its text ends) while the others of its
+    batch go on, and they get the tokens they get alone."""
+    from medpeft.dataset import tag_all
+    from medpeft.evaluate import Evaluator
+
+    records = load_benchmark("aci-bench", data_dir / "aci-bench" / "valid_assessment_and_plan.json").records[:3]
+    items = tag_all(records, "aci", False)
+
+    def evaluator(batch):
+        return Evaluator(tiny.model, tiny.tokenizer, max_length=512, batch_size=batch, summary_max_new_tokens=6,
+                         device="cpu")
+
+    free = evaluator(3)
+    idx, seqs = next(free._batches(items))
+    first = free._generate(seqs, [items[i] for i in idx], 6)
+    stop = first[0][1]  # make the first item's second token its end of turn
+    assert all(stop not in g[:2] for g in first[1:]) or pytest.skip("the other items emit that token too early")
+    stopped = evaluator(3)
+    stopped.stop_ids, stopped.end_id = [stop], stop
+    out = stopped._generate(seqs, [items[i] for i in idx], 6)
+    assert out[0][:2] == first[0][:2] and all(t in (stop, tiny.tokenizer.pad_token_id) for t in out[0][2:])
+    assert stopped._decode(out[0]) == tiny.tokenizer.decode(first[0][:1], skip_special_tokens=True)
+    for row in range(1, len(out)):  # the others go on as without the stop (up to where they would stop)
+        cut = next((j for j, t in enumerate(first[row]) if t == stop), len(first[row]))
+        assert out[row][:cut] == first[row][:cut]
