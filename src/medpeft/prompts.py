@@ -124,12 +124,10 @@ class PromptFormatter:
     def _shortened_source_prompt(self, record: QARecord, excess: int) -> list[int]:
         """The prompt of a summarisation item with ``excess`` (and a few more) tokens cut from the
         middle of its source text: its first and last halves of what fits, joined by " ... "."""
-        source = self.tokenizer(record.question, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = source["offset_mapping"]
-        keep = max(len(offsets) - excess - len(self._ids(ELLIPSIS)) - 2, 0)  # 2: re-tokenization at the joins
-        head, tail = offsets[:keep // 2], offsets[len(offsets) - (keep - keep // 2):] if keep else []
-        text = record.question[:head[-1][1] if head else 0] + ELLIPSIS + record.question[tail[0][0] if tail else
-                                                                                       len(record.question):]
+        ids = self._ids(record.question)
+        keep = max(len(ids) - excess - len(self._ids(ELLIPSIS)) - 2, 0)  # 2: re-tokenization at the joins
+        head, tail = ids[:keep // 2], ids[len(ids) - (keep - keep // 2):] if keep else []
+        text = self.tokenizer.decode(head) + ELLIPSIS + self.tokenizer.decode(tail)  # any tokenizer (no offsets needed)
         return self._ids(self.prompt_text(record, text.strip()))
 
     def encode_train(self, record: QARecord) -> EncodedExample:

@@ -22,16 +22,16 @@ def headline(bench: dict) -> float:
 
 
 def mean_interval(values, n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (items redrawn with replacement)."""
+    """Percentile bootstrap interval of the mean of ``values`` (``scipy.stats.bootstrap``, seeded)."""
+    from scipy.stats import bootstrap
+
     values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return (0.0, 0.0)
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([values[rng.integers(0, len(values), size=(min(1000, n_resamples - i), len(values)))]
-                            .mean(axis=1) for i in range(0, n_resamples, 1000)])
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+    if len(values) < 2 or np.all(values == values[0]):  # no spread to resample
+        mean = float(values.mean()) if len(values) else 0.0
+        return mean, mean
+    ci = bootstrap((values,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def results_summary(correct_by_set: dict[str, list[bool]], rouge_by_set: dict[str, list[dict]] | None = None,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import send_to_device
 
 from .adapters import apply_method, family_of, save_trained, set_routing
 from .config import RunConfig, TrainConfig, dump_config
@@ -123,6 +124,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def weighted_epoch(groups: list[list[int]], weights: list[float], seed: int, epoch: int) -> list[int]:
     """One epoch of a training set mixed from sources with sampling weights.
+
+    (By hand rather than ``datasets.interleave_datasets``: its probabilities draw a stream
+    whose epoch length and per-source counts vary, and the data order here must be a pure
+    function of (seed, step) for exact resumes and any number of processes.)
 
     Source ``s`` (example indices ``groups[s]``, weight ``w_s``) contributes
     ``floor(w_s)`` copies of every example plus a seeded ``round(frac(w_s) * |s|)`` of them,
@@ -558,21 +563,20 @@ def accumulate_gradients(model: torch.nn.Module, method, batches: list[Batch], b
         loss.backward()
         update = family.micro_batch_update(model)
         if not dummy and update is not None:
-            updates.append((i, _to_cpu(update) if proc.distributed else update))
-    gathered = [u for rank_updates in proc.gather(updates) for u in rank_updates] if proc.distributed else updates
-    family.apply_step_updates(model, [u for _, u in sorted(gathered, key=lambda x: x[0])])
+            updates.append((i, send_to_device(update, "cpu") if proc.distributed else update))
+    if proc.distributed and has_step_updates(family):  # a collective only for the families that need it
+        updates = [u for rank_updates in proc.gather(updates) for u in rank_updates]
+    if updates:
+        family.apply_step_updates(model, [u for _, u in sorted(updates, key=lambda x: x[0])])
     tokens = sum(b.n_tokens for b in batches)
     return StepResult(loss_value, objective, aux_values, {k: weights[k] for k in aux_values}, tokens, n_answer)
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+def has_step_updates(family) -> bool:
+    """Whether ``family`` overrides :meth:`MethodFamily.micro_batch_update` (e.g. expert queues)."""
+    from .adapters.registry import MethodFamily
+
+    return type(family).micro_batch_update is not MethodFamily.micro_batch_update
 
 
 def reduce_step(model: torch.nn.Module, result: StepResult, proc: Processes, weights: dict[str, float]) -> None:
