@@ -60,6 +60,7 @@ class SourceConfig:
     text_only_tags: bool = False
     max_new_tokens: int | None = None  # a summarisation set's generation limit (default eval.summary_max_new_tokens)
     weight: float = 1.0  # training sources: sampling weight (examples per epoch = weight x the source's size)
+    protocol: str | None = None  # evaluation sets: this set's protocol (default eval.protocol)
 
     @property
     def display_name(self) -> str:
@@ -102,6 +103,18 @@ class EvalConfig:
     # default (tested on CPU); its GPU speed is not measured yet (docs/performance.md).
     compile_decode: bool = False
     benchmarks: list[SourceConfig] = field(default_factory=list)
+    # The evaluation protocol (docs/evaluation.md): medpeft | lm-eval | opencompass-cmb | cot; a
+    # source's own 'protocol' overrides it. The results in eval/ are under it.
+    protocol: str = "medpeft"
+    # Further protocols scored into eval/protocol-<name>/ (the sets each defines; the others are
+    # listed as skipped), for the report's protocol table and `medpeft compare` across protocols.
+    extra_protocols: list[str] = field(default_factory=list)
+    apply_chat_template: bool = False  # lm-eval protocol: its --apply_chat_template (the leaderboard: off)
+    cot_max_new_tokens: int = 512  # cot protocol: room to reason and write the final line
+    calibration_bins: int = 15  # equal-width confidence bins of the expected calibration error
+    # Option-order robustness: 'cyclic' re-scores every multiple-choice item under each cyclic
+    # rotation of its options (eval/robustness.json); 'none' skips it.
+    permute_options: str = "none"
     # Weak-axis perturbation: re-evaluate with the tags of this share of items replaced by a
     # random other value, once per perturbation seed (tag-routed methods only).
     perturb_rates: list[float] = field(default_factory=list)
@@ -141,6 +154,7 @@ CHOICES = {
     "train.lr_schedule": ("linear", "cosine", "constant"),
     "train.compile": ("auto", True, False),
     "eval.scorer": ("letters", "generate"),
+    "eval.permute_options": ("none", "cyclic"),
 }
 
 
@@ -174,7 +188,8 @@ def run_config_from_dict(raw: dict) -> RunConfig:
 def validate_run_config(cfg: RunConfig) -> None:
     """Values that types alone do not check (the method's own are checked by its family)."""
     values = {"model.dtype": cfg.model.dtype, "train.lr_schedule": cfg.train.lr_schedule,
-              "train.compile": cfg.train.compile, "eval.scorer": cfg.eval.scorer}
+              "train.compile": cfg.train.compile, "eval.scorer": cfg.eval.scorer,
+              "eval.permute_options": cfg.eval.permute_options}
     for key, value in values.items():
         require_choice(value, CHOICES[key], key)
     tc = cfg.train
@@ -197,6 +212,21 @@ def validate_run_config(cfg: RunConfig) -> None:
     require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
     require(cfg.eval.summary_max_new_tokens >= 1, "eval.summary_max_new_tokens",
             f"must be >= 1, got {cfg.eval.summary_max_new_tokens}")
+    from .protocols import PROTOCOL_NAMES
+
+    require_choice(cfg.eval.protocol, PROTOCOL_NAMES, "eval.protocol")
+    for i, name in enumerate(cfg.eval.extra_protocols):
+        require_choice(name, PROTOCOL_NAMES, f"eval.extra_protocols.{i}")
+    require(len(set(cfg.eval.extra_protocols)) == len(cfg.eval.extra_protocols), "eval.extra_protocols",
+            f"names a protocol twice: {cfg.eval.extra_protocols}")
+    for i, src in enumerate(cfg.eval.benchmarks):
+        if src.protocol is not None:
+            require_choice(src.protocol, PROTOCOL_NAMES, f"eval.benchmarks.{i}.protocol")
+    for i, src in enumerate(cfg.data.train):
+        require(src.protocol is None, f"data.train.{i}.protocol", "is an evaluation-set key (training has no protocol)")
+    require(cfg.eval.cot_max_new_tokens >= 1, "eval.cot_max_new_tokens", f"must be >= 1, got {cfg.eval.cot_max_new_tokens}")
+    require(2 <= cfg.eval.calibration_bins <= 1000, "eval.calibration_bins",
+            f"must be in 2..1000, got {cfg.eval.calibration_bins}")
     require(all(0 < r <= 1 for r in cfg.eval.perturb_rates), "eval.perturb_rates",
             f"must be shares in (0, 1], got {cfg.eval.perturb_rates}")
     for section, sources in (("data.train", cfg.data.train), ("eval.benchmarks", cfg.eval.benchmarks)):

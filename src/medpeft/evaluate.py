@@ -16,6 +16,12 @@ Summarisation items (ACI-Bench) are generated greedily (KV cache, batched, each 
 at its end of turn) up to their set's ``max_new_tokens`` and scored with ROUGE-1/2/L F by
 Google's ``rouge-score`` (:func:`rouge_scores`).
 
+Other protocols (``eval.protocol``: ``lm-eval``, ``opencompass-cmb``, ``cot``; ``protocols/``) render
+their own prompts: a log-likelihood protocol scores each choice's continuation
+(:meth:`Evaluator._score_choices`), a generation protocol generates greedily and parses with its
+own rule (:meth:`Evaluator._score_protocol_generate`); items where no answer could be parsed
+are counted as extraction failures.
+
 Under ``torchrun`` / ``accelerate launch`` each process scores every ``world``-th batch and
 the predictions are gathered: the same files and numbers as one process.
 """
@@ -33,10 +39,13 @@ from .adapters import routing_state, set_routing
 from .data.record import OPEN, SUMMARY, normalize_number
 from .dataset import TaggedRecord
 from .distributed import processes
+from .errors import MedpeftError
 from .io import write_json, write_jsonl
 from .precision import autocast_for, half_precision_adapters
 from .prompts import PromptFormatter
-from .stats import results_summary
+from .protocols import MEDPEFT, get_protocol, prompt_hash
+from .protocols.lm_eval import encode_pair, max_length as lm_eval_max_length
+from .stats import calibration_summary, item_calibration, results_summary
 
 # Patterns tried in order; the first that yields letters among the item's options wins.
 _ANSWER_PATTERNS = [
@@ -102,8 +111,10 @@ class Prediction:
     item: TaggedRecord
     pred: frozenset[str] | str | None
     correct: bool | None  # None: a summarisation item (scored by ROUGE in ``scores``)
-    scores: dict[str, float] | None = None
+    scores: dict[str, float] | None = None  # per option: its log-likelihood (what the option probabilities come from)
     text: str | None = None
+    extracted: bool = True  # False: a generated answer where no answer could be parsed (scored wrong)
+    extra: dict | None = None  # protocol-specific fields (lm-eval: acc_norm and its prediction)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +133,11 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, *, max_length: int = 768, batch_size: int = 16,
                  max_new_tokens: int = 10, open_max_new_tokens: int = 256, summary_max_new_tokens: int = 512,
-                 summary_limits: dict[str, int] | None = None, device=None, compile_decode: bool = False):
+                 summary_limits: dict[str, int] | None = None, device=None, compile_decode: bool = False,
+                 cot_max_new_tokens: int = 512, apply_chat_template: bool = False):
         self.model, self.tok = model, tokenizer
+        self.cot_max_new_tokens = cot_max_new_tokens
+        self.apply_chat_template = apply_chat_template  # lm-eval protocol: its --apply_chat_template
         self.compile_decode = compile_decode
         self._static_caches: dict[tuple[int, int], object] = {}
         self.fmt = PromptFormatter(tokenizer, max_length)
@@ -222,11 +236,137 @@ class Evaluator:
         return self.tok.decode(tokens, skip_special_tokens=True)
 
     # -- scorers --------------------------------------------------------------------------
-    def score(self, items: list[TaggedRecord], scorer: str, desc: str = "eval") -> list[Prediction]:
+    def score(self, items: list[TaggedRecord], scorer: str, desc: str = "eval",
+              protocol: str = MEDPEFT) -> list[Prediction]:
+        """Predictions of ``items`` under ``protocol`` (``medpeft``: with ``scorer``)."""
         state = routing_state(self.model)
+        if protocol != MEDPEFT:
+            if state is not None and state.predict is not None:
+                raise MedpeftError(f"eval.protocol {protocol!r}: this method predicts through its own verifier, "
+                                   "which only the medpeft protocol runs")
+            return self.score_protocol(items, protocol, desc)
         if state is not None and state.predict is not None:  # the method predicts its own way
             return self._score_by_method(items, scorer, state.predict, desc)
         return self.score_forward(items, scorer, desc)
+
+    def rendered_prompts(self, items: list[TaggedRecord], protocol: str = MEDPEFT) -> list[str]:
+        """The prompt text of every item under ``protocol`` (what ``prompt_hash`` digests)."""
+        proto = get_protocol(protocol)
+        if proto is None:
+            return [self.fmt.prompt_text(t.record) for t in items]
+        if proto.kind == "loglikelihood":
+            return [proto.request(t.record, self.tok, self.apply_chat_template).context for t in items]
+        return [proto.prompt(t.record, self.tok) for t in items]
+
+    def _sharded(self, batches: list, fn, sizes: list[int], bar) -> dict:
+        """``fn(batch)`` -> {index: row} over the batches this process owns (batch b on rank
+        b mod world, the one-process batches), gathered onto every process."""
+        proc = processes()
+        out: dict = {}
+        for b in proc.shard(len(batches)):
+            out.update(fn(batches[b]))
+            bar.update(sum(sizes[c] for c in range(b, min(b + proc.world, len(batches)))))
+        if proc.distributed:
+            for part in proc.gather(list(out.items())):
+                out.update(dict(part))
+        return out
+
+    def score_protocol(self, items: list[TaggedRecord], protocol: str, desc: str = "eval") -> list[Prediction]:
+        """Score ``items`` under another tool's protocol (``protocols/``); every item must be one
+        the protocol defines (``Protocol.task``)."""
+        proto = get_protocol(protocol)
+        undefined = [t for t in items if proto.task(t.record) is None]
+        if undefined:
+            raise MedpeftError(f"eval.protocol {protocol!r} defines no task for {undefined[0].record.benchmark} item "
+                               f"{undefined[0].record.id} ({undefined[0].record.question_type})")
+        with tqdm(total=len(items), desc=desc, unit="q", leave=False, disable=not processes().is_main) as bar, \
+                half_precision_adapters(self.model):
+            if proto.kind == "loglikelihood":
+                return self._score_choices(items, proto, bar)
+            return self._score_protocol_generate(items, proto, bar)
+
+    @torch.no_grad()
+    def _score_choices(self, items: list[TaggedRecord], proto, bar) -> list[Prediction]:
+        """Log-likelihood of every choice's continuation (lm-eval's ``_loglikelihood_tokens``):
+        ``sum_t log p(cont_t | context, cont_<t)``. Choices whose inputs are the same token
+        sequence (single-token continuations after one context) share one forward pass."""
+        limit = lm_eval_max_length(self.model, self.tok)
+        requests = [proto.request(t.record, self.tok, self.apply_chat_template) for t in items]
+        inputs: dict[tuple[int, ...], int] = {}  # unique input sequence -> its index
+        owners: list[int] = []  # item index of each unique input (its routing tags)
+        wanted = []  # per item, per choice: (input index, continuation ids)
+        for i, req in enumerate(requests):
+            row = []
+            for cont_text in req.continuations:
+                ctx, cont = encode_pair(self.tok, req.context, cont_text)
+                if not cont:
+                    raise MedpeftError(f"item {items[i].record.id}: the choice {cont_text!r} encodes to no tokens")
+                seq = tuple((ctx + cont)[-(limit + 1):][:-1])
+                if seq not in inputs:
+                    inputs[seq] = len(owners)
+                    owners.append(i)
+                row.append((inputs[seq], cont))
+            wanted.append(row)
+        keep = [0] * len(owners)  # positions whose logits are read, per input
+        for row in wanted:
+            for k, cont in row:
+                keep[k] = max(keep[k], len(cont))
+        seqs = list(inputs)
+        order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
+        def forward(batch: list[int]) -> dict[int, torch.Tensor]:
+            ids, mask = left_pad([list(seqs[k]) for k in batch], self.pad_id, self.device)
+            self._route([items[owners[k]] for k in batch], mask, freeze=False)
+            width = max(keep[k] for k in batch)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            with autocast_for(self.model):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                 logits_to_keep=width, use_cache=False)
+            logprobs = torch.log_softmax(out.logits[:, -width:].float(), dim=-1)
+            return {k: logprobs[r, width - keep[k]:].cpu() for r, k in enumerate(batch)}
+
+        batch_of = {k: b for b, batch in enumerate(batches) for k in batch}
+        sizes = [0] * len(batches)
+        for row in wanted:  # progress counts an item with the batch of its first input
+            sizes[batch_of[row[0][0]]] += 1
+        logits = self._sharded(batches, forward, sizes, bar)
+        out = []
+        for t, req, row in zip(items, requests, wanted):
+            lls = []
+            for k, cont in row:
+                rows = logits[k][keep[k] - len(cont):]
+                lls.append(float(rows[torch.arange(len(cont)), torch.tensor(cont)].sum()))
+            scores = dict(zip(req.labels, lls))
+            best = max(range(len(lls)), key=lambda j: lls[j])
+            best_norm = max(range(len(lls)), key=lambda j: lls[j] / req.choice_lengths[j])
+            pred, pred_norm = frozenset(req.labels[best]), frozenset(req.labels[best_norm])
+            out.append(Prediction(t, pred, pred == t.record.answer, scores,
+                                  extra={"pred_norm": req.labels[best_norm], "acc_norm": pred_norm == t.record.answer}))
+        return out
+
+    def _score_protocol_generate(self, items: list[TaggedRecord], proto, bar) -> list[Prediction]:
+        """Greedy generation from the protocol's prompt, read by its parser."""
+        limit = proto.max_new_tokens(self)
+        bos = self.tok.bos_token
+        texts = [proto.prompt(t.record, self.tok) for t in items]
+        encoded = [self.tok(x, add_special_tokens=not (bos and x.startswith(bos)))["input_ids"] for x in texts]
+        encoded = [ids[max(len(ids) - self.fmt.max_length, 0):] for ids in encoded]  # left-truncated like a QA prompt
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
+        def generate(batch: list[int]) -> dict[int, str]:
+            gen = self._generate([encoded[i] for i in batch], [items[i] for i in batch], limit)
+            return {i: self._decode(g) for i, g in zip(batch, gen)}
+
+        outputs = self._sharded(batches, generate, [len(b) for b in batches], bar)
+        out = []
+        for i, t in enumerate(items):
+            pred = proto.parse(outputs[i], t.record)
+            gold = t.record.answer_text if isinstance(pred, str) else t.record.answer
+            out.append(Prediction(t, pred if pred is not None else frozenset(), pred == gold, None, outputs[i],
+                                  extracted=pred is not None))
+        return out
 
     def _score_by_method(self, items: list[TaggedRecord], scorer: str, predict, desc: str) -> list[Prediction]:
         """Multiple-choice items through the method's ``predict`` (open-ended ones as usual)."""
@@ -317,7 +457,7 @@ class Evaluator:
         for t, gen in zip(items, self._generate(seqs, items, self.max_new_tokens)):
             text = self._decode(gen)
             pred = parse_answer(text, "".join(t.record.options), t.record.question_type == "multi")
-            out.append(Prediction(t, pred, pred == t.record.answer, None, text))
+            out.append(Prediction(t, pred, pred == t.record.answer, None, text, extracted=bool(pred)))
         return out
 
     def _score_summary(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
@@ -334,7 +474,8 @@ class Evaluator:
         for t, gen in zip(items, self._generate(seqs, items, self.open_max_new_tokens)):
             text = self._decode(gen)
             pred = parse_number(text)
-            out.append(Prediction(t, pred, pred is not None and pred == t.record.reference, None, text))
+            out.append(Prediction(t, pred, pred is not None and pred == t.record.reference, None, text,
+                                  extracted=pred is not None))
         return out
 
 
@@ -351,31 +492,72 @@ def prediction_row(p: Prediction) -> dict:
         row["scores"] = {k: round(v, 5) for k, v in p.scores.items()}
     if p.text is not None:
         row["output"] = p.text
+    if not p.extracted:
+        row["extracted"] = False
+    if p.extra:
+        row.update(p.extra)
     return row
 
 
-def set_results(preds_by_set: dict[str, list[Prediction]]) -> dict:
+def set_calibration(preds: list[Prediction], bins: int) -> dict | None:
+    """Calibration of a set's single-answer items that have option scores (None when none has)."""
+    rows = [(item_calibration(p.scores, next(iter(p.item.record.answer))), bool(p.correct)) for p in preds
+            if p.scores is not None and p.item.record.question_type == "single"
+            and set(p.scores) == set(p.item.record.options)]
+    if not rows:
+        return None
+    return calibration_summary([r["confidence"] for r, _ in rows], [c for _, c in rows],
+                               [r["brier"] for r, _ in rows], [r["nll"] for r, _ in rows], bins)
+
+
+def set_results(preds_by_set: dict[str, list[Prediction]], calibration_bins: int | None = None) -> dict:
     """``results.json``'s benchmarks and macro average from each set's predictions: accuracy of
-    a QA set, mean ROUGE of a summarisation set (:func:`medpeft.stats.results_summary`)."""
+    a QA set, mean ROUGE of a summarisation set (:func:`medpeft.stats.results_summary`); with
+    ``calibration_bins``, also each QA set's answer-extraction failures, ``acc_norm`` where the
+    protocol has it, and calibration where the scorer gives option probabilities."""
     flags = {name: [p.correct for p in preds] for name, preds in preds_by_set.items()
              if not any(p.correct is None for p in preds)}
     rouge = {name: [p.scores for p in preds] for name, preds in preds_by_set.items() if name not in flags}
-    return results_summary(flags, rouge, order=list(preds_by_set))
+    summary = results_summary(flags, rouge, order=list(preds_by_set))
+    if calibration_bins is None:
+        return summary
+    for name in flags:
+        preds, bench = preds_by_set[name], summary["benchmarks"][name]
+        failures = sum(not p.extracted for p in preds)
+        bench["extraction_failures"], bench["extraction_failure_rate"] = failures, failures / len(preds) if preds \
+            else 0.0
+        if preds and all(p.extra and "acc_norm" in p.extra for p in preds):
+            bench["acc_norm"] = sum(p.extra["acc_norm"] for p in preds) / len(preds)
+        calibration = set_calibration(preds, calibration_bins)
+        if calibration is not None:
+            bench["calibration"] = calibration
+    return summary
 
 
 def evaluate_sets(evaluator: Evaluator, eval_sets: dict[str, list[TaggedRecord]], scorer: str,
-                  out_dir: Path, meta: dict | None = None) -> dict:
-    """Score every eval set; write ``predictions.jsonl`` and ``results.json`` to ``out_dir``."""
+                  out_dir: Path, meta: dict | None = None, protocols: dict[str, str] | None = None,
+                  calibration_bins: int = 15) -> dict:
+    """Score every eval set (under its protocol in ``protocols``, default ``medpeft``); write
+    ``predictions.jsonl`` and ``results.json`` to ``out_dir``. Every set's result records its
+    protocol, the hash of its rendered prompts and its answer-extraction failure rate."""
     was_training = evaluator.model.training
     evaluator.model.eval()
+    protocols = {name: (protocols or {}).get(name, MEDPEFT) for name in eval_sets}
     rows, by_set = [], {}
     for name, items in eval_sets.items():
-        preds = evaluator.score(items, scorer, desc=f"eval {name}")
+        preds = evaluator.score(items, scorer, desc=f"eval {name}", protocol=protocols[name])
         rows.extend(prediction_row(p) for p in preds)
         by_set[name] = preds
     if was_training:
         evaluator.model.train()
-    results = {**(meta or {}), "scorer": scorer, **set_results(by_set)}
+    summary = set_results(by_set, calibration_bins)
+    for name, items in eval_sets.items():
+        bench = summary["benchmarks"][name]
+        bench["protocol"] = protocols[name]
+        bench["prompt_hash"] = prompt_hash(evaluator.rendered_prompts(items, protocols[name]))
+    uniform = set(protocols.values())
+    results = {**(meta or {}), "scorer": scorer, "protocol": uniform.pop() if len(uniform) == 1 else "mixed",
+               **summary}
     out_dir = Path(out_dir)
     if processes().is_main:
         write_jsonl(out_dir / "predictions.jsonl", rows)

@@ -311,3 +311,24 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device | N
             raise _not_loadable(name, err) from None
     model.to(dev)
     return LoadedModel(model, tok, name, dev)
+
+
+def model_revision(name: str, model) -> str:
+    """What identifies the base model's weights in a result: the hub commit it was loaded at, or
+    for a local folder a sha256 of its config.json and its weight files' names and sizes (cheap,
+    and changes when the weights are replaced), or the built-in model and its seed."""
+    import hashlib
+
+    if name == TINY:
+        return f"built-in tiny, seed {TINY_SEED}"
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    folder = Path(model_source(name))
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        config = folder / "config.json"
+        if config.exists():
+            digest.update(config.read_bytes())
+        for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        return f"local:{digest.hexdigest()[:16]}"
+    return commit or "unknown"

@@ -11,7 +11,7 @@ from .adapters import family_of, load_trained, read_adapter_method, reads_tags, 
 from .config import RunConfig
 from .dataset import load_eval_sets, load_train_set, perturb_tags
 from .distributed import processes
-from .errors import MedpeftError
+from .errors import ConfigError, MedpeftError
 from .evaluate import Evaluator, evaluate_sets, set_results
 from .io import run_lock
 from .models import LoadedModel, load_model
@@ -112,7 +112,41 @@ def _evaluator(cfg: RunConfig, loaded: LoadedModel) -> Evaluator:
     return Evaluator(loaded.model, loaded.tokenizer, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
                      max_new_tokens=cfg.eval.max_new_tokens, summary_max_new_tokens=cfg.eval.summary_max_new_tokens,
                      summary_limits={s.display_name: s.max_new_tokens for s in cfg.eval.benchmarks if s.max_new_tokens},
-                     device=loaded.device, compile_decode=cfg.eval.compile_decode)
+                     device=loaded.device, compile_decode=cfg.eval.compile_decode,
+                     cot_max_new_tokens=cfg.eval.cot_max_new_tokens, apply_chat_template=cfg.eval.apply_chat_template)
+
+
+def set_protocols(cfg: RunConfig, eval_sets: dict) -> dict[str, str]:
+    """Each evaluation set's headline protocol (its source's ``protocol``, else ``eval.protocol``),
+    checked to define every item of the set -- before any model is loaded."""
+    from .protocols import MEDPEFT, get_protocol
+
+    out = {}
+    for i, src in enumerate(cfg.eval.benchmarks):
+        name = src.protocol or cfg.eval.protocol
+        proto = get_protocol(name)
+        if proto is not None:
+            undefined = [t for t in eval_sets[src.display_name] if proto.task(t.record) is None]
+            if undefined:
+                key = f"eval.benchmarks.{i}.protocol" if src.protocol else "eval.protocol"
+                rec = undefined[0].record
+                raise ConfigError(f"config key '{key}': protocol {name!r} defines no task for {len(undefined)} "
+                                  f"item(s) of set '{src.display_name}' (e.g. {rec.id}, a {rec.question_type} "
+                                  f"{rec.benchmark} item with options {''.join(rec.options)}); "
+                                  f"score that set under another protocol (docs/evaluation.md)")
+        out[src.display_name] = name if proto is not None else MEDPEFT
+    return out
+
+
+def extra_protocol_sets(name: str, eval_sets: dict) -> tuple[dict, list[str]]:
+    """The sets an extra protocol defines whole, and the names of the others (skipped)."""
+    from .protocols import get_protocol
+
+    proto = get_protocol(name)
+    if proto is None:
+        return dict(eval_sets), []
+    kept = {k: v for k, v in eval_sets.items() if v and all(proto.task(t.record) is not None for t in v)}
+    return kept, [k for k in eval_sets if k not in kept]
 
 
 def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
@@ -126,6 +160,7 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
         except MedpeftError as err:
             raise MedpeftError(f"{Path(run_dir) / 'adapter'}: {err}") from None
     eval_sets = load_eval_sets(cfg.eval.benchmarks)
+    set_protocols(cfg, eval_sets)
     loaded = _loaded(cfg)
     if run_dir is not None:
         loaded = load_run_model(cfg, run_dir, loaded)
@@ -137,12 +172,88 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
 
 
 def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Path | None, out: Path) -> dict:
-    meta = {"model": cfg.model.name, "method": cfg.method.name if run_dir is not None else "base",
+    from .io import write_json
+    from .models import model_revision
+
+    meta = {"model": cfg.model.name, "model_revision": model_revision(cfg.model.name, evaluator.model),
+            "method": cfg.method.name if run_dir is not None else "base",
             "run_dir": str(run_dir) if run_dir is not None else None}
-    results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta)
+    protocols = set_protocols(cfg, eval_sets)
+    results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta, protocols, cfg.eval.calibration_bins)
+    if processes().is_main:
+        write_reliability_plots(results, out)
+    extra = {}
+    for name in cfg.eval.extra_protocols:
+        sets, skipped = extra_protocol_sets(name, eval_sets)
+        folder = Path(out) / f"protocol-{name}"
+        if sets:
+            res = evaluate_sets(evaluator, sets, cfg.eval.scorer, folder, {**meta, "skipped_sets": skipped},
+                                {k: name for k in sets}, cfg.eval.calibration_bins)
+            if processes().is_main:
+                write_reliability_plots(res, folder)
+            extra[name] = {"dir": folder.name, "macro_accuracy": res["macro_accuracy"], "sets": list(sets),
+                           "skipped": skipped}
+        else:
+            extra[name] = {"dir": None, "sets": [], "skipped": skipped}
+    if extra:
+        results["extra_protocols"] = extra
+    if cfg.eval.permute_options == "cyclic":
+        results["robustness"] = run_robustness(evaluator, eval_sets, protocols, cfg, out)
     if cfg.eval.perturb_rates and run_dir is not None and reads_tags(cfg.method):
         results["perturbation"] = run_perturbation(evaluator, eval_sets, cfg, out, results["macro_accuracy"])
+    if processes().is_main and (extra or cfg.eval.permute_options != "none"):
+        write_json(Path(out) / "results.json", results)  # with the extra protocols and robustness
     return results
+
+
+def write_reliability_plots(results: dict, out: Path) -> None:
+    """A reliability diagram per set that has calibration numbers (``reliability-<set>.png``)."""
+    from .report import plot_reliability
+
+    for name, bench in results["benchmarks"].items():
+        if bench.get("calibration", {}).get("n"):
+            plot_reliability(bench["calibration"], f"{name} ({bench['protocol']})",
+                             Path(out) / f"reliability-{safe_name(name)}.png")
+
+
+def safe_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def run_robustness(evaluator: Evaluator, eval_sets: dict, protocols: dict[str, str], cfg: RunConfig,
+                   out: Path) -> dict:
+    """Every multiple-choice item re-scored under each cyclic rotation of its options, under its
+    set's protocol (``robustness.py``); written to ``robustness.json``."""
+    from .io import write_json
+    from .protocols import get_protocol
+    from .robustness import permutable, robustness_summary, rotated_items
+
+    summary, skipped = {}, {}
+    for name, items in eval_sets.items():
+        proto = get_protocol(protocols[name])
+        items = [t for t in items if permutable(t.record)]
+        if proto is not None and not all(proto.order_dependent_for(t.record) for t in items):
+            skipped[name] = f"protocol {protocols[name]} shows this set no options (order cannot matter)"
+            continue
+        if not items:
+            skipped[name] = "no multiple-choice items"
+            continue
+        preds = [[] for _ in items]
+        correct = [[] for _ in items]
+        for shift in range(max(len(t.record.options) for t in items)):
+            idx = [i for i, t in enumerate(items) if len(t.record.options) > shift]
+            scored = evaluator.score(rotated_items([items[i] for i in idx], shift), cfg.eval.scorer,
+                                     desc=f"rotation {shift} {name}", protocol=protocols[name])
+            for i, p in zip(idx, scored):
+                preds[i].append(p.pred if isinstance(p.pred, frozenset) else frozenset(p.pred or ""))
+                correct[i].append(bool(p.correct))
+        summary[name] = robustness_summary([t.record for t in items], preds, correct)
+    result = {"sets": summary, "skipped": skipped}
+    if processes().is_main:
+        write_json(Path(out) / "robustness.json", result)
+    return result
 
 
 def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out: Path, clean: float) -> dict:
@@ -194,9 +305,9 @@ def check_cells(variants: list[RunConfig]) -> None:
     record, or a method that fits no layer, must not cost a run."""
     checked: list = []
     for variant in variants:
-        if variant.eval.benchmarks not in checked:
-            load_eval_sets(variant.eval.benchmarks)
-            checked.append(variant.eval.benchmarks)
+        if (variant.eval.benchmarks, variant.eval.protocol) not in checked:
+            set_protocols(variant, load_eval_sets(variant.eval.benchmarks))
+            checked.append((variant.eval.benchmarks, variant.eval.protocol))
         if (variant.model, variant.method) not in checked:
             check_method_fits(variant)
             checked.append((variant.model, variant.method))

@@ -183,6 +183,36 @@ def plot_perturbation(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_reliability(calibration: dict, title: str, path: Path) -> None:
+    """Reliability diagram: accuracy against mean confidence per equal-width bin (bars), the
+    diagonal of perfect calibration, and the share of items per bin; ECE in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = calibration["reliability"]
+    width = 1 / calibration["bins"]
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = [b for b in bins if b["n"]]
+    ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red", markersize=3,
+            label="mean confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}: ECE {100 * calibration['ece']:.1f} ({calibration['bins']} bins, n={calibration['n']})",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    hist.bar([b["low"] for b in bins], [b["n"] / calibration["n"] for b in bins], width=width, align="edge",
+             edgecolor="black", color="tab:gray")
+    hist.set_xlabel("confidence (largest option probability)")
+    hist.set_ylabel("share")
+    hist.set_xlim(0, 1)
+    _save(fig, path)
+
+
 def ablation_groups(labels: list[str]) -> dict[str, list[str]]:
     """Run labels grouped by the preset they ablate: a label whose last part is a preset built
     on another preset (its ``base``) that is also a run here, in the same folder."""

@@ -137,3 +137,70 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+# ----------------------------------------------------------------------------- calibration
+
+CALIBRATION_BINS = 15  # equal-width confidence bins of the ECE (Guo et al., 2017)
+SELECTIVE_COVERAGES = (0.25, 0.5, 0.75, 1.0)
+
+
+def option_log_probabilities(scores: dict[str, float]) -> dict[str, float]:
+    """``log p_k = s_k - logsumexp(s)``: the options' scores (log-likelihoods) renormalised over
+    the options (lm-eval's ``prob_norm`` is the same softmax)."""
+    from scipy.special import logsumexp
+
+    values = np.array(list(scores.values()), dtype=float)
+    norm = float(logsumexp(values))
+    return {k: float(v) - norm for k, v in scores.items()}
+
+
+def item_calibration(scores: dict[str, float], gold: str) -> dict[str, float]:
+    """One single-answer item's confidence (max option probability), Brier score
+    ``sum_k (p_k - y_k)^2`` over the options and negative log-likelihood ``-log p_gold``."""
+    logp = option_log_probabilities(scores)
+    probs = {k: float(np.exp(v)) for k, v in logp.items()}
+    return {"confidence": max(probs.values()), "brier": sum((p - (k == gold)) ** 2 for k, p in probs.items()),
+            "nll": -logp[gold]}
+
+
+def calibration_summary(confidence: list[float], correct: list[bool], brier: list[float], nll: list[float],
+                        bins: int = CALIBRATION_BINS) -> dict:
+    """Calibration of a set's single-answer predictions.
+
+    * ECE = ``sum_m |B_m|/n |acc(B_m) - conf(B_m)|`` over ``bins`` equal-width bins of the
+      confidence, bin m holding confidences in ``(m/M, (m+1)/M]`` (the first also 0).
+    * Brier and NLL: means of the per-item values (:func:`item_calibration`).
+    * Selective prediction: abstaining below a confidence threshold, the accuracy of the items
+      kept against their share (coverage), at every distinct confidence (``curve``: threshold,
+      coverage, accuracy); and the accuracy of the ``ceil(c n)`` most confident items at the
+      coverages ``c`` of ``SELECTIVE_COVERAGES`` (ties in confidence kept in item order).
+    """
+    conf = np.asarray(confidence, dtype=float)
+    right = np.asarray(correct, dtype=float)
+    n = len(conf)
+    if n == 0:
+        return {"n": 0}
+    index = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    table, ece = [], 0.0
+    for m in range(bins):
+        members = index == m
+        count = int(members.sum())
+        acc = float(right[members].mean()) if count else None
+        mean_conf = float(conf[members].mean()) if count else None
+        if count:
+            ece += count / n * abs(acc - mean_conf)
+        table.append({"low": m / bins, "high": (m + 1) / bins, "n": count, "accuracy": acc, "confidence": mean_conf})
+    order = np.argsort(-conf, kind="stable")
+    kept_right = np.cumsum(right[order])
+    curve = []
+    for threshold in sorted(set(conf.tolist()), reverse=True):
+        k = int((conf >= threshold).sum())
+        curve.append([threshold, k / n, float(kept_right[k - 1] / k)])
+    if len(curve) > 200:  # a readable curve: 200 points spread over the thresholds, the last kept
+        curve = [curve[i] for i in np.unique(np.linspace(0, len(curve) - 1, 200).round().astype(int))]
+    at = {str(c): float(kept_right[max(int(np.ceil(c * n)), 1) - 1] / max(int(np.ceil(c * n)), 1))
+          for c in SELECTIVE_COVERAGES}
+    return {"n": n, "bins": bins, "ece": float(ece), "brier": float(np.mean(brier)), "nll": float(np.mean(nll)),
+            "accuracy": float(right.mean()), "mean_confidence": float(conf.mean()), "reliability": table,
+            "selective": {"accuracy_at_coverage": at, "curve": curve}}

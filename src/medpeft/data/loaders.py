@@ -165,6 +165,16 @@ def _row_id(ctx: _Ctx, native: Any = None) -> str:
     return f"{ctx.benchmark}/{ctx.path.name.split('.')[0]}#{ctx.where.split()[-1].strip(chr(39))}"
 
 
+def _verbatim(question: object, options: dict[str, object]) -> dict[str, Any] | None:
+    """The release's own text of the stem and options where it differs from the stripped text
+    medpeft keeps (surrounding spaces): protocols that mirror another tool's prompt render from
+    the text that tool reads (``protocols/lm_eval.py``). None when nothing differs."""
+    raw = {"question": question, "options": options}
+    differs = (isinstance(question, str) and question != question.strip()) or any(
+        isinstance(v, str) and v != v.strip() for v in options.values())
+    return raw if differs else None
+
+
 # ----------------------------------------------------------------------------- per benchmark
 
 def _parse_medqa(ctx: _Ctx, row: dict) -> QARecord:
@@ -182,7 +192,9 @@ def _parse_medqa(ctx: _Ctx, row: dict) -> QARecord:
         raise ctx.error("answer", f"text {text!r} does not match option {letter} ({options[letter]!r})")
     return _record(
         ctx, rid=_row_id(ctx, row.get("id")), question=_text(ctx, row, "question"), options=options,
-        answer=answer, question_type=SINGLE, metadata={"meta_info": row.get("meta_info")},
+        answer=answer, question_type=SINGLE,
+        metadata={"meta_info": row.get("meta_info"),
+                  "verbatim": _verbatim(row.get("question"), {str(k).strip().upper(): v for k, v in opts.items()})},
         answer_field="answer_idx", language="en",
     )
 
@@ -206,7 +218,9 @@ def _parse_medmcqa(ctx: _Ctx, row: dict) -> QARecord:
         answer=frozenset(LETTERS[cop - base]), question_type=SINGLE,
         # choice_type "multi" in MedMCQA marks the question style, not several answers (cop is one index).
         metadata={"subject_name": row.get("subject_name"), "topic_name": row.get("topic_name"),
-                  "choice_type": row.get("choice_type")},
+                  "choice_type": row.get("choice_type"),
+                  "verbatim": _verbatim(row.get("question"), {letter: row.get(key) for letter, key in
+                                                              zip("ABCD", ("opa", "opb", "opc", "opd"))})},
         answer_field="cop", language="en",
     )
 
@@ -240,7 +254,8 @@ def _parse_pubmedqa(ctx: _Ctx, row: dict) -> QARecord | None:
     return _record(
         ctx, rid=_row_id(ctx, pmid), question=question, options=dict(PUBMEDQA_OPTIONS),
         answer=frozenset(inverse[label]), question_type=SINGLE,
-        metadata={"meshes": row.get("MESHES"), "year": row.get("YEAR")},
+        metadata={"meshes": row.get("MESHES"), "year": row.get("YEAR"),
+                  "verbatim": {"question": row.get("QUESTION"), "contexts": list(contexts)}},
         answer_field="final_decision", language="en",
     )
 
@@ -332,7 +347,8 @@ def _parse_cmmlu(ctx: _Ctx, row: dict) -> QARecord:
         ctx, rid=_row_id(ctx, f"{subject}/{index}" if index not in (None, "") else None),
         question=_text(ctx, row, "Question"), options={k: _text(ctx, row, k) for k in "ABCD"},
         answer=_letters(ctx, "Answer", _text(ctx, row, "Answer")), question_type=SINGLE,
-        metadata={"subject": subject}, answer_field="Answer", language="zh",
+        metadata={"subject": subject, "verbatim": _verbatim(row.get("Question"), {k: row.get(k) for k in "ABCD"})},
+        answer_field="Answer", language="zh",
     )
 
 
@@ -347,7 +363,8 @@ def _parse_mmlu(ctx: _Ctx, row: list) -> QARecord:
         ctx, rid=_row_id(ctx, None).replace(f"{ctx.path.name.split('.')[0]}#", f"{subject}#"),
         question=_text(ctx, ctx_row, "question"), options=dict(zip("ABCD", opts)),
         answer=_letters(ctx, "answer", answer), question_type=SINGLE,
-        metadata={"subject": subject}, answer_field="answer", language="en",
+        metadata={"subject": subject, "verbatim": _verbatim(row[0], dict(zip("ABCD", row[1:5])))},
+        answer_field="answer", language="en",
     )
 
 

@@ -1,0 +1,172 @@
+"""Evaluation protocols proven equal to the tools that define them.
+
+* ``lm-eval``: lm-evaluation-harness itself (``simple_evaluate``, the ``hf`` model on the tiny
+  model saved as a local folder) scores the same shared benchmark items through local task
+  files made from lm-eval's own task YAMLs (only the data source changed); every item's
+  prediction, its log-likelihoods, ``acc`` and ``acc_norm`` must equal medpeft's protocol.
+* ``opencompass-cmb``: OpenCompass cannot be installed beside medpeft's stack (0.5.4 pins
+  numpy<2, datasets<4, scikit-learn==1.5.0), so its published rules are tested with cases
+  taken from its source (``cmb_gen_dfb5c4.py``, ``CMBDataset.load``, ``multiple_select_postprocess``).
+* ``cot``: the final-answer extraction, with failures counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from medpeft.config import SourceConfig
+from medpeft.dataset import load_eval_sets
+from medpeft.evaluate import Evaluator, evaluate_sets
+
+N_ITEMS = 40  # per task: enough for disagreements to show, seconds on the tiny model
+
+# task -> (benchmark, shared file, lm-eval task folder, task yaml, the yaml it includes)
+TASKS = {
+    "medqa_4options": ("medqa", "medqa/us_4options_test.rows0-299.jsonl", "medqa", "medqa.yaml", None),
+    "medmcqa": ("medmcqa", "medmcqa/dev.rows0-299.jsonl", "medmcqa", "medmcqa.yaml", None),
+    "pubmedqa": ("pubmedqa", "pubmedqa/pqal_nontest.first300.jsonl", "pubmedqa", "pubmedqa.yaml", None),
+    "mmlu_anatomy": ("mmlu", "mmlu/anatomy_test.rows0-49.jsonl", "mmlu/default", "mmlu_anatomy.yaml",
+                     "_default_template_yaml"),
+    "mmlu_professional_medicine": ("mmlu", "mmlu/professional_medicine_test.rows0-49.jsonl", "mmlu/default",
+                                   "mmlu_professional_medicine.yaml", "_default_template_yaml"),
+    "cmmlu_anatomy": ("cmmlu", "cmmlu/anatomy_test.rows0-32.jsonl", "cmmlu", "cmmlu_anatomy.yaml",
+                      "_default_template_yaml"),
+}
+
+
+def _padded(value) -> bool:
+    if isinstance(value, str):
+        return value != value.strip()
+    if isinstance(value, dict):
+        return any(_padded(v) for v in value.values())
+    return isinstance(value, list) and any(_padded(v) for v in value)
+
+
+def _hf_rows(benchmark: str, rows: list) -> list[dict]:
+    """The shared rows in the layout of the hub dataset each lm-eval task reads."""
+    out = []
+    for row in rows:
+        if benchmark == "medqa":  # GBaker/MedQA-USMLE-4-options-hf
+            out.append({"sent1": row["question"], **{f"ending{i}": row["options"][k] for i, k in enumerate("ABCD")},
+                        "label": "ABCD".index(row["answer_idx"])})
+        elif benchmark == "medmcqa":  # openlifescienceai/medmcqa: cop from 0 (the shared release counts from 1)
+            out.append({**row, "cop": row["cop"] - 1})
+        elif benchmark == "pubmedqa":  # bigbio/pubmed_qa, pubmed_qa_labeled_fold0_source
+            (pmid, rec), = row.items()
+            out.append({"QUESTION": rec["QUESTION"], "CONTEXTS": rec["CONTEXTS"],
+                        "final_decision": rec["final_decision"], "pubid": pmid})
+        elif benchmark == "mmlu":  # cais/mmlu
+            out.append({"question": row[0], "choices": row[1:5], "answer": "ABCD".index(row[5])})
+        else:  # haonan-li/cmmlu
+            out.append(row)
+    return out
+
+
+def _local_task(lm_eval_tasks: Path, task: str, data: Path, out: Path) -> str:
+    """lm-eval's own task file(s) for ``task`` with the data source replaced by a local JSON file
+    and the splits other than the test split removed; the task renamed so it cannot collide."""
+    _, _, folder, yaml_name, include = TASKS[task]
+    src = lm_eval_tasks / folder
+    texts = {yaml_name: (src / yaml_name).read_text(encoding="utf-8")}
+    if include:
+        texts[include] = (src / include).read_text(encoding="utf-8")
+    for name, text in texts.items():
+        if name == include or not include:  # the file that holds the data source and splits
+            test_split = re.search(r"^test_split: *(\S+)", text, re.M).group(1)
+            text = re.sub(r"^dataset_path: .*$", f"dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                          f"    {test_split}: {json.dumps(str(data))}", text, flags=re.M)
+            text = re.sub(r"^(dataset_name|training_split|validation_split|fewshot_split): .*\n", "", text, flags=re.M)
+            text = re.sub(r"^fewshot_config:\n(  .*\n)+", "", text, flags=re.M)
+        texts[name] = text
+    task_dir = out / task
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for py in src.glob("*.py"):  # the task's !function helpers, as lm-eval ships them
+        (task_dir / py.name).write_text(py.read_text(encoding="utf-8"), encoding="utf-8")
+    for name, text in texts.items():
+        if name == yaml_name:
+            text = re.sub(r'^"?dataset_name"?: .*\n', "", text, flags=re.M)
+            text = re.sub(r'^"?(tag|group)"?: .*\n', "", text, flags=re.M)
+            text = re.sub(r'^("?task"?): *"?([\w-]+)"?', lambda m: f'{m.group(1)}: "local_{m.group(2)}"', text,
+                          flags=re.M)
+        (task_dir / (name if name != yaml_name else f"{task}.yaml")).write_text(text, encoding="utf-8")
+    return f"local_{task}"
+
+
+@pytest.fixture(scope="module")
+def lm_eval_setup(tmp_path_factory, data_dir):
+    """The tiny model as a local folder, the shared items (first N_ITEMS of each file) and the
+    local task files."""
+    lm_eval = pytest.importorskip("lm_eval")  # a test extra: CI installs it
+    from medpeft.models import load_model
+
+    root = tmp_path_factory.mktemp("lm_eval_parity")
+    loaded = load_model("tiny", device="cpu", dtype="fp32")
+    loaded.model.save_pretrained(root / "tiny")
+    loaded.tokenizer.save_pretrained(root / "tiny")
+    tasks_root = Path(lm_eval.__file__).parent / "tasks"
+    sources, names = [], {}
+    for task, (benchmark, rel, *_rest) in TASKS.items():
+        every = [line for line in (data_dir / rel).read_text(encoding="utf-8").split("\n") if line.strip()]
+        # and every later row whose text has surrounding spaces (lm-eval reads the text unstripped)
+        lines = every[:N_ITEMS] + [line for line in every[N_ITEMS:] if _padded(json.loads(line))]
+        raw = root / "raw" / Path(rel).name
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        hf = root / "hf" / f"{task}.jsonl"
+        hf.parent.mkdir(parents=True, exist_ok=True)
+        hf.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                              for r in _hf_rows(benchmark, [json.loads(x) for x in lines])), encoding="utf-8")
+        names[task] = _local_task(tasks_root, task, hf, root / "tasks")
+        sources.append(SourceConfig(benchmark, str(raw), name=task, **({"cop_base": 1} if benchmark == "medmcqa"
+                                                                        else {})))
+    return {"root": root, "loaded": loaded, "sets": load_eval_sets(sources), "names": names}
+
+
+def _run_lm_eval(setup, tasks: list[str], chat: bool) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(setup["root"] / "tasks"))
+    return lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(setup["root"] / "tiny"), "dtype": "float32", "device": "cpu"},
+        tasks=[setup["names"][t] for t in tasks], batch_size=8, task_manager=manager, log_samples=True,
+        apply_chat_template=chat, bootstrap_iters=0)
+
+
+def _assert_same(setup, reference: dict, tasks: list[str], chat: bool) -> None:
+    loaded = setup["loaded"]
+    ev = Evaluator(loaded.model, loaded.tokenizer, batch_size=5, apply_chat_template=chat)
+    for task in tasks:
+        name = setup["names"][task]
+        items = setup["sets"][task]
+        ours = ev.score(items, "letters", protocol="lm-eval")
+        samples = sorted(reference["samples"][name], key=lambda s: s["doc_id"])
+        assert len(samples) == len(ours) == len(items) > 0
+        for p, s in zip(ours, samples):
+            theirs = [float(r[0]) for r in s["filtered_resps"]]
+            labels = list(p.item.record.options)
+            assert [p.scores[k] for k in labels] == pytest.approx(theirs, abs=2e-4), (task, s["doc_id"])
+            assert bool(p.correct) == bool(s["acc"]), (task, s["doc_id"])  # the same argmax, so the same item score
+            assert "".join(p.pred) == labels[max(range(len(theirs)), key=theirs.__getitem__)]
+            if "acc_norm" in s:
+                assert p.extra["acc_norm"] == bool(s["acc_norm"]), (task, s["doc_id"])
+        metrics = reference["results"][name]
+        assert sum(p.correct for p in ours) / len(ours) == pytest.approx(metrics["acc,none"], abs=1e-12)
+        if "acc_norm,none" in metrics:
+            assert sum(p.extra["acc_norm"] for p in ours) / len(ours) == pytest.approx(metrics["acc_norm,none"],
+                                                                                      abs=1e-12)
+
+
+def test_lm_eval_protocol_equals_lm_eval(lm_eval_setup):
+    tasks = list(TASKS)
+    _assert_same(lm_eval_setup, _run_lm_eval(lm_eval_setup, tasks, chat=False), tasks, chat=False)
+
+
+def test_lm_eval_protocol_with_chat_template_equals_lm_eval(lm_eval_setup):
+    """``eval.apply_chat_template``: the description as the system turn, no target delimiter."""
+    tasks = ["mmlu_anatomy", "medqa_4options"]
+    _assert_same(lm_eval_setup, _run_lm_eval(lm_eval_setup, tasks, chat=True), tasks, chat=True)
