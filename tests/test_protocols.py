@@ -170,3 +170,136 @@ def test_lm_eval_protocol_with_chat_template_equals_lm_eval(lm_eval_setup):
     """``eval.apply_chat_template``: the description as the system turn, no target delimiter."""
     tasks = ["mmlu_anatomy", "medqa_4options"]
     _assert_same(lm_eval_setup, _run_lm_eval(lm_eval_setup, tasks, chat=True), tasks, chat=True)
+
+
+# ----------------------------------------------------------------------------- OpenCompass CMB
+
+def _cmb(options: dict[str, str], answer: str, qtype: str = "single"):
+    from medpeft.data.record import QARecord
+
+    return QARecord(id="cmb/7", benchmark="cmb", language="zh", question="下列哪项正确？", options=options,
+                    answer=frozenset(answer), question_type=qtype,
+                    metadata={"exam_type": "医师考试", "exam_class": "规培结业", "exam_subject": "内科"})
+
+
+def test_opencompass_cmb_prompt_is_its_template():
+    """cmb_gen_dfb5c4.py's HUMAN prompt with CMBDataset's option_str (options of one character left out)."""
+    from medpeft.models import build_tiny_tokenizer
+    from medpeft.protocols.opencompass import OpenCompassCMB
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = None  # a base model: the HUMAN text as it is
+    rec = _cmb({"A": "发热", "B": "是", "C": "白细胞升高", "D": "咳嗽"}, "C")
+    expected = ("以下是中国医师考试中规培结业考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n"
+                "下列哪项正确？\nA. 发热\nC. 白细胞升高\nD. 咳嗽 \n 答案: ")
+    assert OpenCompassCMB().prompt(rec, tok) == expected
+    multi = _cmb({"A": "发热", "B": "咳嗽"}, "AB", "multi")
+    assert "考试的一道多项选择题，" in OpenCompassCMB().prompt(multi, tok)
+    converted = _cmb({"A": "x1", "B": "y2"}, "A")
+    converted = converted.__class__(**{**converted.__dict__, "metadata": {}})
+    assert OpenCompassCMB().task(converted) is None  # no exam type/class: OpenCompass's prompt cannot be built
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("B", "B"), ("答案: B", "B"), ("CA", "AC"), ("A、C、E", "ACE"), ("ACCA", "AC"),
+    ("The answer is B", "BT"),  # every capital counts, as in OpenCompass: scored wrong
+    ("b", ""), ("", ""), ("答案是：无", ""),
+])
+def test_opencompass_multiple_select_postprocess(output, expected):
+    """Cases of ``multiple_select_postprocess`` (OpenCompass 0.5.4): the sorted set of the capitals."""
+    from medpeft.protocols.opencompass import OpenCompassCMB, multiple_select_postprocess
+
+    assert multiple_select_postprocess(output) == expected
+    rec = _cmb({"A": "发热", "B": "咳嗽", "C": "白细胞升高"}, "B")
+    parsed = OpenCompassCMB().parse(output, rec)
+    assert parsed == (expected or None)
+
+
+def test_opencompass_cmb_scoring_counts_what_it_cannot_read(tiny):
+    """Through the evaluator: prediction = the post-processed output, correct iff it equals the
+    gold letters, an output with no capital counted as an extraction failure."""
+    from medpeft.dataset import tag_all
+    from medpeft.evaluate import set_results
+    from medpeft.protocols.opencompass import multiple_select_postprocess
+
+    recs = [_cmb({"A": "发热", "B": "咳嗽", "C": "白细胞升高"}, "ABC"[i % 3]) for i in range(6)]
+    recs = [r.__class__(**{**r.__dict__, "id": f"cmb/{i}"}) for i, r in enumerate(recs)]
+    items = tag_all(recs, "cmb")
+    preds = Evaluator(tiny.model, tiny.tokenizer, batch_size=4).score(items, "letters", protocol="opencompass-cmb")
+    for p in preds:
+        post = multiple_select_postprocess(p.text)
+        assert p.extracted == bool(post)
+        assert p.correct == (post == p.item.record.answer_text)
+    bench = set_results({"cmb": preds}, 15)["benchmarks"]["cmb"]
+    assert bench["extraction_failures"] == sum(not multiple_select_postprocess(p.text) for p in preds)
+
+
+# ----------------------------------------------------------------------------- zero-shot CoT
+
+@pytest.mark.parametrize("text, expected", [
+    ("Step 1 ... so the answer is (B).", "B"),
+    ("Reasoning.\nThe answer is C", "C"),
+    ("The final answer: D\nQ: next question. The answer is A", "D"),  # the text after a new "Q:" is not read
+    ("所以答案是B。", "B"),
+    ("The answer is Based on the above", None),  # no option letter after the phrase
+    ("I think it is B", None),  # no final-answer phrase: a failure, whatever letter appears
+    ("The answer is E.", None),  # not an option
+])
+def test_cot_final_answer_extraction(text, expected):
+    from medpeft.data.record import QARecord
+    from medpeft.protocols.cot import ZeroShotCoT
+
+    rec = QARecord(id="q/1", benchmark="medqa", language="en", question="Which?",
+                   options={"A": "a", "B": "b", "C": "c", "D": "d"}, answer=frozenset("B"), question_type="single")
+    got = ZeroShotCoT().parse(text, rec)
+    assert got == (frozenset(expected) if expected else None)
+
+
+def test_cot_multi_answer_reads_the_set():
+    from medpeft.data.record import QARecord
+    from medpeft.protocols.cot import ZeroShotCoT
+
+    rec = QARecord(id="q/2", benchmark="cmexam", language="zh", question="哪些？",
+                   options={"A": "a", "B": "b", "C": "c", "D": "d"}, answer=frozenset("AC"), question_type="multi")
+    assert ZeroShotCoT().parse("分析……答案是AC。", rec) == frozenset("AC")
+    assert ZeroShotCoT().parse("The answer is A, C and D.", rec) == frozenset("ACD")
+    assert "可能有多个正确选项" in ZeroShotCoT().prompt(rec, __import__("medpeft.models", fromlist=["x"])
+                                                   .build_tiny_tokenizer())
+
+
+# ----------------------------------------------------------------------------- in the pipeline
+
+def test_results_record_protocol_hash_revision_and_failures(tmp_path):
+    """``medpeft eval`` under two protocols: each result names its protocol, the prompts' hash
+    differs between them, the model revision is recorded, the extra protocol lands in its own
+    folder and compare pairs the two on the same items."""
+    from medpeft.cli import main
+    from medpeft.compare import compare_runs
+
+    out = tmp_path / "ev"
+    assert main(["eval", "tiny", "--config", "quickstart", "--out", str(out), "eval.extra_protocols=[lm-eval, cot]",
+                 "eval.cot_max_new_tokens=4"]) == 0
+    head = json.loads((out / "results.json").read_text())
+    lm = json.loads((out / "protocol-lm-eval" / "results.json").read_text())
+    cot = json.loads((out / "protocol-cot" / "results.json").read_text())
+    assert head["protocol"] == "medpeft" and lm["protocol"] == "lm-eval" and cot["protocol"] == "cot"
+    assert head["model_revision"] == lm["model_revision"] == "built-in tiny, seed 1234"
+    shared = sorted(set(head["benchmarks"]) & set(lm["benchmarks"]))
+    assert shared and lm["skipped_sets"] == sorted(set(head["benchmarks"]) - set(lm["benchmarks"]))
+    for name in shared:
+        assert head["benchmarks"][name]["prompt_hash"] != lm["benchmarks"][name]["prompt_hash"]
+        assert "acc_norm" in lm["benchmarks"][name]
+    # four new tokens cannot finish a chain of thought: every answer fails to parse, and says so
+    assert all(b["extraction_failure_rate"] == 1.0 for b in cot["benchmarks"].values())
+    pairs = compare_runs([out / "predictions.jsonl", out / "protocol-lm-eval" / "predictions.jsonl"], intersect=True)
+    assert pairs[0]["n"] == sum(head["benchmarks"][b]["n"] for b in shared)
+    assert {pairs[0]["a"], pairs[0]["b"]} == {"ev", "ev:lm-eval"}
+
+
+def test_a_protocol_that_defines_no_task_for_a_set_is_refused_before_loading(tmp_path, capsys):
+    from medpeft.cli import main
+
+    code = main(["eval", "tiny", "--config", "quickstart", "--out", str(tmp_path / "x"), "eval.protocol=lm-eval"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.protocol" in err and "cmexam-examples" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

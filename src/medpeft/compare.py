@@ -22,8 +22,7 @@ def find_predictions(path: Path) -> list[tuple[str, Path]]:
     """(label, predictions file) for a file, a run folder, or a folder of run folders."""
     path = Path(path)
     if path.is_file():
-        label = path.parent.parent.name if path.parent.name == "eval" else path.stem
-        return [(label, path)]
+        return [(_file_label(path), path)]
     if (path / "eval" / "predictions.jsonl").exists():
         return [(path.name, path / "eval" / "predictions.jsonl")]
     found = sorted((p.parent.parent.name, p) for p in path.glob("*/eval/predictions.jsonl"))
@@ -32,12 +31,45 @@ def find_predictions(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def _folder_label(folder: Path) -> str:
+    return folder.parent.name if folder.name == "eval" else folder.name
+
+
+def _file_label(path: Path) -> str:
+    """A predictions file's label: its run (``RUN/eval/predictions.jsonl`` -> ``RUN``), with the
+    protocol of an extra-protocol folder (``RUN/eval/protocol-lm-eval/...`` -> ``RUN:lm-eval``)."""
+    folder = path.parent
+    if folder.name.startswith("protocol-"):
+        return f"{_folder_label(folder.parent)}:{folder.name[len('protocol-'):]}"
+    return _folder_label(folder) if path.stem == "predictions" else path.stem
+
+
 def load_correctness(path: Path) -> dict[tuple[str, str], float]:
+    """(benchmark, id) -> the item's score (:func:`load_predictions`)."""
+    return load_predictions(path)[0]
+
+
+def _item_calibration(row: dict) -> tuple[float, float] | None:
+    """(Brier, NLL) of a single-answer row whose option scores cover its options, else None."""
+    from .stats import item_calibration
+
+    scores, gold = row.get("scores"), row.get("gold")
+    if not isinstance(scores, dict) or not isinstance(gold, str) or len(gold) != 1 or gold not in scores \
+            or len(scores) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and np.isfinite(v) for v in scores.values()):
+        return None
+    got = item_calibration(scores, gold)
+    return got["brier"], got["nll"]
+
+
+def load_predictions(path: Path) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], tuple[float, float]]]:
     """(benchmark, id) -> the item's score from a ``predictions.jsonl``: 1/0 for a QA item's
     ``correct``, a summarisation item's ``score`` (ROUGE-L F in [0, 1]). A malformed row is one
     line naming the file, line and field (``correct`` must be a JSON boolean: a string "false"
-    would otherwise count as correct)."""
+    would otherwise count as correct). Also (benchmark, id) -> (Brier, NLL) of the
+    single-answer items whose option scores are there (``stats.item_calibration``)."""
     out: dict[tuple[str, str], float] = {}
+    calibration: dict[tuple[str, str], tuple[float, float]] = {}
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -69,9 +101,12 @@ def load_correctness(path: Path) -> dict[tuple[str, str], float]:
         if key in out:
             raise MedpeftError(f"{path}: line {lineno}: field 'id': duplicate item {key[1]!r} in {key[0]}")
         out[key] = float(row["score"]) if "score" in row else float(row["correct"])
+        item = _item_calibration(row) if "score" not in row else None
+        if item is not None:
+            calibration[key] = item
     if not out:
         raise MedpeftError(f"{path}: no prediction rows")
-    return out
+    return out, calibration
 
 
 def _paired(a: dict, b: dict, names: tuple[str, str], intersect: bool) -> list[tuple[str, str]]:
@@ -88,8 +123,25 @@ def _paired(a: dict, b: dict, names: tuple[str, str], intersect: bool) -> list[t
     return shared
 
 
+def calibration_deltas(a: dict, b: dict, keys: list[tuple[str, str]], n_resamples: int, seed: int) -> dict | None:
+    """Paired deltas (A - B) of the mean Brier score and NLL over the items both runs have option
+    scores for, each with its benchmark-stratified paired bootstrap interval; lower is better."""
+    shared = [k for k in keys if k in a and k in b]
+    if not shared:
+        return None
+    bench = np.array([k[0] for k in shared])
+    out = {"n": len(shared)}
+    for j, metric in enumerate(("brier", "nll")):
+        delta = np.array([a[k][j] - b[k][j] for k in shared])
+        boot = stratified_paired_bootstrap({name: delta[bench == name] for name in sorted(set(bench.tolist()))},
+                                           n_resamples=n_resamples, seed=seed)
+        out[metric] = {"delta": boot["macro_delta"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
+                       "a": float(np.mean([a[k][j] for k in shared])), "b": float(np.mean([b[k][j] for k in shared]))}
+    return out
+
+
 def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = False,
-                 n_resamples: int = 10_000, seed: int = 0) -> dict:
+                 n_resamples: int = 10_000, seed: int = 0, calibration: tuple[dict, dict] | None = None) -> dict:
     keys = _paired(a, b, names, intersect)
     ca = np.array([a[k] for k in keys], dtype=float)
     cb = np.array([b[k] for k in keys], dtype=float)
@@ -99,7 +151,8 @@ def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = 
     # the sign test counts the items where one run scores higher (correct vs wrong, or the
     # higher ROUGE-L); ties are dropped
     wins, losses = int((ca > cb).sum()), int((ca < cb).sum())
-    return {
+    calib = calibration_deltas(*calibration, keys, n_resamples, seed) if calibration else None
+    return {**({"calibration": calib} if calib else {}),
         "a": names[0], "b": names[1], "n": len(keys),
         "macro_delta": 100 * boot["macro_delta"], "ci_low": 100 * boot["ci_low"], "ci_high": 100 * boot["ci_high"],
         "wins": wins, "losses": losses, "ties": len(keys) - wins - losses, "sign_p": sign_test(wins, losses),
@@ -123,9 +176,9 @@ def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_
         raise MedpeftError(f"two inputs share the label {next(l for l in labels if labels.count(l) > 1)!r}")
     if len(runs) < 2:
         raise MedpeftError("compare needs at least two runs")
-    data = {label: load_correctness(path) for label, path in runs}
-    pairs = [compare_pair(data[x], data[y], (x, y), intersect=intersect, n_resamples=n_resamples, seed=seed)
-             for x, y in itertools.combinations(labels, 2)]
+    data = {label: load_predictions(path) for label, path in runs}
+    pairs = [compare_pair(data[x][0], data[y][0], (x, y), intersect=intersect, n_resamples=n_resamples, seed=seed,
+                          calibration=(data[x][1], data[y][1])) for x, y in itertools.combinations(labels, 2)]
     for pair, adjusted in zip(pairs, holm([p["sign_p"] for p in pairs])):
         pair["sign_p_holm"] = adjusted
     return pairs
@@ -142,4 +195,14 @@ def compare_table(pairs: list[dict]) -> str:
         lines.append(f"| {p['a']} vs {p['b']} | {p['macro_delta']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
                      f"{p['wins']} / {p['losses']} / {p['ties']} | {p['sign_p']:.3g} ({p['sign_p_holm']:.3g}) | "
                      + " | ".join(cells) + " |")
+    calibrated = [p for p in pairs if p.get("calibration")]
+    if calibrated:
+        lines += ["", "Calibration (single-answer items with option scores; A - B, lower is better; stratified "
+                  "paired bootstrap 95% CI):", "", "| A vs B | n | Brier delta [95% CI] | NLL delta [95% CI] |",
+                  "|---|---|---|---|"]
+        for p in calibrated:
+            c = p["calibration"]
+            lines.append(f"| {p['a']} vs {p['b']} | {c['n']} | {c['brier']['delta']:+.4f} "
+                         f"[{c['brier']['ci_low']:+.4f}, {c['brier']['ci_high']:+.4f}] | {c['nll']['delta']:+.4f} "
+                         f"[{c['nll']['ci_low']:+.4f}, {c['nll']['ci_high']:+.4f}] |")
     return "\n".join(lines) + "\n"
