@@ -303,3 +303,28 @@ def test_a_protocol_that_defines_no_task_for_a_set_is_refused_before_loading(tmp
     err = capsys.readouterr().err
     assert code == 2 and "eval.protocol" in err and "cmexam-examples" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_report_has_protocol_calibration_and_robustness_tables(tmp_path):
+    from medpeft.cli import main
+
+    out = tmp_path / "suite"
+    assert main(["suite", "quickstart", f"output_dir={out}", "methods=[lora-r16, birg]", "train.steps=2",
+                 "eval.extra_protocols=[lm-eval]", "eval.permute_options=cyclic"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    md = (out / "report" / "report.md").read_text()
+    assert "## Protocols" in md and "## Calibration" in md and "## Option-order robustness" in md
+    lm = json.loads((out / "birg" / "eval" / "protocol-lm-eval" / "results.json").read_text())
+    for bench, v in lm["benchmarks"].items():
+        cell = report["protocols"]["birg"]["lm-eval"][bench]
+        assert cell["accuracy"] == pytest.approx(100 * v["accuracy"])
+        assert cell["acc_norm"] == pytest.approx(100 * v["acc_norm"])
+    head = json.loads((out / "lora-r16" / "eval" / "results.json").read_text())
+    calib = {(r["label"], r["protocol"], r["benchmark"]): r for r in report["calibration"]}
+    for bench, v in head["benchmarks"].items():
+        assert calib[("lora-r16", "medpeft", bench)]["ece"] == pytest.approx(v["calibration"]["ece"])
+    rob = {(r["label"], r["benchmark"]): r for r in report["robustness"]}
+    for bench, v in head["robustness"]["sets"].items():
+        assert rob[("lora-r16", bench)]["robust_accuracy"] == v["robust_accuracy"]
+        assert rob[("lora-r16", bench)]["accuracy"] == pytest.approx(head["benchmarks"][bench]["accuracy"])
+    assert (out / "birg" / "eval" / "reliability-medqa-examples.png").stat().st_size > 5000

@@ -65,8 +65,103 @@ def collect_runs(root: Path) -> dict[str, dict]:
         pert = run_dir / "eval" / "perturbation.json"
         entry["seeds"].append({"run_dir": str(run_dir), "results": res,
                                "perturbation": read_result_file(pert, ("rates", "clean_macro")) if pert.exists()
-                               else None})
+                               else None,
+                               "protocols": results_by_protocol(res, run_dir / "eval")})
     return runs
+
+
+def results_by_protocol(headline_results: dict, eval_dir: Path) -> dict[str, dict[str, dict]]:
+    """protocol -> benchmark -> its result, from ``eval/results.json`` (each set under its own
+    protocol; results written before protocols existed are ``medpeft``'s) and the extra
+    protocols' ``eval/protocol-<name>/results.json``."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, bench in headline_results["benchmarks"].items():
+        out.setdefault(bench.get("protocol", "medpeft"), {})[name] = bench
+    for path in sorted(Path(eval_dir).glob("protocol-*/results.json")):
+        res = read_result_file(path, ("benchmarks", "macro_accuracy"))
+        for name, bench in res["benchmarks"].items():
+            out.setdefault(bench.get("protocol", path.parent.name[len("protocol-"):]), {})[name] = bench
+    return out
+
+
+def protocol_table(runs: dict[str, dict]) -> tuple[str, dict] | None:
+    """One row per method, one column per (protocol, benchmark): accuracy (%) mean over seeds,
+    lm-eval's ``acc_norm`` beside it, and the answer-extraction failure rate where any; None
+    when every run was scored under one protocol only."""
+    columns: list[tuple[str, str]] = []
+    for r in runs.values():
+        for s in r["seeds"]:
+            columns += [(p, b) for p, benches in s["protocols"].items() for b in benches if (p, b) not in columns]
+    if len({p for p, _ in columns}) < 2:
+        return None
+    columns.sort(key=lambda c: (c[0] != "medpeft", c[0]))
+    lines = ["| Method | " + " | ".join(f"{b} [{p}]" for p, b in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    data: dict = {}
+    for label, r in runs.items():
+        cells = []
+        for p, b in columns:
+            found = [s["protocols"][p][b] for s in r["seeds"] if b in s["protocols"].get(p, {})]
+            if not found:
+                cells.append("-")
+                continue
+            acc = statistics.fmean(100 * headline(v) for v in found)
+            cell = f"{acc:.1f}"
+            if all("acc_norm" in v for v in found):
+                norm = statistics.fmean(100 * v["acc_norm"] for v in found)
+                cell += f" (norm {norm:.1f})"
+            fail = statistics.fmean(100 * v.get("extraction_failure_rate", 0.0) for v in found)
+            if fail > 0:
+                cell += f" [no answer {fail:.0f}%]"
+            cells.append(cell)
+            data.setdefault(label, {}).setdefault(p, {})[b] = {
+                "accuracy": acc, "acc_norm": norm if all("acc_norm" in v for v in found) else None,
+                "extraction_failure_rate": fail, "seeds": len(found)}
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", data
+
+
+def calibration_table(runs: dict[str, dict]) -> tuple[str, list[dict]] | None:
+    """Calibration of each method's scored sets (first seed), under each protocol that gives
+    option probabilities: ECE, Brier, NLL, and accuracy at half coverage."""
+    rows = []
+    for label, r in runs.items():
+        seed = r["seeds"][0]
+        for protocol, benches in seed["protocols"].items():
+            for bench, v in benches.items():
+                c = v.get("calibration")
+                if c and c.get("n"):
+                    rows.append({"label": label, "protocol": protocol, "benchmark": bench, "n": c["n"],
+                                 "bins": c["bins"], "ece": c["ece"], "brier": c["brier"], "nll": c["nll"],
+                                 "accuracy_at_half_coverage": c["selective"]["accuracy_at_coverage"]["0.5"]})
+    if not rows:
+        return None
+    lines = ["| Method | protocol | benchmark | n | ECE (%) | Brier | NLL | accuracy at 50% coverage (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['label']} | {x['protocol']} | {x['benchmark']} | {x['n']} | {100 * x['ece']:.1f} | "
+              f"{x['brier']:.3f} | {x['nll']:.3f} | {100 * x['accuracy_at_half_coverage']:.1f} |" for x in rows]
+    return "\n".join(lines) + "\n", rows
+
+
+def robustness_table(runs: dict[str, dict]) -> tuple[str, list[dict]] | None:
+    """Option-order robustness of each method (first seed): accuracy as released, robust accuracy,
+    agreement across rotations and the most over-predicted position."""
+    rows = []
+    for label, r in runs.items():
+        rob = r["seeds"][0]["results"].get("robustness")
+        for bench, v in (rob or {}).get("sets", {}).items():
+            if v.get("n"):
+                rows.append({"label": label, "benchmark": bench, **v})
+    if not rows:
+        return None
+    lines = ["| Method | benchmark | n | rotations | accuracy (%) | per rotation (%) | robust accuracy (%) | "
+             "agreement (%) | most over-predicted position |", "|---" * 9 + "|"]
+    for x in rows:
+        worst = x["max_position_excess"]
+        lines.append(f"| {x['label']} | {x['benchmark']} | {x['n']} | {x['rotations']} | {100 * x['accuracy']:.1f} | "
+                     + " / ".join(f"{100 * a:.0f}" for a in x["accuracy_by_rotation"])
+                     + f" | {100 * x['robust_accuracy']:.1f} | {100 * x['agreement']:.1f} | "
+                     f"{worst['position']} (+{100 * worst['excess']:.0f} pp over gold) |")
+    return "\n".join(lines) + "\n", rows
 
 
 # the type each field of medpeft's result files must have
@@ -278,6 +373,25 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
             name = f"ablations-{full.replace('/', '_')}.png"
             plot_ablation_drops(rows, full, out / name, members)
             parts += [f"![ablations of {full}]({name})", ""]
+    extras: dict = {}
+    protocols = protocol_table(runs)
+    if protocols:
+        parts += ["## Protocols", "", "Accuracy (%) of each method under each evaluation protocol (docs/evaluation.md); "
+                  "lm-eval's acc_norm in brackets, answers that could not be parsed as [no answer]. A gap between "
+                  "columns of one benchmark is the protocol's, not the method's.", "", protocols[0]]
+        extras["protocols"] = protocols[1]
+    calibration = calibration_table(runs)
+    if calibration:
+        plots = sorted(Path(root).rglob("eval/reliability-*.png")) + sorted(Path(root).rglob("eval/protocol-*/reliability-*.png"))
+        parts += ["## Calibration", "", f"From the option probabilities (softmax of the option scores), single-answer "
+                  f"items; ECE over {calibration[1][0]['bins']} equal-width bins (docs/statistics.md).", "",
+                  calibration[0]] + [f"![{p.relative_to(root)}]({Path(p).resolve()})" for p in plots] + [""]
+        extras["calibration"] = calibration[1]
+    robustness = robustness_table(runs)
+    if robustness:
+        parts += ["## Option-order robustness", "", "Every item re-scored under each cyclic rotation of its options "
+                  "(eval.permute_options: cyclic).", "", robustness[0]]
+        extras["robustness"] = robustness[1]
     audits = sorted(Path(root).rglob("audit/*.png"))
     if audits:  # usage heatmaps written by `medpeft audit` in the run folders
         parts += ["## Routing audits", ""] + [f"![{p.parent.parent.relative_to(root)}]({Path(p).resolve()})"
@@ -292,6 +406,6 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
                   "Benchmark-stratified paired bootstrap (10,000 resamples) of the macro delta, pooled sign test, "
                   "Holm-corrected (docs/statistics.md).", "", compare_table(pairs)]
     write_text(out / "report.md", "\n".join(parts) + "\n")
-    report = {"root": str(root), "methods": rows, "comparisons": pairs}
+    report = {"root": str(root), "methods": rows, "comparisons": pairs, **extras}
     write_json(out / "report.json", report)
     return report
