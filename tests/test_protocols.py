@@ -96,23 +96,17 @@ def _local_task(lm_eval_tasks: Path, task: str, data: Path, out: Path) -> str:
     return f"local_{task}"
 
 
-@pytest.fixture(scope="module")
-def lm_eval_setup(tmp_path_factory, data_dir):
-    """The tiny model as a local folder, the shared items (first N_ITEMS of each file) and the
-    local task files."""
+def _parity_setup(root: Path, loaded, folder: Path, data_dir: Path, tasks: list[str], n_items: int) -> dict:
+    """The shared items (first ``n_items`` of each file, and any later row with padded text) as
+    medpeft eval sets and as lm-eval local tasks, for the model saved in ``folder``."""
     lm_eval = pytest.importorskip("lm_eval")  # a test extra: CI installs it
-    from medpeft.models import load_model
-
-    root = tmp_path_factory.mktemp("lm_eval_parity")
-    loaded = load_model("tiny", device="cpu", dtype="fp32")
-    loaded.model.save_pretrained(root / "tiny")
-    loaded.tokenizer.save_pretrained(root / "tiny")
     tasks_root = Path(lm_eval.__file__).parent / "tasks"
     sources, names = [], {}
-    for task, (benchmark, rel, *_rest) in TASKS.items():
+    for task in tasks:
+        benchmark, rel = TASKS[task][:2]
         every = [line for line in (data_dir / rel).read_text(encoding="utf-8").split("\n") if line.strip()]
         # and every later row whose text has surrounding spaces (lm-eval reads the text unstripped)
-        lines = every[:N_ITEMS] + [line for line in every[N_ITEMS:] if _padded(json.loads(line))]
+        lines = every[:n_items] + [line for line in every[n_items:] if _padded(json.loads(line))]
         raw = root / "raw" / Path(rel).name
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -123,7 +117,20 @@ def lm_eval_setup(tmp_path_factory, data_dir):
         names[task] = _local_task(tasks_root, task, hf, root / "tasks")
         sources.append(SourceConfig(benchmark, str(raw), name=task, **({"cop_base": 1} if benchmark == "medmcqa"
                                                                         else {})))
-    return {"root": root, "loaded": loaded, "sets": load_eval_sets(sources), "names": names}
+    return {"root": root, "model_dir": folder, "loaded": loaded, "sets": load_eval_sets(sources), "names": names}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_setup(tmp_path_factory, data_dir):
+    """The tiny model saved as a local folder, over every task of TASKS."""
+    pytest.importorskip("lm_eval")
+    from medpeft.models import load_model
+
+    root = tmp_path_factory.mktemp("lm_eval_parity")
+    loaded = load_model("tiny", device="cpu", dtype="fp32")
+    loaded.model.save_pretrained(root / "tiny")
+    loaded.tokenizer.save_pretrained(root / "tiny")
+    return _parity_setup(root, loaded, root / "tiny", data_dir, list(TASKS), N_ITEMS)
 
 
 def _run_lm_eval(setup, tasks: list[str], chat: bool) -> dict:
@@ -132,7 +139,7 @@ def _run_lm_eval(setup, tasks: list[str], chat: bool) -> dict:
 
     manager = TaskManager(include_path=str(setup["root"] / "tasks"))
     return lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(setup["root"] / "tiny"), "dtype": "float32", "device": "cpu"},
+        model="hf", model_args={"pretrained": str(setup["model_dir"]), "dtype": "float32", "device": "cpu"},
         tasks=[setup["names"][t] for t in tasks], batch_size=8, task_manager=manager, log_samples=True,
         apply_chat_template=chat, bootstrap_iters=0)
 
@@ -170,6 +177,19 @@ def test_lm_eval_protocol_with_chat_template_equals_lm_eval(lm_eval_setup):
     """``eval.apply_chat_template``: the description as the system turn, no target delimiter."""
     tasks = ["mmlu_anatomy", "medqa_4options"]
     _assert_same(lm_eval_setup, _run_lm_eval(lm_eval_setup, tasks, chat=True), tasks, chat=True)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
+def test_lm_eval_protocol_equals_lm_eval_on_smollm2(tmp_path, data_dir, smollm2_source, chat):
+    """The real small model (a BPE tokenizer that merges " A", a real chat template)."""
+    from medpeft.models import load_model
+
+    loaded = load_model(smollm2_source, device="cpu", dtype="fp32")
+    tasks = ["medqa_4options", "pubmedqa", "mmlu_anatomy", "cmmlu_anatomy"] if not chat else ["mmlu_anatomy",
+                                                                                               "medmcqa"]
+    setup = _parity_setup(tmp_path, loaded, Path(smollm2_source), data_dir, tasks, 12)
+    _assert_same(setup, _run_lm_eval(setup, tasks, chat=chat), tasks, chat=chat)
 
 
 # ----------------------------------------------------------------------------- OpenCompass CMB
