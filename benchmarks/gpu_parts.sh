@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gpu-8b suite in parts that each fit a 10-minute device call (docs/performance.md).
 #
-#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..9 or all; OUT_DIR default: $OUT or .
+#   bash benchmarks/gpu_parts.sh PART [OUT_DIR]      # PART: 1..10 or all; OUT_DIR default: $OUT or .
 #
 # Each part prints its table and writes OUT_DIR/partN.json (rewritten as it goes, so a part
 # cut short keeps what it measured). About 30 s of compilation per method on an H100.
@@ -38,11 +38,12 @@ run_part() {
          --json "$out/part9.json" | tee "$out/part9.md"
        python benchmarks/parallel.py --config gpu-8b --methods full --fsdp --processes "$n" \
          --json "$out/part9-fsdp.json" | tee -a "$out/part9.md" ;;
-    *) echo "unknown part: $1 (1..9 or all)" >&2; exit 2 ;;
+    10) python benchmarks/protocols.py --config gpu-8b --json "$out/part10.json" | tee "$out/part10.md" ;;
+    *) echo "unknown part: $1 (1..10 or all)" >&2; exit 2 ;;
   esac
 }
 if [ "$part" = all ]; then
-  for p in 1 2 3 4 5 6 7 8 9; do run_part "$p"; done
+  for p in 1 2 3 4 5 6 7 8 9 10; do run_part "$p"; done
 else
   run_part "$part"
 fi

@@ -189,19 +189,22 @@ def test_resume_continues_exactly_with_the_same_and_another_number_of_processes(
 def test_evaluation_shards_items_and_writes_the_one_process_files(tmp_path, data_dir):
     """Scored by two processes (each every other batch): predictions.jsonl and results.json
     equal the one-process files byte for byte -- single-answer, multi-answer (constrained
-    decoding) and open-ended (generated) items, a routed method."""
+    decoding) and open-ended (generated) items, a routed method; the extra protocols'
+    files (log-likelihood and generation protocols) and the option-order robustness too."""
     config = write_config(tmp_path, ["moelora"], steps=2)
     benchmarks = [{"benchmark": "cmb", "name": "cmb-examples", "path": "pkg:cmb_train.json"},
                   {"benchmark": "medqa", "name": "medqa-examples", "path": "pkg:medqa_dev.jsonl"},
                   {"benchmark": "gsm8k", "name": "gsm8k", "path": str(data_dir / "gsm8k" / "test.rows0-299.jsonl"),
                    "limit": 6}]
-    overrides = [f"eval.benchmarks={json.dumps(benchmarks)}", "eval.max_new_tokens=4"]
+    overrides = [f"eval.benchmarks={json.dumps(benchmarks)}", "eval.max_new_tokens=4",
+                 "eval.extra_protocols=[lm-eval, opencompass-cmb]", "eval.permute_options=cyclic"]
     assert main(["train", str(config), f"output_dir={tmp_path / 'one'}", *overrides]) == 0
     run = tmp_path / "one" / "moelora"
     assert main(["eval", str(run), "--out", str(tmp_path / "eval-one")]) == 0
     done = torchrun("eval", str(run), "--out", str(tmp_path / "eval-two"))
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("predictions.jsonl", "results.json"):
+    for name in ("predictions.jsonl", "results.json", "robustness.json", "protocol-lm-eval/predictions.jsonl",
+                 "protocol-lm-eval/results.json", "protocol-opencompass-cmb/predictions.jsonl"):
         assert (tmp_path / "eval-two" / name).read_bytes() == (tmp_path / "eval-one" / name).read_bytes(), name
     rows = [json.loads(line) for line in (tmp_path / "eval-two" / "predictions.jsonl").read_text().splitlines()]
     assert {r["benchmark"] for r in rows} == {"cmb-examples", "medqa-examples", "gsm8k"}

@@ -314,6 +314,10 @@ def test_results_record_protocol_hash_revision_and_failures(tmp_path):
     pairs = compare_runs([out / "predictions.jsonl", out / "protocol-lm-eval" / "predictions.jsonl"], intersect=True)
     assert pairs[0]["n"] == sum(head["benchmarks"][b]["n"] for b in shared)
     assert {pairs[0]["a"], pairs[0]["b"]} == {"ev", "ev:lm-eval"}
+    # one run folder alone: its protocols against each other, on the items both define
+    across = {(p["a"], p["b"]): p for p in compare_runs([out])}
+    assert set(across) == {("ev", "ev:cot"), ("ev", "ev:lm-eval"), ("ev:cot", "ev:lm-eval")}
+    assert across[("ev", "ev:lm-eval")]["macro_delta"] == pytest.approx(pairs[0]["macro_delta"])
 
 
 def test_a_protocol_that_defines_no_task_for_a_set_is_refused_before_loading(tmp_path, capsys):

@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("compare", help="paired statistics between runs: stratified bootstrap, sign test, Holm")
-    p.add_argument("runs", nargs="+", help="run folders, folders of runs, or predictions.jsonl files")
+    p.add_argument("runs", nargs="+", help="run folders, folders of runs, or predictions.jsonl files (one run "
+                   "folder scored under eval.extra_protocols: its protocols against each other)")
     p.add_argument("--intersect", action="store_true", help="compare only the items all runs share")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

@@ -162,8 +162,24 @@ def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = 
     }
 
 
+def protocol_predictions(path: Path) -> list[tuple[str, Path]]:
+    """A run folder's headline predictions and those of its extra protocols
+    (``eval/protocol-<name>/``), labelled ``RUN`` and ``RUN:<name>``; [] when it has none."""
+    path = Path(path)
+    eval_dir = path / "eval" if (path / "eval" / "predictions.jsonl").exists() else path
+    extra = sorted(eval_dir.glob("protocol-*/predictions.jsonl"))
+    if not extra or not (eval_dir / "predictions.jsonl").exists():
+        return []
+    return [(_file_label(eval_dir / "predictions.jsonl"), eval_dir / "predictions.jsonl")] + \
+        [(_file_label(p), p) for p in extra]
+
+
 def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int = 10_000, seed: int = 0) -> list[dict]:
-    """Every pair of the given runs (in order), with Holm-adjusted sign-test p-values."""
+    """Every pair of the given runs (in order), with Holm-adjusted sign-test p-values. One run
+    folder scored under extra protocols compares its protocols with each other, on the items
+    both define (a protocol may skip sets)."""
+    if len(paths) == 1 and protocol_predictions(paths[0]):
+        return compare_labeled(protocol_predictions(paths[0]), intersect=True, n_resamples=n_resamples, seed=seed)
     return compare_labeled([item for p in paths for item in find_predictions(p)], intersect=intersect,
                            n_resamples=n_resamples, seed=seed)
 

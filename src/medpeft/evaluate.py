@@ -292,51 +292,59 @@ class Evaluator:
         sequence (single-token continuations after one context) share one forward pass."""
         limit = lm_eval_max_length(self.model, self.tok)
         requests = [proto.request(t.record, self.tok, self.apply_chat_template) for t in items]
-        inputs: dict[tuple[int, ...], int] = {}  # unique input sequence -> its index
+        inputs: dict[tuple, int] = {}  # unique (input sequence, routing tags) -> its index
+        seqs: list[list[int]] = []
         owners: list[int] = []  # item index of each unique input (its routing tags)
+        needs: list[set[tuple[int, ...]]] = []  # continuations scored from each input
         wanted = []  # per item, per choice: (input index, continuation ids)
         for i, req in enumerate(requests):
             row = []
+            tags = items[i].tags
             for cont_text in req.continuations:
                 ctx, cont = encode_pair(self.tok, req.context, cont_text)
                 if not cont:
                     raise MedpeftError(f"item {items[i].record.id}: the choice {cont_text!r} encodes to no tokens")
-                seq = tuple((ctx + cont)[-(limit + 1):][:-1])
-                if seq not in inputs:
-                    inputs[seq] = len(owners)
+                seq = (ctx + cont)[-(limit + 1):][:-1]
+                key = (tuple(seq), tags.specialty_id, tags.operation_id)
+                if key not in inputs:
+                    inputs[key] = len(owners)
+                    seqs.append(seq)
                     owners.append(i)
-                row.append((inputs[seq], cont))
+                    needs.append(set())
+                needs[inputs[key]].add(tuple(cont))
+                row.append((inputs[key], tuple(cont)))
             wanted.append(row)
-        keep = [0] * len(owners)  # positions whose logits are read, per input
-        for row in wanted:
-            for k, cont in row:
-                keep[k] = max(keep[k], len(cont))
-        seqs = list(inputs)
         order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
-        def forward(batch: list[int]) -> dict[int, torch.Tensor]:
-            ids, mask = left_pad([list(seqs[k]) for k in batch], self.pad_id, self.device)
+        def forward(batch: list[int]) -> dict[int, dict[tuple[int, ...], float]]:
+            """Per input of the batch, the summed log-likelihood of each continuation it scores
+            (only those numbers leave the batch: full rows of the vocabulary would not fit)."""
+            ids, mask = left_pad([seqs[k] for k in batch], self.pad_id, self.device)
             self._route([items[owners[k]] for k in batch], mask, freeze=False)
-            width = max(keep[k] for k in batch)
+            width = max(len(c) for k in batch for c in needs[k])
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             with autocast_for(self.model):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                  logits_to_keep=width, use_cache=False)
             logprobs = torch.log_softmax(out.logits[:, -width:].float(), dim=-1)
-            return {k: logprobs[r, width - keep[k]:].cpu() for r, k in enumerate(batch)}
+            result = {}
+            for r, k in enumerate(batch):
+                result[k] = {}
+                for cont in needs[k]:  # the last len(cont) positions predict the continuation's tokens
+                    rows = logprobs[r, width - len(cont):]
+                    picked = rows[torch.arange(len(cont), device=rows.device), torch.tensor(cont, device=rows.device)]
+                    result[k][cont] = float(picked.sum())
+            return result
 
         batch_of = {k: b for b, batch in enumerate(batches) for k in batch}
         sizes = [0] * len(batches)
         for row in wanted:  # progress counts an item with the batch of its first input
             sizes[batch_of[row[0][0]]] += 1
-        logits = self._sharded(batches, forward, sizes, bar)
+        lls_by_input = self._sharded(batches, forward, sizes, bar)
         out = []
         for t, req, row in zip(items, requests, wanted):
-            lls = []
-            for k, cont in row:
-                rows = logits[k][keep[k] - len(cont):]
-                lls.append(float(rows[torch.arange(len(cont)), torch.tensor(cont)].sum()))
+            lls = [lls_by_input[k][cont] for k, cont in row]
             scores = dict(zip(req.labels, lls))
             best = max(range(len(lls)), key=lambda j: lls[j])
             best_norm = max(range(len(lls)), key=lambda j: lls[j] / req.choice_lengths[j])
@@ -406,10 +414,11 @@ class Evaluator:
                         preds[group[j]] = p
                     bar.update(sum(len(batches[c][0]) for c in range(b, min(b + proc.world, len(batches)))))
         if proc.distributed:
-            mine = [(i, p.pred, p.correct, p.scores, p.text) for i, p in enumerate(preds) if p is not None]
+            mine = [(i, p.pred, p.correct, p.scores, p.text, p.extracted, p.extra) for i, p in enumerate(preds)
+                    if p is not None]
             for rows in proc.gather(mine):
-                for i, pred, correct, scores, text in rows:
-                    preds[i] = Prediction(items[i], pred, correct, scores, text)
+                for i, pred, correct, scores, text, extracted, extra in rows:
+                    preds[i] = Prediction(items[i], pred, correct, scores, text, extracted, extra)
         return preds  # type: ignore[return-value]
 
     def _score_letters(self, items: list[TaggedRecord], seqs: list[list[int]]) -> list[Prediction]:
