@@ -1,9 +1,11 @@
 """Paired comparison of methods over the same evaluation items (``medpeft compare``).
 
 Inputs are run folders (their ``eval/predictions.jsonl``), suite folders holding
-``<method>/eval/predictions.jsonl``, or prediction files. Items are paired by
-(benchmark, id); a missing or extra item is an error unless ``intersect`` is set.
-Differences are A - B in percentage points.
+``<method>/eval/predictions.jsonl`` or ``<method>/seed-<s>/eval/predictions.jsonl``, or
+prediction files. Items are paired by (benchmark, id); a missing or extra item is an error
+unless ``intersect`` is set. Differences are A - B in percentage points. A method with
+several training seeds is compared on its seed-averaged item scores, and with a two-level
+(seeds, then items) bootstrap interval beside the item-only one (docs/statistics.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MedpeftError
-from .stats import holm, sign_test, stratified_paired_bootstrap
+from .stats import holm, seed_item_bootstrap, sign_test, stratified_paired_bootstrap
 
 
 def find_predictions(path: Path) -> list[tuple[str, Path]]:
@@ -26,6 +28,7 @@ def find_predictions(path: Path) -> list[tuple[str, Path]]:
     if (path / "eval" / "predictions.jsonl").exists():
         return [(path.name, path / "eval" / "predictions.jsonl")]
     found = sorted((p.parent.parent.name, p) for p in path.glob("*/eval/predictions.jsonl"))
+    found += sorted((p.parent.parent.parent.name, p) for p in path.glob("*/seed-*/eval/predictions.jsonl"))
     if not found:
         raise MedpeftError(f"{path}: no predictions.jsonl (expected a run folder, a folder of runs, or a file)")
     return found
@@ -162,6 +165,16 @@ def compare_pair(a: dict, b: dict, names: tuple[str, str], *, intersect: bool = 
     }
 
 
+def _seed_and_item_interval(a: list, b: list, keys: list[tuple[str, str]], n_resamples: int, seed: int) -> dict:
+    """The two-level (seeds, then items) bootstrap interval of the macro delta (percentage points)."""
+    bench = [k[0] for k in keys]
+    names = sorted(set(bench))
+    matrix = lambda runs, name: np.array([[s[k] for k in keys if k[0] == name] for s, _ in runs])  # noqa: E731
+    boot = seed_item_bootstrap({n: matrix(a, n) for n in names}, {n: matrix(b, n) for n in names},
+                               n_resamples=n_resamples, seed=seed)
+    return {"macro_delta": 100 * boot["macro_delta"], "ci_low": 100 * boot["ci_low"], "ci_high": 100 * boot["ci_high"]}
+
+
 def protocol_predictions(path: Path) -> list[tuple[str, Path]]:
     """A run folder's headline predictions and those of its extra protocols
     (``eval/protocol-<name>/``), labelled ``RUN`` and ``RUN:<name>``; [] when it has none."""
@@ -172,6 +185,29 @@ def protocol_predictions(path: Path) -> list[tuple[str, Path]]:
         return []
     return [(_file_label(eval_dir / "predictions.jsonl"), eval_dir / "predictions.jsonl")] + \
         [(_file_label(p), p) for p in extra]
+
+
+def _grouped(runs: list[tuple[str, Path]]) -> list[tuple[str, list[Path]]]:
+    """(label, files): the training seeds of one method (``<label>/seed-<s>/eval/...``) under one
+    label; any other label appearing twice is an error."""
+    groups: dict[str, list[Path]] = {}
+    for label, path in runs:
+        groups.setdefault(label, []).append(Path(path))
+    for label, paths in groups.items():
+        seeded = all(p.parent.name == "eval" and p.parent.parent.name.startswith("seed-") for p in paths)
+        if len(paths) > 1 and not (seeded and len({p.parent.parent.parent for p in paths}) == 1):
+            raise MedpeftError(f"two inputs share the label {label!r}")
+    return list(groups.items())
+
+
+def _seed_average(label: str, per_seed: list[dict], intersect: bool) -> dict:
+    """Item scores averaged over a method's seeds (their items must agree unless ``intersect``)."""
+    keys = set(per_seed[0])
+    for other in per_seed[1:]:
+        if set(other) != keys and not intersect:
+            raise MedpeftError(f"{label}: its training seeds do not cover the same items; pass --intersect")
+        keys &= set(other)
+    return {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
 
 
 def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int = 10_000, seed: int = 0) -> list[dict]:
@@ -186,15 +222,26 @@ def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int
 
 def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_resamples: int = 10_000,
                     seed: int = 0) -> list[dict]:
-    """Like :func:`compare_runs`, for (label, predictions file) pairs."""
-    labels = [label for label, _ in runs]
-    if len(set(labels)) != len(labels):
-        raise MedpeftError(f"two inputs share the label {next(l for l in labels if labels.count(l) > 1)!r}")
-    if len(runs) < 2:
+    """Like :func:`compare_runs`, for (label, predictions file) pairs; the seed runs of one
+    method (``<label>/seed-<s>/eval/predictions.jsonl``) share a label."""
+    groups = _grouped(runs)
+    if len(groups) < 2:
         raise MedpeftError("compare needs at least two runs")
-    data = {label: load_predictions(path) for label, path in runs}
-    pairs = [compare_pair(data[x][0], data[y][0], (x, y), intersect=intersect, n_resamples=n_resamples, seed=seed,
-                          calibration=(data[x][1], data[y][1])) for x, y in itertools.combinations(labels, 2)]
+    loaded = {label: [load_predictions(p) for p in paths] for label, paths in groups}
+    scores = {label: _seed_average(label, [s for s, _ in per_seed], intersect) for label, per_seed in loaded.items()}
+    calib = {label: {k: tuple(np.mean([c[k] for _, c in per_seed if k in c], axis=0))
+                     for k in set.intersection(*(set(c) for _, c in per_seed))}
+             for label, per_seed in loaded.items()}
+    labels = [label for label, _ in groups]
+    pairs = []
+    for x, y in itertools.combinations(labels, 2):
+        pair = compare_pair(scores[x], scores[y], (x, y), intersect=intersect, n_resamples=n_resamples, seed=seed,
+                            calibration=(calib[x], calib[y]))
+        pair["seeds_a"], pair["seeds_b"] = len(loaded[x]), len(loaded[y])
+        if max(len(loaded[x]), len(loaded[y])) > 1:
+            keys = _paired(scores[x], scores[y], (x, y), intersect)
+            pair["seeds_and_items"] = _seed_and_item_interval(loaded[x], loaded[y], keys, n_resamples, seed)
+        pairs.append(pair)
     for pair, adjusted in zip(pairs, holm([p["sign_p"] for p in pairs])):
         pair["sign_p_holm"] = adjusted
     return pairs
@@ -211,6 +258,16 @@ def compare_table(pairs: list[dict]) -> str:
         lines.append(f"| {p['a']} vs {p['b']} | {p['macro_delta']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
                      f"{p['wins']} / {p['losses']} / {p['ties']} | {p['sign_p']:.3g} ({p['sign_p_holm']:.3g}) | "
                      + " | ".join(cells) + " |")
+    seeded = [p for p in pairs if p.get("seeds_and_items")]
+    if seeded:
+        lines += ["", "Training seeds and items (two-level bootstrap: seeds within each method, then items within "
+                  "each benchmark; answers 'is A better than B as a training recipe'):", "",
+                  "| A vs B | seeds A / B | macro delta (pp) | item-only 95% CI | seeds-and-items 95% CI |",
+                  "|---|---|---|---|---|"]
+        for p in seeded:
+            t = p["seeds_and_items"]
+            lines.append(f"| {p['a']} vs {p['b']} | {p['seeds_a']} / {p['seeds_b']} | {t['macro_delta']:+.2f} | "
+                         f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}] |")
     calibrated = [p for p in pairs if p.get("calibration")]
     if calibrated:
         lines += ["", "Calibration (single-answer items with option scores; A - B, lower is better; stratified "

@@ -200,7 +200,8 @@ def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Pa
     if cfg.eval.permute_options == "cyclic":
         results["robustness"] = run_robustness(evaluator, eval_sets, protocols, cfg, out)
     if cfg.eval.perturb_rates and run_dir is not None and reads_tags(cfg.method):
-        results["perturbation"] = run_perturbation(evaluator, eval_sets, cfg, out, results["macro_accuracy"])
+        results["perturbation"] = run_perturbation(evaluator, eval_sets, cfg, out, results["macro_accuracy"],
+                                                   protocols)
     if processes().is_main and (extra or cfg.eval.permute_options != "none"):
         write_json(Path(out) / "results.json", results)  # with the extra protocols and robustness
     return results
@@ -256,7 +257,8 @@ def run_robustness(evaluator: Evaluator, eval_sets: dict, protocols: dict[str, s
     return result
 
 
-def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out: Path, clean: float) -> dict:
+def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out: Path, clean: float,
+                     protocols: dict[str, str] | None = None) -> dict:
     """Macro accuracy with p% of the items' tags replaced, per rate and perturbation seed (mean, std)."""
     import statistics
 
@@ -267,7 +269,9 @@ def run_perturbation(evaluator: Evaluator, eval_sets: dict, cfg: RunConfig, out:
         macros = []
         for seed in cfg.eval.perturb_seeds:
             preds = {name: evaluator.score(perturb_tags(items, rate, seed), cfg.eval.scorer,
-                                           desc=f"perturb {rate:.0%} {name}") for name, items in eval_sets.items()}
+                                           desc=f"perturb {rate:.0%} {name}",
+                                           protocol=(protocols or {}).get(name, "medpeft"))
+                     for name, items in eval_sets.items()}
             macros.append(set_results(preds)["macro_accuracy"])
         rates[str(rate)] = {"macro": macros, "mean": statistics.fmean(macros),
                             "std": statistics.stdev(macros) if len(macros) > 1 else 0.0}

@@ -400,11 +400,12 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
     if compare and len(runs) > 1:
         from .compare import compare_labeled, compare_table
 
-        pairs = compare_labeled([(label, Path(r["seeds"][0]["run_dir"]) / "eval" / "predictions.jsonl")
-                                 for label, r in runs.items()])
-        parts += ["## Paired comparisons (first seed of each method)", "",
-                  "Benchmark-stratified paired bootstrap (10,000 resamples) of the macro delta, pooled sign test, "
-                  "Holm-corrected (docs/statistics.md).", "", compare_table(pairs)]
+        pairs = compare_labeled([(label, Path(seed["run_dir"]) / "eval" / "predictions.jsonl")
+                                 for label, r in runs.items() for seed in r["seeds"]])
+        parts += ["## Paired comparisons", "",
+                  "Benchmark-stratified paired bootstrap (10,000 resamples) of the macro delta on the items' "
+                  "scores averaged over each method's training seeds, pooled sign test, Holm-corrected; with several "
+                  "seeds also the two-level (seeds and items) interval (docs/statistics.md).", "", compare_table(pairs)]
     write_text(out / "report.md", "\n".join(parts) + "\n")
     report = {"root": str(root), "methods": rows, "comparisons": pairs, **extras}
     write_json(out / "report.json", report)

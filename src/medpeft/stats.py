@@ -204,3 +204,44 @@ def calibration_summary(confidence: list[float], correct: list[bool], brier: lis
     return {"n": n, "bins": bins, "ece": float(ece), "brier": float(np.mean(brier)), "nll": float(np.mean(nll)),
             "accuracy": float(right.mean()), "mean_confidence": float(conf.mean()), "reliability": table,
             "selective": {"accuracy_at_coverage": at, "curve": curve}}
+
+
+# ----------------------------------------------------------------------------- seeds and items
+
+def seed_item_bootstrap(scores_a: dict[str, np.ndarray], scores_b: dict[str, np.ndarray], n_resamples: int = 10_000,
+                        seed: int = 0, confidence: float = 0.95) -> dict:
+    """Two-level paired bootstrap of the macro difference between two training *recipes*.
+
+    ``scores_a[b]`` is a (seeds of A) x (items of benchmark b) array of per-item scores, one row
+    per training seed (likewise B; the same items in the same order). Each resample
+
+    1. redraws A's seeds with replacement and B's seeds with replacement (one draw per method
+       for all benchmarks: a seed is one trained model), giving seed weights ``w_A``, ``w_B``;
+    2. redraws every benchmark's items with replacement (stratified; the same items for A and
+       B: paired), giving item counts ``c``;
+    3. computes ``macro = mean_b sum_i c_i / n_b (w_A . S_A[:, i] - w_B . S_B[:, i])``.
+
+    The percentile interval of ``macro`` covers both seed-to-seed and item sampling variance;
+    with one seed per method it reduces to the item-only stratified bootstrap (no seed
+    variance can be seen). Returns the observed macro difference (means over seeds and
+    items), the interval and the resamples.
+    """
+    rng = np.random.default_rng(seed)
+    names = sorted(scores_a)
+    n_a, n_b = scores_a[names[0]].shape[0], scores_b[names[0]].shape[0]
+    macro = np.zeros(n_resamples)
+    observed = float(np.mean([scores_a[b].mean() - scores_b[b].mean() for b in names]))
+    for start in range(0, n_resamples, 500):
+        size = min(500, n_resamples - start)
+        w_a = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=size) / n_a
+        w_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=size) / n_b
+        total = np.zeros(size)
+        for b in names:
+            n = scores_a[b].shape[1]
+            counts = rng.multinomial(n, np.full(n, 1 / n), size=size)
+            per_item = w_a @ scores_a[b] - w_b @ scores_b[b]  # (size, items): the seed-averaged paired deltas
+            total += (per_item * counts).sum(axis=1) / n
+        macro[start:start + size] = total / len(names)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(macro, [alpha, 1 - alpha])
+    return {"macro_delta": observed, "ci_low": float(low), "ci_high": float(high), "resamples": macro}
