@@ -237,6 +237,85 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_contamination(args) -> int:
+    from .pipeline import run_contamination
+
+    if not 0 < args.threshold <= 1:
+        raise MedpeftError(f"--threshold must be a Jaccard similarity in (0, 1], got {args.threshold}")
+    cfg = _load(args.config, args.overrides, args.skip_invalid)
+    out = _out_dir(args.out) if args.out else Path(cfg.output_dir) / "contamination"
+    result = run_contamination(cfg, out, args.threshold)
+    print("| training source | evaluation set | eval items | flagged | share |")
+    print("|---|---|---|---|---|")
+    for c in result["pairs"]:
+        print(f"| {c['train_source']} | {c['eval_set']} | {c['eval_items']} | {c['flagged_items']} | "
+              f"{100 * c['share']:.1f}% |")
+    for run, sets in result["runs"].items():
+        for bench, v in sets.items():
+            clean = "-" if v["clean_score"] is None else f"{100 * v['clean_score']:.1f}"
+            print(f"{run} {bench}: {100 * v['score']:.1f} on {v['n']} items, {clean} on the {v['clean_n']} clean ones")
+    print(f"contamination.json and flagged.jsonl in {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Power planning by simulation with compare's own bootstrap (stats.PlanSettings)."""
+    import dataclasses
+
+    from .stats import PlanSettings, items_needed, minimum_detectable_effect, seeds_needed
+
+    items, baseline, discordance, source = args.items, args.baseline, args.discordance, "given"
+    if args.pilot:
+        from .compare import load_correctness
+
+        a, b = (load_correctness(Path(p)) for p in args.pilot)
+        keys = sorted(set(a) & set(b))
+        if not keys:
+            raise MedpeftError(f"--pilot {args.pilot[0]} and {args.pilot[1]} share no items")
+        benches = sorted({k[0] for k in keys})
+        items = items or [sum(1 for k in keys if k[0] == n) for n in benches]
+        baseline = sum(b[k] for k in keys) / len(keys)
+        discordance = sum(a[k] != b[k] for k in keys) / len(keys)
+        source = f"pilot ({len(keys)} paired items, {len(benches)} benchmarks)"
+    if not items:
+        raise MedpeftError("give --items N [N ...] (items per benchmark) or --pilot A B")
+    checks = [(all(n >= 2 for n in items), f"--items must be >= 2, got {items}"),
+              (0 < baseline < 1, f"--baseline must be in (0, 1), got {baseline}"),
+              (0 < discordance <= 2 * baseline * (1 - baseline), f"--discordance must be in (0, 2 b (1 - b)] = "
+               f"(0, {2 * baseline * (1 - baseline):.3f}] for a baseline b = {baseline:.3f}, got {discordance}"),
+              (args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}"),
+              (args.seed_sd >= 0, f"--seed-sd must be >= 0, got {args.seed_sd}"),
+              (0 < args.power < 1 and 0 < args.alpha < 1, "--power and --alpha must be in (0, 1)"),
+              (args.simulations >= 20, f"--simulations must be >= 20, got {args.simulations}")]
+    for ok, message in checks:
+        if not ok:
+            raise MedpeftError(message)
+    settings = PlanSettings(items=list(items), seeds=args.seeds, baseline=baseline, discordance=discordance,
+                            seed_sd=args.seed_sd / 100, alpha=args.alpha, power=args.power,
+                            simulations=args.simulations, resamples=args.resamples)
+    result = {"inputs": {**dataclasses.asdict(settings), "seed_sd": args.seed_sd, "source": source},
+              "minimum_detectable_effect_pp": 100 * minimum_detectable_effect(settings)}
+    lines = [f"inputs ({source}): items per benchmark {list(items)}, {args.seeds} seed(s) per method, baseline "
+             f"{100 * baseline:.1f}%, discordance {100 * discordance:.1f}%, seed sd {args.seed_sd} pp; power "
+             f"{args.power}, two-sided level {args.alpha}, {args.simulations} simulated studies",
+             f"minimum detectable macro difference: {result['minimum_detectable_effect_pp']:.2f} pp"]
+    if args.target is not None:
+        n = items_needed(args.target / 100, settings)
+        result["items_needed_per_benchmark"] = n
+        lines.append(f"items per benchmark for {args.target} pp at {args.seeds} seed(s): "
+                     + (str(n) if n else "more than 200000 (seed variance dominates: add seeds)"))
+        if args.seed_sd > 0:
+            k = seeds_needed(args.target / 100, settings)
+            result["seeds_needed"] = k
+            lines.append(f"seeds per method for {args.target} pp at {list(items)} items: " + (str(k) if k else "> 20"))
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+    if args.out:
+        from .io import write_json
+
+        write_json(args.out, result)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import compare_runs, compare_table
     from .io import write_json
@@ -253,8 +332,10 @@ def cmd_compare(args) -> int:
         inputs = {p.resolve() for run in args.runs for _, p in find_predictions(Path(run))}
         if Path(args.out).resolve() in inputs:
             raise MedpeftError(f"--out {args.out!r} is one of the prediction files compared; choose another name")
+    if args.min_stratum_items < 2:
+        raise MedpeftError(f"--min-stratum-items must be >= 2, got {args.min_stratum_items}")
     pairs = compare_runs([Path(p) for p in args.runs], intersect=args.intersect, n_resamples=args.resamples,
-                         seed=args.seed)
+                         seed=args.seed, min_stratum_items=args.min_stratum_items)
     if args.json:
         print(json.dumps(pairs, indent=2))
     else:
@@ -394,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=cmd_clinical_sum)
 
+    p = sub.add_parser("contamination", help="near-duplicates between training sources and evaluation sets "
+                       "(MinHash LSH over word 3-grams), and accuracy on the clean items")
+    _add_config_args(p)
+    p.add_argument("--threshold", type=float, default=0.5, help="Jaccard similarity that flags a pair (default 0.5)")
+    p.add_argument("--out", help="output folder (default: OUTPUT_DIR/contamination)")
+    p.set_defaults(func=cmd_contamination)
+
     p = sub.add_parser("audit", help="routing audit of a routed run (rank atoms or experts per question, MI with tags)")
     p.add_argument("run_dir", help="a trained run folder of a routed method")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
@@ -410,7 +498,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--min-stratum-items", type=int, default=20,
+                   help="strata with fewer paired items are reported, not tested (default 20)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="power planning: the smallest detectable macro difference, and the items or seeds "
+                       "a target difference needs (simulated with compare's bootstrap)")
+    p.add_argument("--items", type=int, nargs="+", help="items per benchmark (e.g. --items 300 500)")
+    p.add_argument("--pilot", nargs=2, metavar=("A", "B"), help="two pilot predictions.jsonl files: items, baseline "
+                   "(B's accuracy) and discordance are read from them")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per method (default 1)")
+    p.add_argument("--baseline", type=float, default=0.6, help="B's accuracy (default 0.6)")
+    p.add_argument("--discordance", type=float, default=0.2,
+                   help="share of items two runs score differently (default 0.2)")
+    p.add_argument("--seed-sd", type=float, default=0.0, help="seed-to-seed sd of a run's accuracy, pp (default 0)")
+    p.add_argument("--target", type=float, help="a difference to detect, pp: the items (and seeds) it needs")
+    p.add_argument("--power", type=float, default=0.8, help="default 0.8")
+    p.add_argument("--alpha", type=float, default=0.05, help="two-sided level (default 0.05)")
+    p.add_argument("--simulations", type=int, default=400, help="simulated studies per power estimate (default 400)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per study (default 1000)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="Markdown tables, JSON and plots of the runs below a folder")
     p.add_argument("root", help="a suite's output folder (or any folder holding run folders)")

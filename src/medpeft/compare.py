@@ -52,6 +52,57 @@ def load_correctness(path: Path) -> dict[tuple[str, str], float]:
     return load_predictions(path)[0]
 
 
+MIN_STRATUM_ITEMS = 20  # strata with fewer paired items are reported, not tested
+
+
+def load_strata(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """(benchmark, id) -> the item's strata: its specialty and operation tags and the metadata
+    fields written with it (``strata``: department, exam class, difficulty ...)."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        if line.strip():
+            row = json.loads(line)
+            strata = {k: str(row[k]) for k in ("specialty", "operation") if isinstance(row.get(k), str)}
+            if isinstance(row.get("strata"), dict):
+                strata.update({k: str(v) for k, v in row["strata"].items()})
+            out[(str(row["benchmark"]), str(row["id"]))] = strata
+    return out
+
+
+def stratum_effects(a: dict, b: dict, strata: dict, keys: list[tuple[str, str]], *, min_items: int = MIN_STRATUM_ITEMS,
+                    n_resamples: int = 10_000, seed: int = 0) -> dict:
+    """Per stratum (every value of every stratum field among the paired items): the delta (pp)
+    with its benchmark-stratified paired bootstrap interval and the sign test, the p-values
+    Benjamini-Hochberg-adjusted over every stratum tested in this pair (``q``). A stratum with
+    fewer than ``min_items`` items is listed with ``tested: false``."""
+    from .stats import benjamini_hochberg
+
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for k in keys:
+        for field, value in strata.get(k, {}).items():
+            groups.setdefault((field, value), []).append(k)
+    out: dict[str, dict[str, dict]] = {}
+    tested = []
+    for (field, value), members in sorted(groups.items()):
+        entry = {"n": len(members)}
+        if len(members) < min_items:
+            entry.update(tested=False, reason=f"fewer than {min_items} items")
+        else:
+            ca = np.array([a[k] for k in members])
+            cb = np.array([b[k] for k in members])
+            bench = np.array([k[0] for k in members])
+            boot = stratified_paired_bootstrap({n: (ca - cb)[bench == n] for n in sorted(set(bench.tolist()))},
+                                               n_resamples=n_resamples, seed=seed)
+            wins, losses = int((ca > cb).sum()), int((ca < cb).sum())
+            entry.update(tested=True, delta=100 * boot["macro_delta"], ci_low=100 * boot["ci_low"],
+                         ci_high=100 * boot["ci_high"], wins=wins, losses=losses, sign_p=sign_test(wins, losses))
+            tested.append(entry)
+        out.setdefault(field, {})[value] = entry
+    for entry, q in zip(tested, benjamini_hochberg([e["sign_p"] for e in tested])):
+        entry["q"] = q
+    return out
+
+
 def _item_calibration(row: dict) -> tuple[float, float] | None:
     """(Brier, NLL) of a single-answer row whose option scores cover its options, else None."""
     from .stats import item_calibration
@@ -210,18 +261,20 @@ def _seed_average(label: str, per_seed: list[dict], intersect: bool) -> dict:
     return {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
 
 
-def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int = 10_000, seed: int = 0) -> list[dict]:
+def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int = 10_000, seed: int = 0,
+                 min_stratum_items: int = MIN_STRATUM_ITEMS) -> list[dict]:
     """Every pair of the given runs (in order), with Holm-adjusted sign-test p-values. One run
     folder scored under extra protocols compares its protocols with each other, on the items
     both define (a protocol may skip sets)."""
     if len(paths) == 1 and protocol_predictions(paths[0]):
-        return compare_labeled(protocol_predictions(paths[0]), intersect=True, n_resamples=n_resamples, seed=seed)
+        return compare_labeled(protocol_predictions(paths[0]), intersect=True, n_resamples=n_resamples, seed=seed,
+                               min_stratum_items=min_stratum_items)
     return compare_labeled([item for p in paths for item in find_predictions(p)], intersect=intersect,
-                           n_resamples=n_resamples, seed=seed)
+                           n_resamples=n_resamples, seed=seed, min_stratum_items=min_stratum_items)
 
 
 def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_resamples: int = 10_000,
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, min_stratum_items: int = MIN_STRATUM_ITEMS) -> list[dict]:
     """Like :func:`compare_runs`, for (label, predictions file) pairs; the seed runs of one
     method (``<label>/seed-<s>/eval/predictions.jsonl``) share a label."""
     groups = _grouped(runs)
@@ -232,12 +285,16 @@ def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_
     calib = {label: {k: tuple(np.mean([c[k] for _, c in per_seed if k in c], axis=0))
                      for k in set.intersection(*(set(c) for _, c in per_seed))}
              for label, per_seed in loaded.items()}
+    strata = {label: load_strata(paths[0]) for label, paths in groups}
     labels = [label for label, _ in groups]
     pairs = []
     for x, y in itertools.combinations(labels, 2):
         pair = compare_pair(scores[x], scores[y], (x, y), intersect=intersect, n_resamples=n_resamples, seed=seed,
                             calibration=(calib[x], calib[y]))
         pair["seeds_a"], pair["seeds_b"] = len(loaded[x]), len(loaded[y])
+        keys = _paired(scores[x], scores[y], (x, y), intersect)
+        pair["strata"] = stratum_effects(scores[x], scores[y], strata[x], keys, min_items=min_stratum_items,
+                                         n_resamples=n_resamples, seed=seed)
         if max(len(loaded[x]), len(loaded[y])) > 1:
             keys = _paired(scores[x], scores[y], (x, y), intersect)
             pair["seeds_and_items"] = _seed_and_item_interval(loaded[x], loaded[y], keys, n_resamples, seed)
@@ -258,6 +315,13 @@ def compare_table(pairs: list[dict]) -> str:
         lines.append(f"| {p['a']} vs {p['b']} | {p['macro_delta']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
                      f"{p['wins']} / {p['losses']} / {p['ties']} | {p['sign_p']:.3g} ({p['sign_p_holm']:.3g}) | "
                      + " | ".join(cells) + " |")
+    found = [(p, field, value, e) for p in pairs for field, values in p.get("strata", {}).items()
+             for value, e in values.items() if e["tested"] and e["q"] <= 0.05]
+    if found:
+        lines += ["", "Strata where A and B differ (Benjamini-Hochberg q <= 0.05 over each pair's tested strata):", "",
+                  "| A vs B | stratum | n | delta (pp) [95% CI] | q |", "|---|---|---|---|---|"]
+        lines += [f"| {p['a']} vs {p['b']} | {field}={value} | {e['n']} | {e['delta']:+.2f} "
+                  f"[{e['ci_low']:+.2f}, {e['ci_high']:+.2f}] | {e['q']:.3g} |" for p, field, value, e in found]
     seeded = [p for p in pairs if p.get("seeds_and_items")]
     if seeded:
         lines += ["", "Training seeds and items (two-level bootstrap: seeds within each method, then items within "

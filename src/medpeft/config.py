@@ -25,6 +25,9 @@ from .schema import from_dict, require, require_choice
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
 
+RETENTION_BENCHMARKS = ("mmlu", "gsm8k")  # general knowledge and reasoning: what fine-tuning must not lose
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # "tiny", a hub id or a local folder
@@ -61,6 +64,13 @@ class SourceConfig:
     max_new_tokens: int | None = None  # a summarisation set's generation limit (default eval.summary_max_new_tokens)
     weight: float = 1.0  # training sources: sampling weight (examples per epoch = weight x the source's size)
     protocol: str | None = None  # evaluation sets: this set's protocol (default eval.protocol)
+    # evaluation sets: a knowledge-retention set (the report's forgetting table tests that
+    # fine-tuning is not worse than the base model on it); default: MMLU and GSM8K sets
+    retention: bool | None = None
+
+    @property
+    def is_retention(self) -> bool:
+        return self.retention if self.retention is not None else self.benchmark in RETENTION_BENCHMARKS
 
     @property
     def display_name(self) -> str:
@@ -115,6 +125,8 @@ class EvalConfig:
     # Option-order robustness: 'cyclic' re-scores every multiple-choice item under each cyclic
     # rotation of its options (eval/robustness.json); 'none' skips it.
     permute_options: str = "none"
+    # Non-inferiority margin (percentage points) of the retention sets against the base model
+    retention_margin: float = 2.0
     # Weak-axis perturbation: re-evaluate with the tags of this share of items replaced by a
     # random other value, once per perturbation seed (tag-routed methods only).
     perturb_rates: list[float] = field(default_factory=list)
@@ -224,6 +236,9 @@ def validate_run_config(cfg: RunConfig) -> None:
             require_choice(src.protocol, PROTOCOL_NAMES, f"eval.benchmarks.{i}.protocol")
     for i, src in enumerate(cfg.data.train):
         require(src.protocol is None, f"data.train.{i}.protocol", "is an evaluation-set key (training has no protocol)")
+        require(src.retention is None, f"data.train.{i}.retention", "is an evaluation-set key")
+    require(math.isfinite(cfg.eval.retention_margin) and 0 < cfg.eval.retention_margin < 100, "eval.retention_margin",
+            f"must be a margin in percentage points in (0, 100), got {cfg.eval.retention_margin}")
     require(cfg.eval.cot_max_new_tokens >= 1, "eval.cot_max_new_tokens", f"must be >= 1, got {cfg.eval.cot_max_new_tokens}")
     require(2 <= cfg.eval.calibration_bins <= 1000, "eval.calibration_bins",
             f"must be in 2..1000, got {cfg.eval.calibration_bins}")

@@ -488,12 +488,23 @@ class Evaluator:
         return out
 
 
+# metadata fields that describe an item's stratum (department, exam class, difficulty...): written
+# with each prediction so that `medpeft compare` can report per-stratum effects
+STRATUM_FIELDS = ("exam_type", "exam_class", "Clinical Department", "Medical Discipline", "Competency Area",
+                  "Difficulty Level", "subject_name", "subject", "note_section")
+
+
+def item_strata(rec) -> dict[str, str]:
+    return {k: str(rec.metadata[k]) for k in STRATUM_FIELDS if rec.metadata.get(k) not in (None, "")}
+
+
 def prediction_row(p: Prediction) -> dict:
     rec = p.item.record
     if rec.question_type == SUMMARY:  # per-item ROUGE F (``score``: ROUGE-L, what compare pairs) and the text
         return {"id": rec.id, "benchmark": p.item.set_name, "score": round(p.scores["rougeL"], 6),
                 "rouge": {k: round(v, 6) for k, v in p.scores.items()}, "output": p.text, "gold": rec.answer_text,
-                "specialty": p.item.tags.specialty, "operation": p.item.tags.operation}
+                "specialty": p.item.tags.specialty, "operation": p.item.tags.operation,
+                **({"strata": item_strata(rec)} if item_strata(rec) else {})}
     pred = "".join(sorted(p.pred)) if isinstance(p.pred, frozenset) else p.pred
     row = {"id": rec.id, "benchmark": p.item.set_name, "pred": pred, "gold": rec.answer_text,
            "correct": bool(p.correct), "specialty": p.item.tags.specialty, "operation": p.item.tags.operation}
@@ -505,6 +516,9 @@ def prediction_row(p: Prediction) -> dict:
         row["extracted"] = False
     if p.extra:
         row.update(p.extra)
+    strata = item_strata(rec)
+    if strata:
+        row["strata"] = strata
     return row
 
 
@@ -545,7 +559,7 @@ def set_results(preds_by_set: dict[str, list[Prediction]], calibration_bins: int
 
 def evaluate_sets(evaluator: Evaluator, eval_sets: dict[str, list[TaggedRecord]], scorer: str,
                   out_dir: Path, meta: dict | None = None, protocols: dict[str, str] | None = None,
-                  calibration_bins: int = 15) -> dict:
+                  calibration_bins: int = 15, set_fields: dict[str, dict] | None = None) -> dict:
     """Score every eval set (under its protocol in ``protocols``, default ``medpeft``); write
     ``predictions.jsonl`` and ``results.json`` to ``out_dir``. Every set's result records its
     protocol, the hash of its rendered prompts and its answer-extraction failure rate."""
@@ -564,6 +578,7 @@ def evaluate_sets(evaluator: Evaluator, eval_sets: dict[str, list[TaggedRecord]]
         bench = summary["benchmarks"][name]
         bench["protocol"] = protocols[name]
         bench["prompt_hash"] = prompt_hash(evaluator.rendered_prompts(items, protocols[name]))
+        bench.update((set_fields or {}).get(name, {}))  # e.g. whether it is a retention set
     uniform = set(protocols.values())
     results = {**(meta or {}), "scorer": scorer, "protocol": uniform.pop() if len(uniform) == 1 else "mixed",
                **summary}

@@ -179,7 +179,10 @@ def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Pa
             "method": cfg.method.name if run_dir is not None else "base",
             "run_dir": str(run_dir) if run_dir is not None else None}
     protocols = set_protocols(cfg, eval_sets)
-    results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta, protocols, cfg.eval.calibration_bins)
+    meta["retention_margin"] = cfg.eval.retention_margin
+    fields = {src.display_name: {"retention": src.is_retention} for src in cfg.eval.benchmarks}
+    results = evaluate_sets(evaluator, eval_sets, cfg.eval.scorer, out, meta, protocols, cfg.eval.calibration_bins,
+                            fields)
     if processes().is_main:
         write_reliability_plots(results, out)
     extra = {}
@@ -188,7 +191,7 @@ def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Pa
         folder = Path(out) / f"protocol-{name}"
         if sets:
             res = evaluate_sets(evaluator, sets, cfg.eval.scorer, folder, {**meta, "skipped_sets": skipped},
-                                {k: name for k in sets}, cfg.eval.calibration_bins)
+                                {k: name for k in sets}, cfg.eval.calibration_bins, fields)
             if processes().is_main:
                 write_reliability_plots(res, folder)
             extra[name] = {"dir": folder.name, "macro_accuracy": res["macro_accuracy"], "sets": list(sets),
@@ -445,3 +448,40 @@ def run_suite(cfg: RunConfig, variants: list[RunConfig]) -> tuple[dict[str, dict
     out = Path(cfg.output_dir) / "report"
     write_report(Path(cfg.output_dir), out)
     return table, out
+
+
+def run_contamination(cfg: RunConfig, out: Path, threshold: float) -> dict:
+    """Near-duplicates between every training source (as training reads it, after the exact
+    ``exclude``) and every evaluation set; the runs below ``output_dir`` re-scored on the clean
+    items (``contamination.py``). Writes ``contamination.json`` and ``flagged.jsonl``."""
+    from .compare import find_predictions
+    from .contamination import DEFAULT_THRESHOLD, NUM_PERM, SHINGLE, clean_accuracy, near_duplicates
+    from .io import write_json, write_jsonl
+
+    if not cfg.data.train or not cfg.eval.benchmarks:
+        raise ConfigError("config keys 'data.train' and 'eval.benchmarks' must both name sources to audit")
+    eval_sets = load_eval_sets(cfg.eval.benchmarks)
+    train: dict[str, list] = {}
+    for t in load_train_set(cfg, eval_sets):
+        train.setdefault(t.set_name, []).append(t.record)
+    flagged, counts = near_duplicates(train, {k: [t.record for t in v] for k, v in eval_sets.items()}, threshold)
+    ids: dict[str, set[str]] = {}
+    for f in flagged:
+        ids.setdefault(f["eval_set"], set()).add(f["eval_id"])
+    runs = {}
+    root = Path(cfg.output_dir)
+    if root.is_dir():
+        try:
+            found = find_predictions(root)
+        except MedpeftError:  # nothing evaluated yet
+            found = []
+        for label, path in found:
+            rel = path.parent.parent.relative_to(root).as_posix() if path.parent.parent != root else label
+            runs[rel] = clean_accuracy(path, ids)
+    result = {"threshold": threshold, "default_threshold": DEFAULT_THRESHOLD, "shingle_words": SHINGLE,
+              "num_perm": NUM_PERM, "pairs": list(counts.values()), "flagged_pairs": len(flagged),
+              "flagged_eval_items": {k: len(v) for k, v in ids.items()}, "runs": runs}
+    out = Path(out)
+    write_json(out / "contamination.json", result)
+    write_jsonl(out / "flagged.jsonl", flagged)
+    return result

@@ -120,6 +120,55 @@ def protocol_table(runs: dict[str, dict]) -> tuple[str, dict] | None:
     return "\n".join(lines) + "\n", data
 
 
+def forgetting_table(runs: dict[str, dict], n_resamples: int = 10_000) -> tuple[str, list[dict]] | None:
+    """Knowledge retention against the base model (Med-MoE-LoRA's Table 2 layout, with deltas):
+    per method and retention set, accuracy, its delta from the base model on the same items,
+    the one-sided lower 95% bound and the non-inferiority verdict at the margin (stats.non_inferiority).
+    None without a base-model run or retention sets."""
+    from .compare import load_correctness
+    from .stats import RETENTION_MARGIN_PP, non_inferiority
+
+    base_label = next((label for label, r in runs.items() if r["summary"]["method"] == "base"), None)
+    if base_label is None:
+        return None
+    base_seed = runs[base_label]["seeds"][0]
+    sets = [b for b, v in base_seed["results"]["benchmarks"].items() if v.get("retention")]
+    if not sets:
+        return None
+    margin = float(base_seed["results"].get("retention_margin", RETENTION_MARGIN_PP))
+    base = load_correctness(Path(base_seed["run_dir"]) / "eval" / "predictions.jsonl")
+    rows = [{"label": base_label, "sets": {b: {"accuracy": 100 * base_seed["results"]["benchmarks"][b]["accuracy"]}
+                                           for b in sets}}]
+    for label, r in runs.items():
+        if label == base_label:
+            continue
+        per_seed = [load_correctness(Path(s["run_dir"]) / "eval" / "predictions.jsonl") for s in r["seeds"]]
+        entry = {"label": label, "sets": {}}
+        for b in sets:
+            keys = sorted(k for k in base if k[0] == b and all(k in p for p in per_seed))
+            if not keys:
+                continue
+            ft = [statistics.fmean(p[k] for p in per_seed) for k in keys]
+            test = non_inferiority([f - base[k] for f, k in zip(ft, keys)], margin / 100, n_resamples=n_resamples)
+            entry["sets"][b] = {"accuracy": 100 * statistics.fmean(ft), "delta": 100 * test["delta"],
+                                "lower": 100 * test["lower"], "upper": 100 * test["upper"], "n": test["n"],
+                                "verdict": test["verdict"], "margin": margin, "seeds": len(per_seed)}
+        rows.append(entry)
+    lines = ["| Method | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for b in sets:
+            v = row["sets"].get(b)
+            if v is None:
+                cells.append("-")
+            elif "delta" not in v:
+                cells.append(f"{v['accuracy']:.1f}")
+            else:
+                cells.append(f"{v['accuracy']:.1f} ({v['delta']:+.1f}; >= {v['lower']:+.1f}) {v['verdict']}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", rows
+
+
 def calibration_table(runs: dict[str, dict]) -> tuple[str, list[dict]] | None:
     """Calibration of each method's scored sets (first seed), under each protocol that gives
     option probabilities: ECE, Brier, NLL, and accuracy at half coverage."""
@@ -308,6 +357,31 @@ def plot_reliability(calibration: dict, title: str, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_strata(pair: dict, path: Path) -> bool:
+    """Per-stratum deltas of one pair with their 95% intervals (red: Benjamini-Hochberg q <= 0.05);
+    False when no stratum was tested."""
+    rows = sorted(((f"{field}={value}", e) for field, values in pair.get("strata", {}).items()
+                   for value, e in values.items() if e["tested"]), key=lambda r: r[1]["delta"])
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.32 * len(rows)))
+    for y, (name, e) in enumerate(rows):
+        ax.errorbar(e["delta"], y, xerr=[[e["delta"] - e["ci_low"]], [e["ci_high"] - e["delta"]]], fmt="o", capsize=3,
+                    color="tab:red" if e["q"] <= 0.05 else "tab:blue")
+    ax.set_yticks(range(len(rows)), [f"{name} (n={e['n']})" for name, e in rows], fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"{pair['a']} minus {pair['b']} (percentage points)")
+    ax.set_title("Per-stratum deltas, 95% bootstrap intervals (red: BH q <= 0.05)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 def ablation_groups(labels: list[str]) -> dict[str, list[str]]:
     """Run labels grouped by the preset they ablate: a label whose last part is a preset built
     on another preset (its ``base``) that is also a run here, in the same folder."""
@@ -374,6 +448,15 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
             plot_ablation_drops(rows, full, out / name, members)
             parts += [f"![ablations of {full}]({name})", ""]
     extras: dict = {}
+    forgetting = forgetting_table(runs)
+    if forgetting:
+        margin = next(v["margin"] for r in forgetting[1] for v in r["sets"].values() if "margin" in v) \
+            if any("margin" in v for r in forgetting[1] for v in r["sets"].values()) else None
+        parts += ["## Knowledge retention (forgetting)", "",
+                  "Accuracy (%) on the retention sets, its paired delta from the base model (pp), the one-sided "
+                  f"95% lower bound, and the non-inferiority verdict at a margin of {margin} pp "
+                  "(eval.retention_margin; docs/statistics.md).", "", forgetting[0]]
+        extras["forgetting"] = forgetting[1]
     protocols = protocol_table(runs)
     if protocols:
         parts += ["## Protocols", "", "Accuracy (%) of each method under each evaluation protocol (docs/evaluation.md); "
@@ -392,6 +475,16 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
         parts += ["## Option-order robustness", "", "Every item re-scored under each cyclic rotation of its options "
                   "(eval.permute_options: cyclic).", "", robustness[0]]
         extras["robustness"] = robustness[1]
+    contamination = Path(root) / "contamination" / "contamination.json"
+    if contamination.exists():  # written by `medpeft contamination CONFIG` into the suite's folder
+        data = json.loads(contamination.read_text(encoding="utf-8"))
+        parts += ["## Contamination audit", "", f"Near-duplicates (Jaccard of word {data['shingle_words']}-gram "
+                  f"shingles >= {data['threshold']}, MinHash LSH; docs/statistics.md) between training sources and "
+                  "evaluation sets.", "", "| training source | evaluation set | eval items | flagged | share |",
+                  "|---|---|---|---|---|"]
+        parts += [f"| {c['train_source']} | {c['eval_set']} | {c['eval_items']} | {c['flagged_items']} | "
+                  f"{100 * c['share']:.1f}% |" for c in data["pairs"]] + [""]
+        extras["contamination"] = data
     audits = sorted(Path(root).rglob("audit/*.png"))
     if audits:  # usage heatmaps written by `medpeft audit` in the run folders
         parts += ["## Routing audits", ""] + [f"![{p.parent.parent.relative_to(root)}]({Path(p).resolve()})"
@@ -406,6 +499,15 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
                   "Benchmark-stratified paired bootstrap (10,000 resamples) of the macro delta on the items' "
                   "scores averaged over each method's training seeds, pooled sign test, Holm-corrected; with several "
                   "seeds also the two-level (seeds and items) interval (docs/statistics.md).", "", compare_table(pairs)]
+        plots = []
+        for pair in pairs:
+            name = f"strata-{pair['a']}-vs-{pair['b']}.png".replace("/", "_")
+            if plot_strata(pair, out / name):
+                plots.append(f"![per-stratum deltas, {pair['a']} vs {pair['b']}]({name})")
+        if plots:
+            parts += ["### Per-stratum effects", "", "By specialty, operation and the benchmarks' metadata (department, "
+                      "exam class, difficulty where present); strata under "
+                      "20 paired items are listed in report.json, not tested.", ""] + plots + [""]
     write_text(out / "report.md", "\n".join(parts) + "\n")
     report = {"root": str(root), "methods": rows, "comparisons": pairs, **extras}
     write_json(out / "report.json", report)

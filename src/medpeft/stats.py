@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.stats import binomtest
 
@@ -245,3 +247,142 @@ def seed_item_bootstrap(scores_a: dict[str, np.ndarray], scores_b: dict[str, np.
     alpha = (1 - confidence) / 2
     low, high = np.quantile(macro, [alpha, 1 - alpha])
     return {"macro_delta": observed, "ci_low": float(low), "ci_high": float(high), "resamples": macro}
+
+
+# ----------------------------------------------------------------------------- non-inferiority
+
+RETENTION_MARGIN_PP = 2.0  # default non-inferiority margin for knowledge retention, percentage points
+NON_INFERIORITY_ALPHA = 0.05
+
+
+def non_inferiority(deltas, margin: float, n_resamples: int = 10_000, seed: int = 0,
+                    alpha: float = NON_INFERIORITY_ALPHA) -> dict:
+    """One-sided test that a fine-tuned run is not worse than the base model by more than
+    ``margin`` (same units as ``deltas``: per-item fine-tuned minus base scores, paired).
+
+    H0: ``mean(delta) <= -margin`` against H1: ``mean(delta) > -margin``, at level ``alpha``, by
+    the paired item bootstrap: ``lower`` is the ``alpha`` percentile of the resampled mean
+    (the one-sided ``1 - alpha`` lower confidence bound), ``upper`` the ``1 - alpha`` one.
+    Verdict: ``non-inferior`` when ``lower > -margin``; ``inferior`` when ``upper < -margin``
+    (worse than the margin allows, at the same level); otherwise ``inconclusive``.
+    """
+    values = np.asarray(deltas, dtype=float)
+    boot = stratified_paired_bootstrap({"set": values}, n_resamples=n_resamples, seed=seed,
+                                       confidence=1 - 2 * alpha)
+    lower, upper = boot["ci_low"], boot["ci_high"]
+    verdict = "non-inferior" if lower > -margin else "inferior" if upper < -margin else "inconclusive"
+    return {"n": int(len(values)), "delta": float(values.mean()), "lower": lower, "upper": upper,
+            "margin": margin, "alpha": alpha, "verdict": verdict}
+
+
+def benjamini_hochberg(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q-values; ``scipy.stats.false_discovery_control``):
+    rejecting every q <= 0.05 controls the false discovery rate at 5% (independent or
+    positively dependent tests)."""
+    from scipy.stats import false_discovery_control
+
+    if not p_values:
+        return []
+    return [float(q) for q in false_discovery_control(np.asarray(p_values, dtype=float), method="bh")]
+
+
+# ----------------------------------------------------------------------------- power planning
+
+@dataclass
+class PlanSettings:
+    """What ``medpeft plan`` simulates: per benchmark ``items``, ``seeds`` per method, B's
+    accuracy ``baseline``, the discordance rate ``discordance`` (share of items two runs score
+    differently), the seed-to-seed standard deviation of a run's accuracy ``seed_sd``."""
+
+    items: list[int]
+    seeds: int = 1
+    baseline: float = 0.6
+    discordance: float = 0.2
+    seed_sd: float = 0.0
+    alpha: float = 0.05
+    power: float = 0.8
+    simulations: int = 400
+    resamples: int = 1000
+    seed: int = 0
+
+
+def _item_probabilities(rng, n: int, baseline: float, discordance: float) -> np.ndarray:
+    """Per-item accuracies with mean ``baseline`` whose spread makes two independent runs
+    disagree on a share ``discordance`` of the items: ``2 (b - b^2 - Var p) = q``, so
+    ``Var p = b(1-b) - q/2``, drawn from a Beta of that mean and variance (constant when 0)."""
+    var = baseline * (1 - baseline) - discordance / 2
+    if var <= 1e-9:
+        return np.full(n, baseline)
+    total = baseline * (1 - baseline) / var - 1
+    return rng.beta(baseline * total, (1 - baseline) * total, n)
+
+
+def simulated_power(difference: float, s: PlanSettings) -> float:
+    """Share of simulated studies whose two-sided ``1 - alpha`` interval excludes 0 when A's
+    true accuracy is ``difference`` above B's on every benchmark: each study draws item
+    accuracies (:func:`_item_probabilities`), one accuracy shift ``N(0, seed_sd)`` per trained
+    seed, Bernoulli item scores per seed, and computes the interval ``medpeft compare``
+    reports (the stratified item bootstrap with one seed per method, the two-level one with more)."""
+    rng = np.random.default_rng(s.seed)
+    hits = 0
+    for _ in range(s.simulations):
+        a, b = {}, {}
+        for k, n in enumerate(s.items):
+            p = _item_probabilities(rng, n, s.baseline, s.discordance)
+            shift_a = rng.normal(0, s.seed_sd, (s.seeds, 1))
+            shift_b = rng.normal(0, s.seed_sd, (s.seeds, 1))
+            # A's item accuracies move towards 1 in proportion to their room, so that their mean
+            # rises by exactly ``difference`` and none leaves [0, 1] (no clipping to shrink it)
+            p_a = p + difference * (1 - p) / (1 - s.baseline)
+            a[f"b{k}"] = (rng.random((s.seeds, n)) < np.clip(p_a + shift_a, 0, 1)).astype(float)
+            b[f"b{k}"] = (rng.random((s.seeds, n)) < np.clip(p + shift_b, 0, 1)).astype(float)
+        if s.seeds == 1:
+            ci = stratified_paired_bootstrap({k: a[k][0] - b[k][0] for k in a}, n_resamples=s.resamples,
+                                             seed=int(rng.integers(2**31)), confidence=1 - s.alpha)
+        else:
+            ci = seed_item_bootstrap(a, b, n_resamples=s.resamples, seed=int(rng.integers(2**31)),
+                                     confidence=1 - s.alpha)
+        hits += ci["ci_low"] > 0 or ci["ci_high"] < 0
+    return hits / s.simulations
+
+
+def minimum_detectable_effect(s: PlanSettings, high: float = 0.5, tolerance: float = 0.002) -> float:
+    """The smallest true macro difference detected with probability ``s.power`` (bisection
+    over :func:`simulated_power`, the same simulated studies at every difference)."""
+    low = 0.0
+    if simulated_power(high, s) < s.power:
+        return float("inf")
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        low, high = (mid, high) if simulated_power(mid, s) < s.power else (low, mid)
+    return high
+
+
+def items_needed(difference: float, s: PlanSettings, most: int = 200_000) -> int | None:
+    """Items per benchmark for which ``difference`` is detected with probability ``s.power``
+    (every benchmark the same size; bisection over :func:`simulated_power`); None when even
+    ``most`` items are not enough (e.g. seed variance dominates: more seeds are needed)."""
+    import dataclasses
+
+    k = len(s.items)
+    power = lambda n: simulated_power(difference, dataclasses.replace(s, items=[n] * k))  # noqa: E731
+    low, high = 10, 20
+    while power(high) < s.power:  # doubling, then bisection
+        if high >= most:
+            return None
+        low, high = high, min(2 * high, most)
+    while high - low > max(2, low // 50):
+        mid = (low + high) // 2
+        low, high = (mid, high) if power(mid) < s.power else (low, mid)
+    return high
+
+
+def seeds_needed(difference: float, s: PlanSettings, most: int = 20) -> int | None:
+    """Training seeds per method for which ``difference`` is detected with probability
+    ``s.power`` at the given items (None when ``most`` are not enough)."""
+    import dataclasses
+
+    for seeds in range(1, most + 1):
+        if simulated_power(difference, dataclasses.replace(s, seeds=seeds)) >= s.power:
+            return seeds
+    return None
