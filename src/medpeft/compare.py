@@ -296,7 +296,6 @@ def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_
         pair["strata"] = stratum_effects(scores[x], scores[y], strata[x], keys, min_items=min_stratum_items,
                                          n_resamples=n_resamples, seed=seed)
         if max(len(loaded[x]), len(loaded[y])) > 1:
-            keys = _paired(scores[x], scores[y], (x, y), intersect)
             pair["seeds_and_items"] = _seed_and_item_interval(loaded[x], loaded[y], keys, n_resamples, seed)
         pairs.append(pair)
     for pair, adjusted in zip(pairs, holm([p["sign_p"] for p in pairs])):

@@ -450,8 +450,7 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
     extras: dict = {}
     forgetting = forgetting_table(runs)
     if forgetting:
-        margin = next(v["margin"] for r in forgetting[1] for v in r["sets"].values() if "margin" in v) \
-            if any("margin" in v for r in forgetting[1] for v in r["sets"].values()) else None
+        margin = next((v["margin"] for r in forgetting[1] for v in r["sets"].values() if "margin" in v), None)
         parts += ["## Knowledge retention (forgetting)", "",
                   "Accuracy (%) on the retention sets, its paired delta from the base model (pp), the one-sided "
                   f"95% lower bound, and the non-inferiority verdict at a margin of {margin} pp "

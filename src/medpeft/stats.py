@@ -82,7 +82,7 @@ def stratified_paired_bootstrap(
     """Benchmark-stratified paired bootstrap of the macro-average score difference.
 
     ``deltas[b]`` holds, per item of benchmark b, ``score_A - score_B``: in {-1, 0, 1} for
-    correctness, any value in [-1, 1] for a summarisation set's ROUGE-L.
+    correctness, any real value otherwise (a summarisation set's ROUGE-L, per-item Brier or NLL).
     Each resample redraws every benchmark's items with replacement (stratified) and
     averages the per-benchmark mean deltas (the macro average). The percentile interval
     of the resampled macro deltas is returned.

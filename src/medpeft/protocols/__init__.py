@@ -64,7 +64,6 @@ class GenerationProtocol:
     name = ""
     source = ""
     order_dependent = True
-    max_new_tokens_key = "eval.max_new_tokens"
 
     def task(self, record: QARecord) -> str | None:
         raise NotImplementedError

@@ -29,8 +29,6 @@ _MULTI_HINT = {"en": " (one or more options may be correct)", "zh": "（可能�
 class ZeroShotCoT(GenerationProtocol):
     name = "cot"
     source = "lm-evaluation-harness 0.4.13, tasks/mmlu/flan_cot_zeroshot (prompt layout and strict-match regex)"
-    max_new_tokens_key = "eval.cot_max_new_tokens"
-
     def task(self, record: QARecord) -> str | None:
         return "cot_zeroshot" if record.question_type in (SINGLE, MULTI) else None
 

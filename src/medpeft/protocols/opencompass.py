@@ -35,8 +35,6 @@ def multiple_select_postprocess(text: str) -> str:
 class OpenCompassCMB(GenerationProtocol):
     name = "opencompass-cmb"
     source = "OpenCompass 0.5.4, configs/datasets/cmb/cmb_gen_dfb5c4.py + multiple_select_postprocess"
-    max_new_tokens_key = None  # fixed by the protocol
-
     def task(self, record: QARecord) -> str | None:
         md = record.metadata
         if record.benchmark != "cmb" or record.question_type not in QUESTION_TYPE or not md.get("exam_type") \
