@@ -237,3 +237,42 @@ def test_orthogonality_loss_hand_written_backward_passes_gradcheck():
 
     assert float(OffDiagonalCos2.apply(a, b)) == pytest.approx(
         float(reference(a[0]) + reference(a[1]) + reference(b[0])), rel=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, {"hidden_gate": False}, {"clinical_gate": False, "injection": False}])
+def test_siblings_gated_together_equal_each_layer_gated_alone(kw):
+    """q/k/v and gate/up compute their gates as one stacked product (eager); the logits,
+    gates, auxiliary losses and every gradient equal those of each layer's own gate."""
+    results = []
+    for together in (True, False):
+        loaded, model, method = birg_model(dropout=0.0, **kw)
+        randomize_B(model)
+        layers = [m for m in model.modules() if isinstance(m, RankGatedLoraLinear)]
+        grouped = {m.name.rsplit(".", 1)[-1] for m in layers if m.siblings}
+        assert grouped == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+        if not together:
+            for m in layers:
+                m.siblings = []
+        model.train()
+        batch = train_batch(loaded)
+        set_routing(model, batch.prompt_mask, batch.specialty, batch.operation, record=True)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert (routing_state(model).sibling_gates is not None) == together  # the stacked path ran
+        aux = birg_losses(routing_state(model), method)
+        total = logits.float().pow(2).mean() + sum(v for v in aux.values() if v.requires_grad)
+        total.backward()
+        records = {n: {k: v.clone() for k, v in r.items()} for n, r in routing_state(model).records.items()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), {k: v.detach() for k, v in aux.items()}, records, grads))
+    (l1, a1, r1, g1), (l2, a2, r2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)  # fp32 rounding of a wider product
+    assert a1.keys() == a2.keys() and r1.keys() == r2.keys() and g1.keys() == g2.keys()
+    for k in a1:
+        torch.testing.assert_close(a1[k], a2[k], rtol=1e-5, atol=1e-6)
+    for name in r1:
+        for k in r1[name]:
+            torch.testing.assert_close(r1[name][k], r2[name][k], rtol=1e-5, atol=1e-6)
+    gate_grads = [g for n, g in g1.items() if "gate_" in n]
+    assert gate_grads and all(g.abs().sum() > 0 for g in gate_grads)  # the stacked gate is trained
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-6)

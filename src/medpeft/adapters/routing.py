@@ -25,6 +25,11 @@ import torch
 from torch import nn
 
 ROUTING_ATTR = "medpeft_routing"
+# Projections of one decoder block that read the same input tensor (Llama/Qwen/Mistral
+# naming). Eagerly, routed layers of one such group compute their per-question gates
+# together (:func:`sibling_groups`); a layer whose input turns out to differ from its
+# group's computes its own, so an architecture that breaks the naming stays correct.
+SIBLING_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def topk_mask(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,6 +66,18 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     return out + bias if bias is not None else out
 
 
+def sibling_groups(layers: list, names: tuple[tuple[str, ...], ...] = SIBLING_INPUTS) -> list[list]:
+    """Groups (of 2 or more, in model order) of ``layers`` that share a parent module and whose
+    last name components are in one tuple of ``names``: the layers that read the same input."""
+    groups: dict[tuple, list] = {}
+    for layer in layers:
+        parent, _, child = layer.name.rpartition(".")
+        for g, group in enumerate(names):
+            if child in group:
+                groups.setdefault((parent, g), []).append(layer)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 @dataclass
 class RoutingState:
     """The routing context every routed family needs; a family subclasses it to prepare its
@@ -83,6 +100,8 @@ class RoutingState:
     # ``predict(evaluator, items) -> [(predicted letters, scores)]``; the scorers call it instead.
     predict: object = None
     _pooled: tuple | None = None  # eager only: (input tensor, its pooling), shared by q/k/v and gate/up
+    # eager only: (input tensor, {layer name: gate outputs}) of the last sibling group computed together
+    sibling_gates: tuple | None = None
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """``h_x``: mean of ``x`` [B, T, d] over the prompt tokens, ``[B, d]``, in fp32.
@@ -105,7 +124,7 @@ class RoutingState:
         self.prompt_mask = prompt_mask.bool()
         self.specialty, self.operation = specialty, operation
         self.freeze, self.record, self.parameter_losses = freeze, record, parameter_losses
-        self.frozen, self.records, self.cache, self._pooled = {}, {}, {}, None
+        self.frozen, self.records, self.cache, self._pooled, self.sibling_gates = {}, {}, {}, None, None
         m = self.prompt_mask.float()
         self.pool_weights = m / m.sum(1, keepdim=True).clamp(min=1)
         for layer in self.layers:  # outputs of an abandoned forward (e.g. an exception) must not leak in

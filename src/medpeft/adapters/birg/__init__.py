@@ -8,7 +8,7 @@ from ..routing import routing_state
 from . import config
 from .audit import audit_atoms, effective_rank
 from .config import BirgMethod
-from .layer import BirgRoutingState, RankGatedLoraLinear, merge_fixed_gate, straight_through_topk
+from .layer import BirgRoutingState, RankGatedLoraLinear, merge_fixed_gate, set_siblings, straight_through_topk
 from .losses import AUX_LOSSES, PARAMETER_LOSSES, OffDiagonalCos2, birg_losses
 
 __all__ = ["BirgMethod", "RankGatedLoraLinear", "merge_fixed_gate", "straight_through_topk", "birg_losses",
@@ -40,6 +40,11 @@ class BirgFamily(InjectedFamily):
 
     def validate(self, method, prefix="method"):
         config.validate(method, prefix)
+
+    def apply(self, model, method):
+        super().apply(model, method)
+        set_siblings(self.layers(model))
+        return model
 
     def reads_tags(self, method) -> bool:
         return method.clinical_gate
