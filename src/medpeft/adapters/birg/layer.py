@@ -70,26 +70,34 @@ def gate_math(hidden: torch.Tensor | None, clinical: torch.Tensor | None, r: int
     return zeta, hard, p, rho
 
 
-def stacked_gates(layers: list, x: torch.Tensor) -> dict[str, tuple]:
-    """The gates of sibling layers that read the same input ``x`` (q/k/v, gate/up), computed
-    as one: their ``gate_in`` weights stacked into one product, their tag tables side by side
-    in another, one softmax and top-k over ``[B, G, R]``; each layer gets its slice (the same
-    values as its own :meth:`RankGatedLoraLinear.gate`). Eager only: about 20 fewer small
-    operations per sibling, forward and backward (docs/performance.md)."""
+def group_gates(layers: list, x: torch.Tensor) -> list[tuple]:
+    """The gates of ``layers`` reading the same input ``x``, one tuple per layer as
+    :func:`gate_math` returns it. One layer: its own ``gate_in`` product and tag product.
+    Sibling layers (q/k/v, gate/up; eager only): their ``gate_in`` weights stacked into one
+    product, their tag tables side by side in another, one softmax and top-k over
+    ``[B, G, R]``, and each layer gets its slice -- the same values, about 20 fewer small
+    operations per sibling forward and backward (docs/performance.md)."""
     lead, n = layers[0], len(layers)
     st = lead.state
-    with torch.autocast(x.device.type, enabled=False):
+
+    def stacked(tensors: list, dim: int = 0) -> torch.Tensor:
+        return (tensors[0] if n == 1 else torch.cat(tensors, dim)).float()
+
+    with torch.autocast(x.device.type, enabled=False):  # the gate in fp32, also under mixed precision
         hidden = clinical = None
         if lead.gate_in is not None:
-            weight = torch.cat([m.gate_in.weight for m in layers]).float()
-            bias = torch.cat([m.gate_in.bias for m in layers]).float()
-            hidden = torch.addmm(bias, st.pooled(x), weight.T).view(-1, n, weight.shape[0] // n)
+            hidden = small_matmul(st.pooled(x), stacked([m.gate_in.weight for m in layers]).T,
+                                  stacked([m.gate_in.bias for m in layers]))
         if lead.gate_tags is not None:
-            tables = torch.cat([m.gate_tags for m in layers], 1).float()
-            clinical = (st.tag_onehot @ tables).view(-1, n, lead.r)
+            # a question's three table rows, summed, as one matmul with the batch's 3-hot tag matrix
+            clinical = small_matmul(st.tag_onehot, stacked([m.gate_tags for m in layers], 1))
+        if n == 1:
+            return [gate_math(hidden, clinical, lead.r, lead.kappa, lead.tau, lead.hidden_gate, lead.injection)]
+        hidden = hidden.view(-1, n, hidden.shape[1] // n) if hidden is not None else None
+        clinical = clinical.view(-1, n, lead.r) if clinical is not None else None
         outs = gate_math(hidden, clinical, lead.r, lead.kappa, lead.tau, lead.hidden_gate, lead.injection)
     parts = [t.unbind(1) if t is not None else (None,) * n for t in outs]
-    return {m.name: tuple(part[g] for part in parts) for g, m in enumerate(layers)}
+    return [tuple(part[g] for part in parts) for g in range(n)]
 
 
 def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -141,18 +149,13 @@ class RankGatedLoraLinear(InjectedLinear):
             raise RuntimeError(
                 f"{self.name}: no routing context for an input of shape {tuple(x.shape)}; call "
                 "medpeft.adapters.set_routing(model, prompt_mask, specialty, operation) before the forward pass")
-        if self.siblings and not torch.compiler.is_compiling():  # compiled, the compiler fuses instead
-            shared = st.sibling_gates
-            if shared is None or shared[0] is not x:
-                shared = st.sibling_gates = (x, stacked_gates(self.siblings, x))
-            if self.name in shared[1]:
-                return shared[1][self.name]
-        with torch.autocast(x.device.type, enabled=False):  # the gate in fp32, also under mixed precision
-            hidden = small_matmul(st.pooled(x), self.gate_in.weight.float().T, self.gate_in.bias.float()) \
-                if self.gate_in is not None else None
-            # a question's three table rows, summed, as one matmul with the batch's 3-hot tag matrix
-            clinical = small_matmul(st.tag_onehot, self.gate_tags.float()) if self.gate_tags is not None else None
-            return gate_math(hidden, clinical, self.r, self.kappa, self.tau, self.hidden_gate, self.injection)
+        if not self.siblings or torch.compiler.is_compiling():  # compiled, the compiler fuses instead
+            return group_gates([self], x)[0]
+        shared = st.sibling_gates
+        if shared is None or shared[0] is not x:  # the group's first layer to run computes them all
+            names = [m.name for m in self.siblings]
+            shared = st.sibling_gates = (x, dict(zip(names, group_gates(self.siblings, x))))
+        return shared[1][self.name]
 
     def keep_for_losses(self, p: torch.Tensor, hard: torch.Tensor) -> None:
         """Keep this forward's gate for the batch losses, which ``losses.birg_losses`` computes
@@ -185,13 +188,16 @@ class RankGatedLoraLinear(InjectedLinear):
                 f"clinical_gate={self.gate_tags is not None}, injection={self.injection}")
 
 
+def _gate_shape(layer: RankGatedLoraLinear) -> tuple:
+    return (layer.r, layer.kappa, layer.tau, layer.hidden_gate, layer.injection, layer.gate_tags is not None,
+            layer.base.in_features)
+
+
 def set_siblings(layers: list) -> None:
     """Let rank-gated layers that read the same input (``routing.sibling_groups``) and have the
-    same gate shape compute their gates together (:func:`stacked_gates`)."""
+    same gate shape compute their gates together (:func:`group_gates`)."""
     for group in sibling_groups(layers):
-        def shape(m):
-            return (m.r, m.kappa, m.tau, m.hidden_gate, m.injection, m.gate_tags is not None, m.base.in_features)
-        if all(shape(m) == shape(group[0]) for m in group):
+        if all(_gate_shape(m) == _gate_shape(group[0]) for m in group):
             for m in group:
                 m.siblings = group
 
