@@ -120,6 +120,7 @@ def test_every_preset_trains_on_two_processes_to_the_one_process_result(tmp_path
     assert done.stdout.count('"method": "lora"') == 1  # the summary is printed by the main process only
 
 
+@pytest.mark.slow  # its own CI tier (pytest -m slow): the default suite must stay under 15 min
 def test_every_other_preset_trains_alike_on_two_processes(tmp_path):
     """The rest of the registry's presets (ablations, DoRA, the adapter library and its four
     routers, which read the library cell trained first): same numbers and files as one process."""

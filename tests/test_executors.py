@@ -31,6 +31,7 @@ def strip_root(report: dict, root: Path) -> str:
     return json.dumps(report).replace(str(root), "ROOT")
 
 
+@pytest.mark.slow  # its own CI tier (pytest -m slow): the default suite must stay under 15 min
 def test_local_executor_with_two_cpu_workers_writes_the_sequential_report(tmp_path, capsys):
     config = suite_config(tmp_path, ["lora-r16", "birg"])
     assert main(["suite", str(config)]) == 0

@@ -113,6 +113,7 @@ def test_compiled_layers_match_eager_and_all_but_the_first_share_one_graph(prese
     assert all(layer._compiled_call_impl is None for layer in layers)
 
 
+@pytest.mark.slow  # its own CI tier (pytest -m slow): the default suite must stay under 15 min
 def test_train_with_compile_equals_eager_training(tmp_path):
     from safetensors.torch import load_file
 

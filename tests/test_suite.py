@@ -96,6 +96,7 @@ def test_ablations_are_grouped_by_the_preset_they_are_built_on():
                                        "x/birg": ["x/birg-top8"]}  # sparsedoctor's base moelora did not run
 
 
+@pytest.mark.slow  # its own CI tier (pytest -m slow): the default suite must stay under 15 min
 def test_the_tiny_birg_main_suite_runs_as_shipped(tmp_path):
     """configs/paper/birg-main-tiny.yaml unchanged (12 methods x 2 seeds, perturbation), as CI runs it: the
     eleven trainable rows of the BiRG-LoRA paper's Table III and the library they route over."""
