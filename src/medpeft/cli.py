@@ -147,13 +147,20 @@ def cmd_run(args) -> int:
 def cmd_tag(args) -> int:
     from .data import load_benchmark
     from .io import write_jsonl
+    from .tagger import TextTagger
     from .tags import tag_record
 
     if args.out and args.out != "-" and Path(args.out).resolve() == Path(args.file).resolve():
         raise MedpeftError(f"--out {args.out!r} is the input file; the tags would overwrite the data")
+    tagger = TextTagger.load(args.tagger) if args.tagger else None
     result = load_benchmark(args.benchmark, args.file, skip_invalid=args.skip_invalid,
                             answer_file=args.answer_file, cop_base=args.cop_base)
-    rows = [tag_record(r, text_only=args.text_only).to_json(r.id) for r in result.records]
+    rows = [tag_record(r, text_only=args.text_only, tagger=tagger).to_json(r.id) for r in result.records]
+    if tagger is not None:
+        seen = tagger.trained_on(result.records)
+        if seen:  # tagging is harmless, but these tags are not held-out predictions
+            print(f"note: the tagger was trained on {len(seen)} of these {len(result.records)} questions",
+                  file=sys.stderr)
     if args.out and args.out != "-":
         if Path(args.out).is_dir():
             raise MedpeftError(f"--out {args.out!r} is a folder; give a file name (or - for standard output)")
@@ -164,6 +171,18 @@ def cmd_tag(args) -> int:
             print(json.dumps(row, ensure_ascii=False))
     if result.skipped:
         print(f"skipped {len(result.skipped)} invalid records: {result.skip_summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_tagger_train(args) -> int:
+    from .config import load_tagger_config
+    from .pipeline import run_tagger_train
+    from .tagger import agreement_table
+
+    cfg = load_tagger_config(args.config, args.overrides)
+    tagger = run_tagger_train(cfg)
+    print(agreement_table(tagger), end="")
+    print(f"tagger ({len(tagger.vocabulary)} n-grams; axes {', '.join(tagger.axes)}) written to {cfg.output}")
     return 0
 
 
@@ -458,12 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="benchmark file or folder in its native format")
     p.add_argument("--benchmark", required=True, help="medqa, medmcqa, pubmedqa, cmb, cmexam, cmmlu, mmlu, gsm8k, "
                    "aci-bench, summary")
-    p.add_argument("--text-only", action="store_true", help="ignore metadata; keyword rules only")
+    p.add_argument("--text-only", action="store_true", help="ignore metadata; keyword rules (or --tagger) only")
+    p.add_argument("--tagger", help="a learned tagger folder (medpeft tagger train) used instead of the keyword rules")
     p.add_argument("--out", help="write JSON lines here (default, or -: standard output)")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records and report them")
     p.add_argument("--answer-file", help="CMB answer-key file")
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("tagger", help="learned text-only taggers (docs/tags.md)")
+    tagger_sub = p.add_subparsers(dest="tagger_command", required=True, metavar="{train}")
+    p = tagger_sub.add_parser("train", help="fit a text-only specialty/operation tagger on metadata-labelled sources")
+    p.add_argument("config", help="tagger config YAML (output, sources, exclude, model; docs/tags.md)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.C=4")
+    p.set_defaults(func=cmd_tagger_train)
 
     p = sub.add_parser("clinical-sum", help="build Clinical-Sum pairs from a local MIMIC-III NOTEEVENTS.csv")
     p.add_argument("noteevents", help="your credentialed copy of MIMIC-III's NOTEEVENTS.csv")

@@ -81,6 +81,10 @@ class SourceConfig:
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     max_length: int = 768
+    # A learned text-only tagger folder (`medpeft tagger train`, docs/tags.md): it tags the items
+    # of every source (training and evaluation) that metadata does not tag, instead of the
+    # keyword rules. A run refuses a tagger trained on one of its evaluation sets.
+    tagger: str | None = None
 
 
 @dataclass
@@ -217,6 +221,11 @@ def validate_run_config(cfg: RunConfig) -> None:
     require(tc.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tc.warmup_steps}")
     require(tc.save_every >= 0, "train.save_every", f"must be >= 0, got {tc.save_every}")
     require(tc.log_every >= 1, "train.log_every", f"must be >= 1, got {tc.log_every}")
+    if cfg.data.tagger is not None:
+        from .tagger import CONFIG_FILE
+
+        require((Path(cfg.data.tagger) / CONFIG_FILE).is_file(), "data.tagger",
+                f"names {cfg.data.tagger!r}, which holds no {CONFIG_FILE} (write a tagger with 'medpeft tagger train')")
     require(cfg.data.max_length >= MIN_MAX_LENGTH, "data.max_length",
             f"must be >= {MIN_MAX_LENGTH} (shorter windows cut every prompt down to its options), "
             f"got {cfg.data.max_length}")
@@ -469,16 +478,21 @@ def method_variants(cfg: RunConfig) -> list[RunConfig]:
 
 def _resolve_paths(raw: dict, base: Path) -> None:
     """Relative data paths in a config file are relative to that file (``pkg:`` = shipped examples)."""
-    sections = [raw.get("data", {}).get("train", []) if isinstance(raw.get("data"), dict) else [],
-                raw.get("eval", {}).get("benchmarks", []) if isinstance(raw.get("eval"), dict) else []]
-    for sources in sections:
-        for src in sources if isinstance(sources, list) else []:
-            if not isinstance(src, dict):
-                continue
-            for key in ("path", "answer_file", "ground_truth"):
-                value = src.get(key)
-                if isinstance(value, str) and not value.startswith("pkg:"):
-                    src[key] = str(resolve_data_path(value, base))
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    _resolve_source_paths(data.get("train", []), base)
+    _resolve_source_paths(raw.get("eval", {}).get("benchmarks", []) if isinstance(raw.get("eval"), dict) else [], base)
+    if isinstance(data.get("tagger"), str):
+        data["tagger"] = str(resolve_data_path(data["tagger"], base))
+
+
+def _resolve_source_paths(sources: Any, base: Path) -> None:
+    for src in sources if isinstance(sources, list) else []:
+        if not isinstance(src, dict):
+            continue
+        for key in ("path", "answer_file", "ground_truth"):
+            value = src.get(key)
+            if isinstance(value, str) and not value.startswith("pkg:"):
+                src[key] = str(resolve_data_path(value, base))
 
 
 def resolve_data_path(value: str, base: Path | None = None) -> Path:
@@ -504,3 +518,80 @@ def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- tagger configs
+
+@dataclass
+class TaggerConfig:
+    """``medpeft tagger train CONFIG``: the sources a learned tagger is fitted on (docs/tags.md)."""
+
+    output: str  # the tagger folder to write (tagger.json + weights.safetensors)
+    sources: list[SourceConfig] = field(default_factory=list)  # metadata-labelled training sources
+    # evaluation sets the tagger must never see: sources (as in eval.benchmarks), and run configs
+    # whose eval.benchmarks are all excluded; by id and normalized question text
+    exclude: list[SourceConfig] = field(default_factory=list)
+    exclude_runs: list[str] = field(default_factory=list)
+    model: Any = None  # TaggerSettings (built in load_tagger_config)
+
+
+def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) -> TaggerConfig:
+    """Read and validate a tagger config; relative paths are relative to the file."""
+    from .tagger import CONFIG_FILE, TaggerSettings
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"tagger config {name_or_path!r}: no such file")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (output, sources, exclude, model)")
+
+    def resolve(raw: dict, base: Path) -> None:
+        _resolve_source_paths(raw.get("sources"), base)
+        _resolve_source_paths(raw.get("exclude"), base)
+        if isinstance(raw.get("output"), str):
+            raw["output"] = str(resolve_data_path(raw["output"], base))
+        if isinstance(raw.get("exclude_runs"), list):
+            raw["exclude_runs"] = [str(resolve_data_path(v, base)) if isinstance(v, str) else v
+                                   for v in raw["exclude_runs"]]
+
+    resolve(raw, path.parent)
+    raw = apply_overrides(raw, overrides or [])
+    resolve(raw, Path.cwd())
+    cfg = from_dict(TaggerConfig, raw, special={"model": lambda v, key: from_dict(TaggerSettings, v, key)})
+    if cfg.model is None:
+        cfg.model = TaggerSettings()
+    m = cfg.model
+    require(bool(cfg.sources), "sources", "is empty: name at least one metadata-labelled training source")
+    from .data import BENCHMARKS
+
+    for section, sources in (("sources", cfg.sources), ("exclude", cfg.exclude)):
+        for i, src in enumerate(sources):
+            require_choice(src.benchmark, tuple(BENCHMARKS), f"{section}.{i}.benchmark")
+            require(src.limit is None or src.limit >= 1, f"{section}.{i}.limit", f"must be >= 1, got {src.limit}")
+            require(not src.exclude and src.per_route is None, f"{section}.{i}",
+                    "takes no 'exclude' or 'per_route' (list evaluation sets under the top-level 'exclude')")
+    for i, run in enumerate(cfg.exclude_runs):
+        require(Path(run).is_file(), f"exclude_runs.{i}", f"names {run!r}, which is no file")
+    for key in ("word_ngrams", "char_ngrams"):
+        value = getattr(m, key)
+        require(len(value) == 2 and 1 <= value[0] <= value[1] <= 6, f"model.{key}",
+                f"must be [low, high] with 1 <= low <= high <= 6, got {value}")
+    require_choice(m.stop_words, ("english", "none"), "model.stop_words")
+    require(m.min_df >= 1, "model.min_df", f"must be >= 1, got {m.min_df}")
+    require(m.max_features is None or m.max_features >= 1, "model.max_features", f"must be >= 1, got {m.max_features}")
+    require(math.isfinite(m.C) and m.C > 0, "model.C", f"must be a finite number > 0, got {m.C}")
+    require(m.max_iter >= 1, "model.max_iter", f"must be >= 1, got {m.max_iter}")
+    require(0 <= m.min_confidence <= 1, "model.min_confidence", f"must be a probability in [0, 1], got {m.min_confidence}")
+    require(0 <= m.held_out < 1, "model.held_out", f"must be a share in [0, 1), got {m.held_out}")
+    require(0 <= m.seed < 2**63, "model.seed", f"must be in 0..2^63-1, got {m.seed}")
+    out = Path(cfg.output)
+    require(not out.exists() or out.is_dir(), "output", f"{str(out)!r} is a file, not a folder")
+    require(not out.is_dir() or not any(out.iterdir()) or (out / CONFIG_FILE).is_file(), "output",
+            f"{str(out)!r} is a folder that holds no tagger; a tagger replaces only an earlier tagger")
+    return cfg

@@ -9,6 +9,7 @@ from .config import RunConfig, SourceConfig, resolve_data_path
 from .data import load_benchmark, route_balanced, seeded_subset, exclude_overlap
 from .data.record import QARecord
 from .errors import ConfigError
+from .tagger import TextTagger
 from .tags import OPERATIONS, SPECIALTIES, UNKNOWN, Tags, tag_record
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,38 @@ def load_source(src: SourceConfig) -> list[QARecord]:
     return records
 
 
-def tag_all(records: list[QARecord], set_name: str, text_only: bool = False) -> list[TaggedRecord]:
-    return [TaggedRecord(r, tag_record(r, text_only=text_only), set_name) for r in records]
+def tag_all(records: list[QARecord], set_name: str, text_only: bool = False,
+            tagger: TextTagger | None = None) -> list[TaggedRecord]:
+    return [TaggedRecord(r, tag_record(r, text_only=text_only, tagger=tagger), set_name) for r in records]
 
 
-def load_eval_sets(sources: list[SourceConfig]) -> dict[str, list[TaggedRecord]]:
+_TAGGERS: dict[str, TextTagger] = {}
+
+
+def run_tagger(cfg: RunConfig) -> TextTagger | None:
+    """The learned tagger of ``data.tagger`` (read once per process), or None."""
+    path = cfg.data.tagger
+    if path is None:
+        return None
+    if path not in _TAGGERS:
+        _TAGGERS[path] = TextTagger.load(path)
+    return _TAGGERS[path]
+
+
+def load_eval_sets(sources: list[SourceConfig], tagger: TextTagger | None = None) -> dict[str, list[TaggedRecord]]:
+    """Every evaluation set, tagged; a ``tagger`` trained on one of their questions is refused."""
     sets: dict[str, list[TaggedRecord]] = {}
     for src in sources:
         if src.display_name in sets:
             raise ConfigError(f"eval.benchmarks: two sources named '{src.display_name}'; give them distinct 'name's")
-        sets[src.display_name] = tag_all(load_source(src), src.display_name, src.text_only_tags)
+        records = load_source(src)
+        if tagger is not None:
+            seen = tagger.trained_on(records)
+            if seen:
+                raise ConfigError(f"config key 'data.tagger': {tagger.path} was trained on {len(seen)} questions of "
+                                  f"the evaluation set '{src.display_name}' (e.g. id {seen[0].id}); retrain it with "
+                                  "that set under 'exclude' (or its run config under 'exclude_runs')")
+        sets[src.display_name] = tag_all(records, src.display_name, src.text_only_tags, tagger)
     return sets
 
 
@@ -68,6 +91,7 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is empty: name at least one training source")
     eval_sets = eval_sets or {}
+    tagger = run_tagger(cfg)
     out: list[TaggedRecord] = []
     for i, src in enumerate(cfg.data.train):
         records = load_source(src)
@@ -78,7 +102,7 @@ def load_train_set(cfg: RunConfig, eval_sets: dict[str, list[TaggedRecord]] | No
             records, dropped = exclude_overlap(records, [t.record for t in eval_sets[name]])
             if dropped:
                 log.info("%s: dropped %d items shared with eval set %s", src.display_name, dropped, name)
-        tagged = tag_all(records, src.display_name, src.text_only_tags)
+        tagged = tag_all(records, src.display_name, src.text_only_tags, tagger)
         if src.per_route is not None:
             from .errors import MedpeftError
             from .tags import SPECIALTIES

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .adapters import family_of, load_trained, read_adapter_method, reads_tags, routing_state
 from .config import RunConfig
-from .dataset import load_eval_sets, load_train_set, perturb_tags
+from .dataset import load_eval_sets, load_train_set, perturb_tags, run_tagger
 from .distributed import processes
 from .errors import ConfigError, MedpeftError
 from .evaluate import Evaluator, evaluate_sets, set_results
@@ -91,7 +91,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
             resume_changes(cfg, run_dir, force=force_resume)
         elif (run_dir / "summary.json").exists():
             raise MedpeftError(f"{run_dir} already holds a finished run; choose another output_dir or pass --resume")
-        eval_sets = load_eval_sets(cfg.eval.benchmarks) if any(s.exclude for s in cfg.data.train) else {}
+        eval_sets = load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg)) \
+            if any(s.exclude for s in cfg.data.train) or cfg.data.tagger else {}
         train_set = load_train_set(cfg, eval_sets)
         # before the model loads: the cells the method reads (a router's library) and the parts it
         # is made of (a library's routes) are checked; train() builds them again, cheaply
@@ -159,7 +160,7 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
             family_of(method).resolve(method, Path(run_dir))  # e.g. a router's library is there and fits
         except MedpeftError as err:
             raise MedpeftError(f"{Path(run_dir) / 'adapter'}: {err}") from None
-    eval_sets = load_eval_sets(cfg.eval.benchmarks)
+    eval_sets = load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg))
     set_protocols(cfg, eval_sets)
     loaded = _loaded(cfg)
     if run_dir is not None:
@@ -294,7 +295,7 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
         raise MedpeftError(f"{run_dir}: method {cfg.method.name!r} has no routed adapters to audit "
                            "(its outputs do not depend on a per-question gate)")
     read_adapter_method(run_dir, cfg.method)  # before anything is loaded
-    items = [t for sets in load_eval_sets(cfg.eval.benchmarks).values() for t in sets
+    items = [t for sets in load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg)).values() for t in sets
              if t.record.question_type != "open"]
     if not any(t.record.question_type != "summary" for t in items):
         raise MedpeftError(f"{run_dir}: the audit sets hold no multiple-choice questions (open-ended ones, e.g. GSM8K, "
@@ -313,7 +314,7 @@ def check_cells(variants: list[RunConfig]) -> None:
     checked: list = []
     for variant in variants:
         if (variant.eval.benchmarks, variant.eval.protocol) not in checked:
-            set_protocols(variant, load_eval_sets(variant.eval.benchmarks))
+            set_protocols(variant, load_eval_sets(variant.eval.benchmarks, run_tagger(variant)))
             checked.append((variant.eval.benchmarks, variant.eval.protocol))
         if (variant.model, variant.method) not in checked:
             check_method_fits(variant)
@@ -460,7 +461,7 @@ def run_contamination(cfg: RunConfig, out: Path, threshold: float) -> dict:
 
     if not cfg.data.train or not cfg.eval.benchmarks:
         raise ConfigError("config keys 'data.train' and 'eval.benchmarks' must both name sources to audit")
-    eval_sets = load_eval_sets(cfg.eval.benchmarks)
+    eval_sets = load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg))
     train: dict[str, list] = {}
     for t in load_train_set(cfg, eval_sets):
         train.setdefault(t.set_name, []).append(t.record)
@@ -485,3 +486,44 @@ def run_contamination(cfg: RunConfig, out: Path, threshold: float) -> dict:
     write_json(out / "contamination.json", result)
     write_jsonl(out / "flagged.jsonl", flagged)
     return result
+
+
+def run_tagger_train(tcfg) -> "TextTagger":
+    """``medpeft tagger train``: fit a learned tagger on ``tcfg.sources`` minus every excluded
+    evaluation set (by id and normalized question text), record where it came from, save it."""
+    from .config import load_config
+    from .data import exclude_overlap
+    from .dataset import load_source
+    from .tagger import train_tagger
+
+    names = [src.display_name for src in tcfg.sources]
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            raise ConfigError(f"config key 'sources.{i}': two sources are named {name!r}; give them distinct 'name's")
+    excluded_sources = list(tcfg.exclude)
+    for i, run in enumerate(tcfg.exclude_runs):  # every run config is read before any data
+        try:
+            excluded_sources += load_config(run).eval.benchmarks
+        except ConfigError as err:
+            raise ConfigError(f"config key 'exclude_runs.{i}' ({run}): {err}") from None
+    excluded = [r for src in excluded_sources for r in load_source(src)]
+    sources, provenance = {}, {}
+    for src in tcfg.sources:
+        records, dropped = exclude_overlap(load_source(src), excluded)
+        sources[src.display_name] = records
+        provenance[src.display_name] = {
+            "benchmark": src.benchmark,
+            **({"hub_id": src.hub_id, "hub_config": src.hub_config, "split": src.split} if src.hub
+               else {"path": src.path}),
+            "limit": src.limit, "dropped_as_evaluation_items": dropped}
+        log.info("%s: %d items (%d dropped: shared with an excluded evaluation set)", src.display_name,
+                 len(records), dropped)
+    print(f"fitting the tagger on {sum(map(len, sources.values()))} items ...", file=sys.stderr, flush=True)
+    tagger = train_tagger(sources, tcfg.model)
+    for name, info in provenance.items():
+        tagger.info["sources"][name] = {**info, **tagger.info["sources"][name]}
+    tagger.info["excluded_sets"] = [{"benchmark": s.benchmark, "name": s.display_name,
+                                     **({"hub_id": s.hub_id, "split": s.split} if s.hub else {"path": s.path})}
+                                    for s in excluded_sources]
+    tagger.save(tcfg.output)
+    return tagger

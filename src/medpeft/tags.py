@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .data.record import QARecord
+
+if TYPE_CHECKING:
+    from .tagger import TextTagger
 
 SPECIALTIES = (
     "clinical_medicine", "pharmacy", "nursing", "public_health",
@@ -211,18 +215,26 @@ def _first_rule(rules, text: str) -> tuple[str, str] | None:
     return None
 
 
-def tag_record(record: QARecord, *, text_only: bool = False) -> Tags:
+def _learned(tagger: "TextTagger | None", record: QARecord, axis: str) -> tuple[str, str] | None:
+    prediction = tagger.predict(record, axis) if tagger is not None else None
+    return (prediction.tag, prediction.why) if prediction is not None else None
+
+
+def tag_record(record: QARecord, *, text_only: bool = False, tagger: "TextTagger | None" = None) -> Tags:
     """Specialty and operation tags of one item, with the reason each was chosen.
 
-    Reads only ``record.question``, ``record.options`` and ``record.metadata``
-    (``text_only=True`` ignores metadata) -- never ``record.answer``.
+    Metadata first (skipped with ``text_only=True``), then the learned ``tagger`` on each
+    axis it has a model for (its ``unknown`` below the threshold is final), then the
+    keyword rules. Reads only ``record.question``, ``record.options`` and
+    ``record.metadata`` -- never ``record.answer``.
     """
     text = record.question + "\n" + "\n".join(record.options.values())
     stem = record.question
     spec = None if text_only else _specialty_from_metadata(record)
-    spec = spec or _first_rule(SPECIALTY_RULES, text) or (UNKNOWN, "no rule matched")
+    spec = spec or _learned(tagger, record, "specialty") or _first_rule(SPECIALTY_RULES, text) \
+        or (UNKNOWN, "no rule matched")
     # Operations are asked by the stem; options often mention drugs or tests as distractors.
     op = None if text_only else _operation_from_metadata(record)
-    op = op or _first_rule(OPERATION_RULES, ask_of(stem)) or _first_rule(OPERATION_RULES, stem) \
-        or (UNKNOWN, "no rule matched")
+    op = op or _learned(tagger, record, "operation") or _first_rule(OPERATION_RULES, ask_of(stem)) \
+        or _first_rule(OPERATION_RULES, stem) or (UNKNOWN, "no rule matched")
     return Tags(spec[0], op[0], spec[1], op[1])
