@@ -129,7 +129,7 @@ def test_an_operation_model_is_trained_where_competency_labels_exist():
 
 
 def write_tagger_config(tmp_path: Path, data_dir: Path, **extra) -> Path:
-    cfg = {"output": "tg", "sources": [{"benchmark": "medmcqa", "path": str(data_dir / MEDMCQA)}],
+    cfg = {"output": str(tmp_path / "tg"), "sources": [{"benchmark": "medmcqa", "path": str(data_dir / MEDMCQA)}],
            "model": {"held_out": 0.2}, **extra}
     path = tmp_path / "tagger.yaml"
     path.write_text(json.dumps(cfg), encoding="utf-8")
@@ -216,7 +216,7 @@ def test_bad_taggers_and_tagger_configs_are_one_line(data_dir, tmp_path, capsys,
     if case in ("config_key", "non_tagger_output"):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.txt").write_text("mine", encoding="utf-8")
-        config = write_tagger_config(tmp_path, data_dir, **({"output": "other"} if case == "non_tagger_output" else {}))
+        config = write_tagger_config(tmp_path, data_dir, **({"output": str(tmp_path / "other")} if case == "non_tagger_output" else {}))
         args = ["tagger", "train", str(config)] + (["model.c=3"] if case == "config_key" else [])
     else:
         args = ["tag", str(data_dir / "mmlu"), "--benchmark", "mmlu", "--tagger", str(folder)]
@@ -224,3 +224,12 @@ def test_bad_taggers_and_tagger_configs_are_one_line(data_dir, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert (tmp_path / "other" / "notes.txt").read_text(encoding="utf-8") == "mine" if case == "non_tagger_output" else True
+
+
+def test_the_shipped_tagger_config_is_valid():
+    from medpeft.config import load_tagger_config
+
+    cfg = load_tagger_config(str(Path(__file__).resolve().parents[1] / "configs/taggers/medmcqa-train.yaml"))
+    assert [(s.benchmark, s.hub, s.split) for s in cfg.sources] == [("medmcqa", True, "train")]
+    assert [(s.benchmark, s.split) for s in cfg.exclude] == [("medmcqa", "validation")]
+    assert cfg.output == "taggers/medmcqa" and cfg.model.held_out == 0.05

@@ -526,7 +526,7 @@ def dump_config(cfg: RunConfig) -> str:
 class TaggerConfig:
     """``medpeft tagger train CONFIG``: the sources a learned tagger is fitted on (docs/tags.md)."""
 
-    output: str  # the tagger folder to write (tagger.json + weights.safetensors)
+    output: str  # the tagger folder to write (tagger.json + weights.safetensors); relative to the working folder
     sources: list[SourceConfig] = field(default_factory=list)  # metadata-labelled training sources
     # evaluation sets the tagger must never see: sources (as in eval.benchmarks), and run configs
     # whose eval.benchmarks are all excluded; by id and normalized question text
@@ -536,7 +536,8 @@ class TaggerConfig:
 
 
 def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) -> TaggerConfig:
-    """Read and validate a tagger config; relative paths are relative to the file."""
+    """Read and validate a tagger config; relative data paths are relative to the file, the
+    ``output`` folder (like a run's ``output_dir``) to the working folder."""
     from .tagger import CONFIG_FILE, TaggerSettings
 
     path = Path(name_or_path)
@@ -554,8 +555,6 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
     def resolve(raw: dict, base: Path) -> None:
         _resolve_source_paths(raw.get("sources"), base)
         _resolve_source_paths(raw.get("exclude"), base)
-        if isinstance(raw.get("output"), str):
-            raw["output"] = str(resolve_data_path(raw["output"], base))
         if isinstance(raw.get("exclude_runs"), list):
             raw["exclude_runs"] = [str(resolve_data_path(v, base)) if isinstance(v, str) else v
                                    for v in raw["exclude_runs"]]

@@ -381,6 +381,8 @@ def agreement_table(tagger: TextTagger) -> str:
 
     rows = [(name, s["held_out_agreement"]) for name, s in tagger.info.get("sources", {}).items()]
     rows.append(("all", tagger.info.get("held_out_agreement", {})))
+    if not any("learned" in r for _, by_axis in rows for r in by_axis.values()):
+        return "no labelled items were held out (model.held_out = 0): agreement not measured\n"
     for name, by_axis in rows:
         for axis, r in by_axis.items():
             if "learned" in r:
