@@ -233,3 +233,39 @@ def test_the_shipped_tagger_config_is_valid():
     assert [(s.benchmark, s.hub, s.split) for s in cfg.sources] == [("medmcqa", True, "train")]
     assert [(s.benchmark, s.split) for s in cfg.exclude] == [("medmcqa", "validation")]
     assert cfg.output == "taggers/medmcqa" and cfg.model.held_out == 0.05
+
+
+def test_held_out_items_never_repeat_a_training_question(samples):
+    from medpeft.tagger import fingerprint, split_held_out
+
+    records = samples["mmlu"][:100]
+    copies = records + [dataclasses.replace(r, id=r.id + "-copy", question=r.question.upper() + " ?")
+                        for r in records[:50]]  # the same questions, other spelling
+    train, held = split_held_out(copies, 0.3, seed=0)
+    assert {fingerprint(r) for r in train}.isdisjoint({fingerprint(r) for r in held})
+    assert len(train) + len(held) == 150 and 25 <= len(held) <= 50  # 30 of 100 distinct questions, with copies
+
+
+def test_a_run_is_evaluated_only_with_the_tagger_it_was_trained_with(data_dir, tmp_path, capsys):
+    lines = (data_dir / MEDMCQA).read_text(encoding="utf-8").splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[200:216]) + "\n", encoding="utf-8")
+    tagger_cfg = tmp_path / "tagger.yaml"
+    tagger_cfg.write_text(json.dumps({"output": str(tmp_path / "tg"), "sources": [
+        {"benchmark": "medmcqa", "path": "train.jsonl"}], "exclude_runs": ["run.yaml"]}), encoding="utf-8")
+    run = {"output_dir": str(tmp_path / "run"), "model": {"name": "tiny"}, "method": {"preset": "birg"},
+           "data": {"max_length": 256, "tagger": "tg", "train": [
+               {"benchmark": "medmcqa", "path": "train.jsonl", "text_only_tags": True, "limit": 16}]},
+           "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 4, "save_every": 0, "compile": False},
+           "eval": {"batch_size": 8, "benchmarks": [{"benchmark": "medmcqa", "path": "eval.jsonl",
+                                                     "text_only_tags": True}]}}
+    (tmp_path / "run.yaml").write_text(json.dumps(run), encoding="utf-8")
+    assert main(["tagger", "train", str(tagger_cfg)]) == 0
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    assert len((tmp_path / "run" / "tagger.sha256").read_text().strip()) == 64
+    assert main(["tagger", "train", str(tagger_cfg), "model.C=1"]) == 0  # the folder is rewritten
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.tagger" in err and "changed since" in err
+    assert not (tmp_path / "e").exists()

@@ -52,17 +52,24 @@ def tag_all(records: list[QARecord], set_name: str, text_only: bool = False,
     return [TaggedRecord(r, tag_record(r, text_only=text_only, tagger=tagger), set_name) for r in records]
 
 
-_TAGGERS: dict[str, TextTagger] = {}
+_TAGGERS: dict[tuple, TextTagger] = {}
 
 
 def run_tagger(cfg: RunConfig) -> TextTagger | None:
-    """The learned tagger of ``data.tagger`` (read once per process), or None."""
-    path = cfg.data.tagger
-    if path is None:
+    """The learned tagger of ``data.tagger`` (read again only when its files changed), or None."""
+    from pathlib import Path
+
+    from .tagger import CONFIG_FILE, WEIGHTS_FILE
+
+    if cfg.data.tagger is None:
         return None
-    if path not in _TAGGERS:
-        _TAGGERS[path] = TextTagger.load(path)
-    return _TAGGERS[path]
+    folder = Path(cfg.data.tagger)
+    stats = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
+                  for p in (folder / CONFIG_FILE, folder / WEIGHTS_FILE))
+    key = (str(folder.resolve()), stats)
+    if key not in _TAGGERS:
+        _TAGGERS[key] = TextTagger.load(folder)
+    return _TAGGERS[key]
 
 
 def load_eval_sets(sources: list[SourceConfig], tagger: TextTagger | None = None) -> dict[str, list[TaggedRecord]]:

@@ -98,7 +98,29 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
         # is made of (a library's routes) are checked; train() builds them again, cheaply
         family = family_of(cfg.method)
         family.parts(family.resolve(cfg.method, run_dir), train_set)
+        tagger = run_tagger(cfg)
+        if tagger is not None:  # the tags this run routes on; evaluation refuses a tagger changed since
+            from .io import write_text
+
+            check_tagger_unchanged(cfg, run_dir)
+            write_text(run_dir / TAGGER_DIGEST, tagger.digest + "\n")
         return train(cfg, _loaded(cfg), train_set, resume=resume, force_resume=force_resume).summary
+
+
+TAGGER_DIGEST = "tagger.sha256"  # in a run folder: the learned tagger (data.tagger) it was trained with
+
+
+def check_tagger_unchanged(cfg: RunConfig, run_dir: Path) -> None:
+    """A run trained with a learned tagger is evaluated (or resumed) with the same one: a tagger
+    folder rewritten since would silently change the tags the run routes on."""
+    recorded = Path(run_dir) / TAGGER_DIGEST
+    tagger = run_tagger(cfg)
+    if tagger is None or not recorded.is_file():
+        return
+    if recorded.read_text(encoding="utf-8").strip() != tagger.digest:
+        raise MedpeftError(f"config key 'data.tagger': {tagger.path} changed since {run_dir} was trained with it "
+                           f"({recorded} records another tagger); the tags the run routes on would differ -- "
+                           "evaluate with the tagger it was trained with")
 
 
 def load_run_model(cfg: RunConfig, run_dir: Path, loaded: LoadedModel | None = None) -> LoadedModel:
@@ -160,6 +182,8 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
             family_of(method).resolve(method, Path(run_dir))  # e.g. a router's library is there and fits
         except MedpeftError as err:
             raise MedpeftError(f"{Path(run_dir) / 'adapter'}: {err}") from None
+    if run_dir is not None:
+        check_tagger_unchanged(cfg, Path(run_dir))
     eval_sets = load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg))
     set_protocols(cfg, eval_sets)
     loaded = _loaded(cfg)
@@ -295,6 +319,7 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
         raise MedpeftError(f"{run_dir}: method {cfg.method.name!r} has no routed adapters to audit "
                            "(its outputs do not depend on a per-question gate)")
     read_adapter_method(run_dir, cfg.method)  # before anything is loaded
+    check_tagger_unchanged(cfg, run_dir)
     items = [t for sets in load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg)).values() for t in sets
              if t.record.question_type != "open"]
     if not any(t.record.question_type != "summary" for t in items):
@@ -503,7 +528,8 @@ def run_tagger_train(tcfg) -> "TextTagger":
     excluded_sources = list(tcfg.exclude)
     for i, run in enumerate(tcfg.exclude_runs):  # every run config is read before any data
         try:
-            excluded_sources += load_config(run).eval.benchmarks
+            # its data.tagger may be the very tagger this command writes: not read here
+            excluded_sources += load_config(run, ["data.tagger=null"]).eval.benchmarks
         except ConfigError as err:
             raise ConfigError(f"config key 'exclude_runs.{i}' ({run}): {err}") from None
     excluded = [r for src in excluded_sources for r in load_source(src)]

@@ -126,6 +126,7 @@ class TextTagger:
     fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     info: dict = field(default_factory=dict)  # sources, counts, held-out agreement, settings
     path: str = ""
+    digest: str = ""  # sha256 of the saved files (set by load): a run records the tagger it routed on
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -243,10 +244,11 @@ class TextTagger:
         info = {k: v for k, v in meta.items() if k not in ("format", "version", "vocabulary", "axes",
                                                            "min_confidence", "word_ngrams", "char_ngrams",
                                                            "stop_words")}
+        digest = hashlib.sha256(config_path.read_bytes() + weights_path.read_bytes()).hexdigest()
         return cls(vocabulary, idf.astype(np.float64), axes, float(threshold),
                    tuple(meta.get("word_ngrams", (1, 2))), tuple(meta.get("char_ngrams", (1, 3))),
                    frozenset(meta.get("stop_words", ())),
-                   tensors.get("train_fingerprints", np.zeros(0, dtype=np.int64)), info, str(folder))
+                   tensors.get("train_fingerprints", np.zeros(0, dtype=np.int64)), info, str(folder), digest)
 
 
 # ----------------------------------------------------------------------------- training
@@ -270,9 +272,13 @@ class TaggerSettings:
 
 
 def split_held_out(records: Sequence[QARecord], share: float, seed: int) -> tuple[list[QARecord], list[QARecord]]:
-    """(train, held out): a seeded ``round(share * N)`` of ``records`` held out, order kept."""
-    held = set(random.Random(seed).sample(range(len(records)), round(share * len(records)))) if share > 0 else set()
-    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+    """(train, held out), order kept: a seeded ``round(share * Q)`` of the ``Q`` distinct
+    normalized questions held out with every copy of them, so that a question repeated in a
+    release (MedMCQA train holds repeats) never sits on both sides of the agreement."""
+    keys = [fingerprint(r) for r in records]
+    distinct = list(dict.fromkeys(keys))
+    held = set(random.Random(seed).sample(distinct, round(share * len(distinct)))) if share > 0 else set()
+    return ([r for r, k in zip(records, keys) if k not in held], [r for r, k in zip(records, keys) if k in held])
 
 
 def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagger:
