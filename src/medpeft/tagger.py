@@ -299,7 +299,10 @@ def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagge
     vectorizer = TfidfVectorizer(analyzer=lambda t: ngrams(t, word_n, char_n, stop), lowercase=False,
                                  min_df=min(settings.min_df, len(texts)), max_features=settings.max_features,
                                  sublinear_tf=True, norm="l2", smooth_idf=True, dtype=np.float64)
-    matrix = vectorizer.fit_transform(texts)
+    from tqdm.auto import tqdm
+
+    matrix = vectorizer.fit_transform(tqdm(texts, desc="tagger n-grams", unit="item", leave=False,
+                                           disable=len(texts) < 5000))  # seconds below that
     vocabulary = [""] * len(vectorizer.vocabulary_)
     for gram, j in vectorizer.vocabulary_.items():
         vocabulary[j] = gram
