@@ -4,9 +4,9 @@
 
 On the built-in tiny model: the shared MedMCQA sample (300 dev rows) is split into a training
 part (rows 0-199) and an evaluation part (rows 200-299). A learned tagger is fitted with
-``medpeft tagger train`` on the training part only (the evaluation part excluded). BiRG
-(preset ``birg``) is then trained once per tag source and seed on the training part and
-audited on the evaluation part: the tags are the keyword rules (``text_only_tags``), the
+``medpeft tagger train`` on the training part only (the evaluation part excluded). The
+tag-routed preset (``--preset``; default BiRG-LoRA's main preset) is then trained once per
+tag source and seed on the training part and audited on the evaluation part: the tags are the keyword rules (``text_only_tags``), the
 learned tagger (``text_only_tags`` + ``data.tagger``), or MedMCQA's subject metadata (the
 reference). Printed as Markdown: each source's agreement with the metadata specialty on the
 evaluation part, the mean over modules of the audit's mutual information between the
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medpeft.adapters import family_of
+from medpeft.adapters import family_of, reads_tags
+from medpeft.adapters.registry import preset_config, table_presets
 from medpeft.audit import collect_routing
 from medpeft.cli import main as medpeft
 from medpeft.config import load_config
@@ -36,11 +37,16 @@ SAMPLE = "medmcqa/dev.rows0-299.jsonl"
 TAG_SOURCES = ("keyword rules", "learned tagger", "metadata")
 
 
-def run_config(root: Path, source: str, seed: int, steps: int) -> dict:
+def tag_routed_preset() -> str:
+    """The first table preset whose outputs depend on the tags (BiRG-LoRA's main preset)."""
+    return next(p for p in table_presets() if reads_tags(preset_config(p)))
+
+
+def run_config(root: Path, source: str, seed: int, steps: int, preset: str) -> dict:
     text_only = source != "metadata"
     return {
         "output_dir": str(root / f"{source.replace(' ', '-')}-seed{seed}"),
-        "model": {"name": "tiny"}, "method": {"preset": "birg"},
+        "model": {"name": "tiny"}, "method": {"preset": preset},
         "data": {"max_length": 384, "tagger": str(root / "tagger") if source == "learned tagger" else None,
                  "train": [{"benchmark": "medmcqa", "path": str(root / "train.jsonl"), "text_only_tags": text_only}]},
         "train": {"steps": steps, "batch_size": 8, "micro_batch_size": 4, "lr": 5e-3, "warmup_steps": 2,
@@ -55,6 +61,7 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--preset", default=tag_routed_preset(), help="a tag-routed preset (default: BiRG-LoRA's)")
     args = parser.parse_args()
     lines = (Path(args.data) / SAMPLE).read_text(encoding="utf-8").splitlines()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +78,7 @@ def main() -> None:
             agreement, mi_tags, mi_meta = [], [], []
             for seed in args.seeds:
                 path = root / f"{source}-{seed}.yaml".replace(" ", "-")
-                path.write_text(json.dumps(run_config(root, source, seed, args.steps)), encoding="utf-8")
+                path.write_text(json.dumps(run_config(root, source, seed, args.steps, args.preset)), encoding="utf-8")
                 cfg = load_config(str(path))
                 run_train(cfg)
                 items = load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg))["medmcqa"]
@@ -90,7 +97,7 @@ def main() -> None:
     def spread(values: list[float]) -> str:
         return f"{np.mean(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
-    print(f"BiRG on the tiny model, {args.steps} steps, seeds {args.seeds}; trained on MedMCQA dev rows 0-199, "
+    print(f"{args.preset} on the tiny model, {args.steps} steps, seeds {args.seeds}; trained on MedMCQA dev rows 0-199, "
           "audited on rows 200-299 (n=100)\n")
     print("| tags routed on | agreement with metadata specialty | entropy of routed specialty, bits "
           "| MI(atoms; routed specialty) bits | MI(atoms; metadata specialty) bits |")
