@@ -40,6 +40,7 @@ def test_ngrams_are_english_words_and_chinese_characters():
     assert grams[:9] == ["zh:高", "zh:血", "zh:压", "zh:患", "zh:者", "zh:高血", "zh:血压", "zh:压患", "zh:患者"]
     assert grams[9:] == ["takes", "aspirin", "daily", "takes aspirin", "aspirin daily"]  # stop word dropped first
     assert ngrams("ＡＢＣ-12 ｘ") == ngrams("abc-12 x")  # NFKC width folding and lower case
+    assert ngrams("Ménière’s β-blocker", word_n=(1, 1)) == ["ménière’s", "β-blocker"]  # letters of any script
 
 
 @pytest.mark.parametrize("sample", ["mixed", "binary"])
@@ -197,7 +198,14 @@ def test_a_hub_source_is_read_through_the_hub_loader(data_dir, tmp_path, monkeyp
 @pytest.mark.parametrize("case, expected", [
     ("missing", "not a tagger folder (tagger.json is missing"),
     ("not_json", "tagger.json: not valid JSON"),
-    ("wrong_shape", "tensor 'idf' must have shape"),
+    ("wrong_shape", "tensor 'idf' must be finite floating-point of shape"),
+    ("tampered", "its sha256 differs from field 'weights_sha256'"),
+    ("classes", "field 'axes.specialty' must be an axis"),
+    ("no_fingerprints", "tensor 'train_fingerprints' must be 1-D int64"),
+    ("tagger_is_file", "is a file; a tagger is a folder"),
+    ("hub_without_split", "config key 'sources.0.split' must be given for a hub source"),
+    ("min_df", "config key 'model.min_df' (100000): no n-gram is left"),
+    ("no_labels", "config key 'sources.0' (medqa): none of its 300 items has a specialty"),
     ("config_key", "unknown config key 'model.c'"),
     ("non_tagger_output", "config key 'output'"),
 ])
@@ -209,21 +217,45 @@ def test_bad_taggers_and_tagger_configs_are_one_line(data_dir, tmp_path, capsys,
         (folder / CONFIG_FILE).unlink()
     elif case == "not_json":
         (folder / CONFIG_FILE).write_text("{", encoding="utf-8")
-    elif case == "wrong_shape":
+    elif case in ("wrong_shape", "classes", "no_fingerprints"):
+        from safetensors.numpy import load_file, save_file
+
         meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        meta["vocabulary"] = meta["vocabulary"][:-1]
+        if case == "wrong_shape":
+            meta["vocabulary"] = meta["vocabulary"][:-1]
+        elif case == "classes":
+            meta["axes"]["specialty"]["classes"][0] = "treatment"  # an operation, not a specialty
+        else:  # a consistent file whose fingerprints are gone: the leakage check would see nothing
+            tensors = load_file(str(folder / WEIGHTS_FILE))
+            del tensors["train_fingerprints"]
+            save_file(tensors, str(folder / WEIGHTS_FILE))
+            import hashlib
+
+            meta["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
         (folder / CONFIG_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    if case in ("config_key", "non_tagger_output"):
+    elif case == "tampered":
+        data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+        data[-3] ^= 1
+        (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    if case in ("config_key", "non_tagger_output", "hub_without_split", "min_df", "no_labels"):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.txt").write_text("mine", encoding="utf-8")
-        config = write_tagger_config(tmp_path, data_dir, **({"output": str(tmp_path / "other")} if case == "non_tagger_output" else {}))
+        extra = {"non_tagger_output": {"output": str(tmp_path / "other")},
+                 "hub_without_split": {"sources": [{"benchmark": "medmcqa", "hub": True}]},
+                 "min_df": {"model": {"min_df": 100000}},
+                 "no_labels": {"sources": [{"benchmark": "medqa",
+                                            "path": str(data_dir / "medqa/us_4options_test.rows0-299.jsonl")}]}}
+        config = write_tagger_config(tmp_path, data_dir, **extra.get(case, {}))
         args = ["tagger", "train", str(config)] + (["model.c=3"] if case == "config_key" else [])
     else:
-        args = ["tag", str(data_dir / "mmlu"), "--benchmark", "mmlu", "--tagger", str(folder)]
+        target = folder / CONFIG_FILE if case == "tagger_is_file" else folder
+        args = ["tag", str(data_dir / "mmlu"), "--benchmark", "mmlu", "--tagger", str(target)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
-    assert (tmp_path / "other" / "notes.txt").read_text(encoding="utf-8") == "mine" if case == "non_tagger_output" else True
+    if (tmp_path / "other").exists():  # nothing written was lost
+        assert (tmp_path / "other" / "notes.txt").read_text(encoding="utf-8") == "mine"
+        assert not (tmp_path / "tg" / "notes.txt").exists() and (tmp_path / "tg" / CONFIG_FILE).exists()
 
 
 def test_the_shipped_tagger_config_is_valid():
@@ -268,4 +300,31 @@ def test_a_run_is_evaluated_only_with_the_tagger_it_was_trained_with(data_dir, t
     assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "data.tagger" in err and "changed since" in err
+    assert main(["eval", str(tmp_path / "run"), "data.tagger=null", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained with a learned tagger" in err and "'data.tagger' is unset" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_other_languages_keep_the_keyword_rules_and_unknown_text_is_unknown(samples):
+    english = fit_tagger(samples["mmlu"], TaggerSettings())
+    assert english.languages == ("en",)
+    chinese = samples["cmmlu"][0]
+    assert english.predict(chinese, "specialty") is None
+    assert tag_record(chinese, text_only=True, tagger=english) == tag_record(chinese, text_only=True)
+    gibberish = QARecord("g", "user", "en", "Zqxv wplk?", {"A": "qqq", "B": "zzz"}, frozenset("A"), "single")
+    p = english.predict(gibberish, "specialty")
+    assert p.tag == UNKNOWN and "no n-gram of the text is in the tagger's vocabulary" in p.why
+
+
+def test_a_question_held_out_in_one_source_is_not_trained_on_through_another(samples):
+    from medpeft.tagger import fingerprint
+
+    mmlu = samples["mmlu"]
+    tagger = train_tagger({"mmlu": mmlu, "again": [dataclasses.replace(r, id="again-" + r.id) for r in mmlu[:150]]},
+                          TaggerSettings(held_out=0.3))
+    sources = tagger.info["sources"]
+    assert sources["mmlu"]["dropped_as_held_out_elsewhere"] + sources["again"]["dropped_as_held_out_elsewhere"] > 0
+    held = {fingerprint(r) for r in mmlu} - set(tagger.fingerprints.tolist())
+    assert len(held) >= sources["mmlu"]["held_out"] - 1 and not tagger.trained_on(
+        [r for r in mmlu if fingerprint(r) in held])

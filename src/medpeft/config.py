@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -541,6 +542,8 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
     from .tagger import CONFIG_FILE, TaggerSettings
 
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"tagger config {name_or_path!r} is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"tagger config {name_or_path!r}: no such file")
     try:
@@ -575,6 +578,9 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
             require(src.limit is None or src.limit >= 1, f"{section}.{i}.limit", f"must be >= 1, got {src.limit}")
             require(not src.exclude and src.per_route is None, f"{section}.{i}",
                     "takes no 'exclude' or 'per_route' (list evaluation sets under the top-level 'exclude')")
+            # a hub copy's default split is medpeft's evaluation split (e.g. MedMCQA validation)
+            require(section == "exclude" or not src.hub or src.split is not None, f"{section}.{i}.split",
+                    "must be given for a hub source (e.g. train): the default split is the evaluation split")
     for i, run in enumerate(cfg.exclude_runs):
         require(Path(run).is_file(), f"exclude_runs.{i}", f"names {run!r}, which is no file")
     for key in ("word_ngrams", "char_ngrams"):
@@ -591,6 +597,13 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
     require(0 <= m.seed < 2**63, "model.seed", f"must be in 0..2^63-1, got {m.seed}")
     out = Path(cfg.output)
     require(not out.exists() or out.is_dir(), "output", f"{str(out)!r} is a file, not a folder")
-    require(not out.is_dir() or not any(out.iterdir()) or (out / CONFIG_FILE).is_file(), "output",
-            f"{str(out)!r} is a folder that holds no tagger; a tagger replaces only an earlier tagger")
+    from .tagger import WEIGHTS_FILE
+
+    held = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    require(not held or held <= {CONFIG_FILE, WEIGHTS_FILE}, "output",
+            f"{str(out)!r} holds files other than a tagger's ({', '.join(sorted(held - {CONFIG_FILE, WEIGHTS_FILE}))}); "
+            "a tagger replaces only an earlier tagger")
+    existing = next(p for p in [out, *out.resolve().parents] if p.exists())  # before minutes of fitting
+    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "output",
+            f"{str(out)!r} cannot be written ({existing} is {'not a folder' if not existing.is_dir() else 'not writable'})")
     return cfg

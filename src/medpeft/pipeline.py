@@ -114,9 +114,12 @@ def check_tagger_unchanged(cfg: RunConfig, run_dir: Path) -> None:
     """A run trained with a learned tagger is evaluated (or resumed) with the same one: a tagger
     folder rewritten since would silently change the tags the run routes on."""
     recorded = Path(run_dir) / TAGGER_DIGEST
-    tagger = run_tagger(cfg)
-    if tagger is None or not recorded.is_file():
+    if not recorded.is_file():
         return
+    tagger = run_tagger(cfg)
+    if tagger is None:
+        raise MedpeftError(f"{run_dir} was trained with a learned tagger ({recorded}), but 'data.tagger' is unset: "
+                           "its items would be tagged by other rules than the ones it routes on")
     if recorded.read_text(encoding="utf-8").strip() != tagger.digest:
         raise MedpeftError(f"config key 'data.tagger': {tagger.path} changed since {run_dir} was trained with it "
                            f"({recorded} records another tagger); the tags the run routes on would differ -- "
@@ -513,6 +516,17 @@ def run_contamination(cfg: RunConfig, out: Path, threshold: float) -> dict:
     return result
 
 
+def source_provenance(src) -> dict:
+    """Where a source's items came from: its file, or the hub id, config and split it resolves to."""
+    if not src.hub:
+        return {"benchmark": src.benchmark, "path": src.path}
+    from .data.hub import HUB_IDS
+
+    hub_id, config, split = HUB_IDS.get(src.benchmark, (None, None, None))
+    return {"benchmark": src.benchmark, "hub_id": src.hub_id or hub_id, "hub_config": src.hub_config or config,
+            "split": src.split or split}
+
+
 def run_tagger_train(tcfg) -> "TextTagger":
     """``medpeft tagger train``: fit a learned tagger on ``tcfg.sources`` minus every excluded
     evaluation set (by id and normalized question text), record where it came from, save it."""
@@ -525,31 +539,37 @@ def run_tagger_train(tcfg) -> "TextTagger":
     for i, name in enumerate(names):
         if names.count(name) > 1:
             raise ConfigError(f"config key 'sources.{i}': two sources are named {name!r}; give them distinct 'name's")
-    excluded_sources = list(tcfg.exclude)
+    excluded_sources = [(f"exclude.{i}", src) for i, src in enumerate(tcfg.exclude)]
     for i, run in enumerate(tcfg.exclude_runs):  # every run config is read before any data
         try:
             # its data.tagger may be the very tagger this command writes: not read here
-            excluded_sources += load_config(run, ["data.tagger=null"]).eval.benchmarks
+            excluded_sources += [(f"exclude_runs.{i}", src)
+                                 for src in load_config(run, ["data.tagger=null"]).eval.benchmarks]
         except ConfigError as err:
             raise ConfigError(f"config key 'exclude_runs.{i}' ({run}): {err}") from None
-    excluded = [r for src in excluded_sources for r in load_source(src)]
+
+    def read(key: str, src) -> list:
+        try:
+            return load_source(src)
+        except MedpeftError as err:
+            raise MedpeftError(f"config key '{key}' ({src.display_name}): {err}") from None
+
+    excluded = [r for key, src in excluded_sources for r in read(key, src)]
     sources, provenance = {}, {}
-    for src in tcfg.sources:
-        records, dropped = exclude_overlap(load_source(src), excluded)
+    for i, src in enumerate(tcfg.sources):
+        read_records = read(f"sources.{i}", src)
+        records, dropped = exclude_overlap(read_records, excluded)
+        if read_records and not records:
+            raise ConfigError(f"config key 'sources.{i}' ({src.display_name}): all {dropped} of its items are in an "
+                              "excluded evaluation set ('exclude' / 'exclude_runs'); nothing is left to train on")
         sources[src.display_name] = records
-        provenance[src.display_name] = {
-            "benchmark": src.benchmark,
-            **({"hub_id": src.hub_id, "hub_config": src.hub_config, "split": src.split} if src.hub
-               else {"path": src.path}),
-            "limit": src.limit, "dropped_as_evaluation_items": dropped}
+        provenance[src.display_name] = {**source_provenance(src), "limit": src.limit,
+                                        "dropped_as_evaluation_items": dropped}
         log.info("%s: %d items (%d dropped: shared with an excluded evaluation set)", src.display_name,
                  len(records), dropped)
-    print(f"fitting the tagger on {sum(map(len, sources.values()))} items ...", file=sys.stderr, flush=True)
     tagger = train_tagger(sources, tcfg.model)
     for name, info in provenance.items():
         tagger.info["sources"][name] = {**info, **tagger.info["sources"][name]}
-    tagger.info["excluded_sets"] = [{"benchmark": s.benchmark, "name": s.display_name,
-                                     **({"hub_id": s.hub_id, "split": s.split} if s.hub else {"path": s.path})}
-                                    for s in excluded_sources]
+    tagger.info["excluded_sets"] = [{"name": s.display_name, **source_provenance(s)} for _, s in excluded_sources]
     tagger.save(tcfg.output)
     return tagger

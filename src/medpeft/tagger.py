@@ -36,7 +36,7 @@ import numpy as np
 
 from .data.record import QARecord
 from .errors import MedpeftError
-from .tags import UNKNOWN, _operation_from_metadata, _specialty_from_metadata, tag_record
+from .tags import OPERATIONS, SPECIALTIES, UNKNOWN, _operation_from_metadata, _specialty_from_metadata, tag_record
 
 FORMAT = "medpeft-tagger"
 VERSION = 1
@@ -44,8 +44,11 @@ CONFIG_FILE, WEIGHTS_FILE = "tagger.json", "weights.safetensors"
 AXES = ("specialty", "operation")
 TOP_NGRAMS = 3  # n-grams named in a tag's why
 
-# CJK ideographs (and extension A, compatibility): runs become character n-grams.
-_TOKENS = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|([a-z0-9]+(?:['-][a-z0-9]+)*)")
+# CJK ideographs (and extension A, compatibility): runs become character n-grams. Words: runs
+# of other letters and digits (any script: "ménière", "β-blocker"), joined by ' ’ or -.
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_LETTER = rf"(?:(?![{_CJK}])[^\W_])"
+_TOKENS = re.compile(rf"([{_CJK}]+)|({_LETTER}+(?:['’-]{_LETTER}+)*)")
 
 
 def tagger_text(record: QARecord) -> str:
@@ -97,9 +100,13 @@ class Prediction:
     best: str  # the best class, even when below the threshold
     top_ngrams: tuple[str, ...]
 
+    known: int = 1  # n-grams of the text in the tagger's vocabulary
+
     @property
     def why(self) -> str:
-        grams = ", ".join(repr(g.removeprefix("zh:")) for g in self.top_ngrams) or "no known n-gram"
+        if not self.known:
+            return "learned: unknown, no n-gram of the text is in the tagger's vocabulary"
+        grams = ", ".join(repr(g.removeprefix("zh:")) for g in self.top_ngrams) or f"no n-gram favours {self.best}"
         if self.tag == UNKNOWN:
             return f"learned: unknown, p={self.probability:.2f} for {self.best} is below the threshold ({grams})"
         return f"learned: p={self.probability:.2f} ({grams})"
@@ -124,6 +131,7 @@ class TextTagger:
     char_ngrams: tuple[int, int] = (1, 3)
     stop_words: frozenset[str] = frozenset()
     fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    languages: tuple[str, ...] = ()  # of the training items: other languages keep the keyword rules
     info: dict = field(default_factory=dict)  # sources, counts, held-out agreement, settings
     path: str = ""
     digest: str = ""  # sha256 of the saved files (set by load): a run records the tagger it routed on
@@ -157,18 +165,22 @@ class TextTagger:
         return idx, values, p / p.sum()
 
     def predict(self, record: QARecord, axis: str) -> Prediction | None:
-        """The tag of ``record`` on ``axis`` (None when this tagger has no model for it)."""
+        """The tag of ``record`` on ``axis``; None when this tagger has no model for the axis or
+        was trained on no item of the record's language (the keyword rules tag it). A text with
+        no known n-gram is ``unknown`` (its probabilities would be the class prior alone)."""
         model = self.axes.get(axis)
-        if model is None:
+        if model is None or (self.languages and record.language not in self.languages):
             return None
         idx, values, p = self._scores(tagger_text(record), axis)
+        if not len(idx):
+            return Prediction(UNKNOWN, float(p.max()), model.classes[int(np.argmax(p))], (), known=0)
         k = int(np.argmax(p))
         contribution = values * model.coef[k, idx]
         order = np.argsort(-contribution, kind="stable")[:TOP_NGRAMS]
         top = tuple(self.vocabulary[int(idx[j])] for j in order if contribution[j] > 0)
         best = model.classes[k]
         tag = best if p[k] >= self.min_confidence else UNKNOWN
-        return Prediction(tag, float(p[k]), best, top)
+        return Prediction(tag, float(p[k]), best, top, known=len(idx))
 
     def trained_on(self, records: Iterable[QARecord]) -> list[QARecord]:
         """The records whose normalized question this tagger was trained on."""
@@ -185,13 +197,14 @@ class TextTagger:
         for axis, model in self.axes.items():
             tensors[f"{axis}.coef"] = np.ascontiguousarray(model.coef, dtype=np.float32)
             tensors[f"{axis}.intercept"] = model.intercept.astype(np.float32)
-        meta = {"format": FORMAT, "version": VERSION, "min_confidence": self.min_confidence,
-                "word_ngrams": list(self.word_ngrams), "char_ngrams": list(self.char_ngrams),
-                "stop_words": sorted(self.stop_words),
-                "axes": {axis: {"classes": m.classes} for axis, m in self.axes.items()},
-                **self.info, "vocabulary": self.vocabulary}
         with atomic_dir(folder) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE))
+            meta = {"format": FORMAT, "version": VERSION, "min_confidence": self.min_confidence,
+                    "word_ngrams": list(self.word_ngrams), "char_ngrams": list(self.char_ngrams),
+                    "stop_words": sorted(self.stop_words), "languages": list(self.languages),
+                    "axes": {axis: {"classes": m.classes} for axis, m in self.axes.items()},
+                    "weights_sha256": hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest(),
+                    **self.info, "vocabulary": self.vocabulary}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
 
     @classmethod
@@ -202,6 +215,10 @@ class TextTagger:
 
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        if not folder.exists():
+            raise MedpeftError(f"{folder}: no such tagger folder (write one with 'medpeft tagger train CONFIG')")
+        if not folder.is_dir():
+            raise MedpeftError(f"{folder}: is a file; a tagger is a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise MedpeftError(f"{folder}: not a tagger folder ({path.name} is missing; "
@@ -210,45 +227,76 @@ class TextTagger:
             meta = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise MedpeftError(f"{config_path}: not valid JSON ({err})") from None
+
+        def bad(key: str, problem: str) -> MedpeftError:
+            return MedpeftError(f"{config_path}: field '{key}' {problem}")
+
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise MedpeftError(f"{config_path}: field 'format' is not {FORMAT!r}: not a medpeft tagger")
         if meta.get("version") != VERSION:
-            raise MedpeftError(f"{config_path}: field 'version' is {meta.get('version')!r}; this medpeft reads {VERSION}")
+            raise bad("version", f"is {meta.get('version')!r}; this medpeft reads {VERSION}")
+        weights = weights_path.read_bytes()
+        if meta.get("weights_sha256") != hashlib.sha256(weights).hexdigest():
+            raise MedpeftError(f"{weights_path}: its sha256 differs from field 'weights_sha256' of {CONFIG_FILE} "
+                               "(the weights were changed or replaced after the tagger was written)")
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as err:
             raise MedpeftError(f"{weights_path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
         vocabulary = meta.get("vocabulary")
-        if not isinstance(vocabulary, list) or not all(isinstance(g, str) for g in vocabulary):
-            raise MedpeftError(f"{config_path}: field 'vocabulary' must be a list of n-grams")
-        n_vocab = len(vocabulary)
-        idf = tensors.get("idf")
-        if idf is None or idf.shape != (n_vocab,):
-            raise MedpeftError(f"{weights_path}: tensor 'idf' must have shape [{n_vocab}] (the vocabulary's size)")
-        axes = {}
-        for axis, spec in (meta.get("axes") or {}).items():
-            classes = spec.get("classes") if isinstance(spec, dict) else None
-            coef, intercept = tensors.get(f"{axis}.coef"), tensors.get(f"{axis}.intercept")
-            if axis not in AXES or not isinstance(classes, list) or len(classes) < 2:
-                raise MedpeftError(f"{config_path}: field 'axes.{axis}' must be an axis of {AXES} with >= 2 classes")
-            if coef is None or coef.shape != (len(classes), n_vocab) or intercept is None \
-                    or intercept.shape != (len(classes),):
-                raise MedpeftError(f"{weights_path}: tensors '{axis}.coef' [{len(classes)}, {n_vocab}] and "
-                                   f"'{axis}.intercept' [{len(classes)}] are missing or misshapen")
-            axes[axis] = AxisModel(list(classes), coef.astype(np.float64), intercept.astype(np.float64))
-        if not axes:
-            raise MedpeftError(f"{config_path}: field 'axes' holds no trained axis")
+        if not isinstance(vocabulary, list) or not all(isinstance(g, str) for g in vocabulary) \
+                or len(set(vocabulary)) != len(vocabulary):
+            raise bad("vocabulary", "must be a list of distinct n-grams")
+        ranges = {}
+        for key in ("word_ngrams", "char_ngrams"):
+            value = meta.get(key)
+            if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+                    and 1 <= value[0] <= value[1]):
+                raise bad(key, f"must be [low, high] with 1 <= low <= high, got {value!r}")
+            ranges[key] = (value[0], value[1])
+        stop_words, languages = meta.get("stop_words"), meta.get("languages")
+        for key, value in (("stop_words", stop_words), ("languages", languages)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise bad(key, f"must be a list of strings, got {value!r}")
         threshold = meta.get("min_confidence")
-        if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise MedpeftError(f"{config_path}: field 'min_confidence' must be a probability in [0, 1]")
-        info = {k: v for k, v in meta.items() if k not in ("format", "version", "vocabulary", "axes",
-                                                           "min_confidence", "word_ngrams", "char_ngrams",
-                                                           "stop_words")}
-        digest = hashlib.sha256(config_path.read_bytes() + weights_path.read_bytes()).hexdigest()
-        return cls(vocabulary, idf.astype(np.float64), axes, float(threshold),
-                   tuple(meta.get("word_ngrams", (1, 2))), tuple(meta.get("char_ngrams", (1, 3))),
-                   frozenset(meta.get("stop_words", ())),
-                   tensors.get("train_fingerprints", np.zeros(0, dtype=np.int64)), info, str(folder), digest)
+        if type(threshold) not in (int, float) or not 0 <= threshold <= 1:
+            raise bad("min_confidence", f"must be a probability in [0, 1], got {threshold!r}")
+
+        def tensor(name: str, shape: tuple, kind: str = "f") -> np.ndarray:
+            value = tensors.get(name)
+            if value is None or value.shape != shape or value.dtype.kind != kind \
+                    or (kind == "f" and not np.isfinite(value).all()):
+                what = "finite floating-point" if kind == "f" else "int64"
+                raise MedpeftError(f"{weights_path}: tensor '{name}' must be {what} of shape {list(shape)}")
+            return value
+
+        n_vocab = len(vocabulary)
+        idf = tensor("idf", (n_vocab,))
+        fingerprints = tensors.get("train_fingerprints")
+        if fingerprints is None or fingerprints.ndim != 1 or fingerprints.dtype != np.int64:
+            raise MedpeftError(f"{weights_path}: tensor 'train_fingerprints' must be 1-D int64 (the training questions "
+                               "a run checks its evaluation sets against)")
+        axes_meta = meta.get("axes")
+        if not isinstance(axes_meta, dict) or not axes_meta:
+            raise bad("axes", "must map an axis (specialty, operation) to its classes")
+        axes = {}
+        for axis, spec in axes_meta.items():
+            values = SPECIALTIES if axis == "specialty" else OPERATIONS
+            classes = spec.get("classes") if isinstance(spec, dict) else None
+            if axis not in AXES or not isinstance(classes, list) or len(classes) < 2 \
+                    or len(set(map(str, classes))) != len(classes) \
+                    or not all(isinstance(c, str) and c in values and c != UNKNOWN for c in classes):
+                raise bad(f"axes.{axis}", f"must be an axis of {AXES} with >= 2 distinct values of it "
+                                          f"({', '.join(v for v in values if v != UNKNOWN)})")
+            axes[axis] = AxisModel(list(classes), tensor(f"{axis}.coef", (len(classes), n_vocab)).astype(np.float64),
+                                   tensor(f"{axis}.intercept", (len(classes),)).astype(np.float64))
+        info = {k: v for k, v in meta.items() if k not in ("format", "version", "vocabulary", "axes", "min_confidence",
+                                                           "word_ngrams", "char_ngrams", "stop_words", "languages",
+                                                           "weights_sha256")}
+        digest = hashlib.sha256(config_path.read_bytes() + weights).hexdigest()
+        return cls(vocabulary, idf.astype(np.float64), axes, float(threshold), ranges["word_ngrams"],
+                   ranges["char_ngrams"], frozenset(stop_words), fingerprints, tuple(languages), info, str(folder),
+                   digest)
 
 
 # ----------------------------------------------------------------------------- training
@@ -301,8 +349,14 @@ def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagge
                                  sublinear_tf=True, norm="l2", smooth_idf=True, dtype=np.float64)
     from tqdm.auto import tqdm
 
-    matrix = vectorizer.fit_transform(tqdm(texts, desc="tagger n-grams", unit="item", leave=False,
-                                           disable=len(texts) < 5000))  # seconds below that
+    try:
+        matrix = vectorizer.fit_transform(tqdm(texts, desc="tagger n-grams", unit="item", leave=False,
+                                               disable=len(texts) < 5000))  # seconds below that
+    except ValueError as err:  # scikit-learn: no n-gram is left after min_df / an empty vocabulary
+        from .errors import ConfigError
+
+        raise ConfigError(f"config key 'model.min_df' ({settings.min_df}): no n-gram is left to learn from "
+                          f"({str(err).splitlines()[0]})") from None
     vocabulary = [""] * len(vectorizer.vocabulary_)
     for gram, j in vectorizer.vocabulary_.items():
         vocabulary[j] = gram
@@ -322,8 +376,9 @@ def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagge
         raise MedpeftError("the training items carry a single specialty and no operation labels: a classifier "
                            "needs at least two classes")
     fingerprints = np.array(sorted({fingerprint(r) for r in train}), dtype=np.int64)
+    languages = tuple(sorted({train[i].language for i in usable}))
     return TextTagger(vocabulary, vectorizer.idf_.astype(np.float64), axes, settings.min_confidence,
-                      word_n, char_n, stop, fingerprints)
+                      word_n, char_n, stop, fingerprints, languages)
 
 
 def agreement(tagger: TextTagger, records: Sequence[QARecord], axis: str) -> dict:
@@ -355,15 +410,32 @@ def agreement(tagger: TextTagger, records: Sequence[QARecord], axis: str) -> dic
 def train_tagger(sources: dict[str, list[QARecord]], settings: TaggerSettings) -> TextTagger:
     """Hold out ``settings.held_out`` of each source's labelled items, fit on the rest of all
     sources together, and record counts and held-out agreement per source and overall."""
-    train: list[QARecord] = []
+    from .errors import ConfigError
+
+    parts: dict[str, list[QARecord]] = {}
     held: dict[str, list[QARecord]] = {}
     counts = {}
-    for name, records in sources.items():
+    for i, (name, records) in enumerate(sources.items()):
         labelled = [r for r in records if any(metadata_label(r, a) for a in AXES)]
-        fit_part, held[name] = split_held_out(labelled, settings.held_out, settings.seed)
-        train += fit_part
-        counts[name] = {"items": len(records), "labelled": len(labelled), "train": len(fit_part),
-                        "held_out": len(held[name])}
+        if records and not labelled:
+            raise ConfigError(f"config key 'sources.{i}' ({name}): none of its {len(records)} items has a specialty "
+                              "or operation label in its metadata (MedMCQA subject_name, CMB exam_class/exam_type, "
+                              "CMExam departments, MMLU/CMMLU subjects)")
+        parts[name], held[name] = split_held_out(labelled, settings.held_out, settings.seed)
+        counts[name] = {"items": len(records), "labelled": len(labelled), "held_out": len(held[name])}
+    # a question held out in one source is not trained on through another (releases overlap)
+    held_keys = {fingerprint(r) for records in held.values() for r in records}
+    train: list[QARecord] = []
+    for name in sources:
+        kept = [r for r in parts[name] if fingerprint(r) not in held_keys]
+        counts[name].update(train=len(kept), dropped_as_held_out_elsewhere=len(parts[name]) - len(kept))
+        train += kept
+    if not train:
+        raise ConfigError(f"config key 'model.held_out' ({settings.held_out}): no labelled item is left to train on")
+    if len(train) >= 5000:  # a fit of minutes: say so (the n-gram count shows a progress bar)
+        import sys
+
+        print(f"fitting the tagger on {len(train)} items ...", file=sys.stderr, flush=True)
     tagger = fit_tagger(train, settings)
     all_held = [r for records in held.values() for r in records]
     for name in counts:
