@@ -236,7 +236,9 @@ class TextTagger:
         if meta.get("version") != VERSION:
             raise bad("version", f"is {meta.get('version')!r}; this medpeft reads {VERSION}")
         weights = weights_path.read_bytes()
-        if meta.get("weights_sha256") != hashlib.sha256(weights).hexdigest():
+        if not isinstance(meta.get("weights_sha256"), str):
+            raise bad("weights_sha256", "is missing (the sha256 of weights.safetensors)")
+        if meta["weights_sha256"] != hashlib.sha256(weights).hexdigest():
             raise MedpeftError(f"{weights_path}: its sha256 differs from field 'weights_sha256' of {CONFIG_FILE} "
                                "(the weights were changed or replaced after the tagger was written)")
         try:
