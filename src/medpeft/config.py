@@ -234,16 +234,17 @@ def validate_run_config(cfg: RunConfig) -> None:
     require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
     require(cfg.eval.summary_max_new_tokens >= 1, "eval.summary_max_new_tokens",
             f"must be >= 1, got {cfg.eval.summary_max_new_tokens}")
-    from .protocols import PROTOCOL_NAMES
+    from .protocols import protocol_names
+    protocols = protocol_names()
 
-    require_choice(cfg.eval.protocol, PROTOCOL_NAMES, "eval.protocol")
+    require_choice(cfg.eval.protocol, protocols, "eval.protocol")
     for i, name in enumerate(cfg.eval.extra_protocols):
-        require_choice(name, PROTOCOL_NAMES, f"eval.extra_protocols.{i}")
+        require_choice(name, protocols, f"eval.extra_protocols.{i}")
     require(len(set(cfg.eval.extra_protocols)) == len(cfg.eval.extra_protocols), "eval.extra_protocols",
             f"names a protocol twice: {cfg.eval.extra_protocols}")
     for i, src in enumerate(cfg.eval.benchmarks):
         if src.protocol is not None:
-            require_choice(src.protocol, PROTOCOL_NAMES, f"eval.benchmarks.{i}.protocol")
+            require_choice(src.protocol, protocols, f"eval.benchmarks.{i}.protocol")
     for i, src in enumerate(cfg.data.train):
         require(src.protocol is None, f"data.train.{i}.protocol", "is an evaluation-set key (training has no protocol)")
         require(src.retention is None, f"data.train.{i}.retention", "is an evaluation-set key")

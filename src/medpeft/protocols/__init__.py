@@ -105,7 +105,10 @@ def _registry() -> dict[str, object]:
     return {p.name: p for p in (LmEvalHarness(), OpenCompassCMB(), ZeroShotCoT())}
 
 
-PROTOCOL_NAMES = (MEDPEFT, "lm-eval", "opencompass-cmb", "cot")
+def protocol_names() -> tuple[str, ...]:
+    """Every protocol a config may name: ``medpeft`` and the registered ones (the registry is
+    the one list; a new protocol is one class added to :func:`_registry`)."""
+    return (MEDPEFT, *_registry())
 
 
 def get_protocol(name: str):
