@@ -165,19 +165,21 @@ class Evaluator:
         set_routing(self.model, mask.bool(), spec, op, freeze=freeze, record=record)
 
     @torch.no_grad()
-    def _prompt_forward(self, seqs: list[list[int]], items: list[TaggedRecord],
-                        record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass over left-padded prompts: (next-token logits [B, V], attention mask)."""
+    def _prompt_forward(self, seqs: list[list[int]], items: list[TaggedRecord], record: bool = False,
+                        keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass over left-padded prompts: (fp32 logits of the last ``keep`` positions
+        [B, keep, V], attention mask)."""
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         self._route(items, mask, freeze=False, record=record)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with autocast_for(self.model):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep,
                              use_cache=False)
-        return out.logits[:, -1].float(), mask
+        return out.logits[:, -keep:].float(), mask
 
     def _last_logits(self, seqs: list[list[int]], items: list[TaggedRecord]) -> torch.Tensor:
-        return self._prompt_forward(seqs, items)[0]
+        """Next-token logits [B, V] of left-padded prompts."""
+        return self._prompt_forward(seqs, items)[0][:, -1]
 
     def recorded_batches(self, items: list[TaggedRecord]):
         """The scoring forward pass over the items' prompts with the routing state recording
@@ -320,14 +322,9 @@ class Evaluator:
         def forward(batch: list[int]) -> dict[int, dict[tuple[int, ...], float]]:
             """Per input of the batch, the summed log-likelihood of each continuation it scores
             (only those numbers leave the batch: full rows of the vocabulary would not fit)."""
-            ids, mask = left_pad([seqs[k] for k in batch], self.pad_id, self.device)
-            self._route([items[owners[k]] for k in batch], mask, freeze=False)
             width = max(len(c) for k in batch for c in needs[k])
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            with autocast_for(self.model):
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                 logits_to_keep=width, use_cache=False)
-            logprobs = torch.log_softmax(out.logits[:, -width:].float(), dim=-1)
+            logits, _ = self._prompt_forward([seqs[k] for k in batch], [items[owners[k]] for k in batch], keep=width)
+            logprobs = torch.log_softmax(logits, dim=-1)
             result = {}
             for r, k in enumerate(batch):
                 result[k] = {}
