@@ -394,19 +394,26 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r}: no such file, and not a built-in config ({known})")
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping (``what`` names its keys in the error), each key
+    given once; a file that is not UTF-8 or not YAML is one error naming it."""
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {what}")
+    return raw
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     raw: dict = {}
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+        raw = read_yaml_mapping(path, "config sections")
         _resolve_paths(raw, path.parent)
     raw = apply_overrides(raw, overrides or [])
     _resolve_paths(raw, Path.cwd())  # paths given as overrides are relative to the working folder
@@ -547,14 +554,7 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
         raise ConfigError(f"tagger config {name_or_path!r} is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"tagger config {name_or_path!r}: no such file")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (output, sources, exclude, model)")
+    raw = read_yaml_mapping(path, "tagger keys (output, sources, exclude, model)")
 
     def resolve(raw: dict, base: Path) -> None:
         _resolve_source_paths(raw.get("sources"), base)
