@@ -328,3 +328,14 @@ def test_a_question_held_out_in_one_source_is_not_trained_on_through_another(sam
     held = {fingerprint(r) for r in mmlu} - set(tagger.fingerprints.tolist())
     assert len(held) >= sources["mmlu"]["held_out"] - 1 and not tagger.trained_on(
         [r for r in mmlu if fingerprint(r) in held])
+
+
+def test_agreement_counts_what_a_run_assigns_even_for_a_language_the_tagger_never_saw(samples):
+    """A source held out whole (here: CMMLU, Chinese) is tagged by the keyword rules in a run
+    with an English-only tagger: its recorded agreement is theirs, not a crash."""
+    from medpeft.tagger import agreement
+
+    english = fit_tagger(samples["mmlu"], TaggerSettings())
+    chinese = samples["cmmlu"]
+    result = agreement(english, chinese, "specialty")
+    assert result["learned"] == result["keyword"] and result["n"] == len(chinese)

@@ -333,10 +333,9 @@ def split_held_out(records: Sequence[QARecord], share: float, seed: int) -> tupl
 
 def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagger:
     """Fit the vectorizer and one classifier per axis with >= 2 labelled classes on ``train``."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    from tqdm.auto import tqdm
 
     word_n, char_n = tuple(settings.word_ngrams), tuple(settings.char_ngrams)
     stop = frozenset(ENGLISH_STOP_WORDS) if settings.stop_words == "english" else frozenset()
@@ -349,8 +348,6 @@ def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagge
     vectorizer = TfidfVectorizer(analyzer=lambda t: ngrams(t, word_n, char_n, stop), lowercase=False,
                                  min_df=min(settings.min_df, len(texts)), max_features=settings.max_features,
                                  sublinear_tf=True, norm="l2", smooth_idf=True, dtype=np.float64)
-    from tqdm.auto import tqdm
-
     try:
         matrix = vectorizer.fit_transform(tqdm(texts, desc="tagger n-grams", unit="item", leave=False,
                                                disable=len(texts) < 5000))  # seconds below that
@@ -384,8 +381,10 @@ def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagge
 
 
 def agreement(tagger: TextTagger, records: Sequence[QARecord], axis: str) -> dict:
-    """Learned and keyword-rule tags against the metadata label on the labelled ``records``,
-    with 95% Wilson intervals; coverage = share the learned tagger did not answer unknown."""
+    """Text-only tags with the tagger (what a run with ``data.tagger`` assigns: keyword rules
+    for a language it was not trained on) and with the keyword rules alone, against the
+    metadata label of the labelled ``records``, with 95% Wilson intervals; arg-max = the best
+    class even below the threshold; coverage = share not ``unknown``."""
     from .stats import wilson_interval
 
     labelled = [(r, metadata_label(r, axis)) for r in records]
@@ -393,12 +392,14 @@ def agreement(tagger: TextTagger, records: Sequence[QARecord], axis: str) -> dic
     n = len(labelled)
     if not n or axis not in tagger.axes:
         return {"n": n}
-    learned = [tagger.predict(r, axis) for r, _ in labelled]
+    learned = [getattr(tag_record(r, text_only=True, tagger=tagger), axis) for r, _ in labelled]
+    best = [p.best if p is not None else tag for p, tag in
+            zip((tagger.predict(r, axis) for r, _ in labelled), learned)]
     keyword = [getattr(tag_record(r, text_only=True), axis) for r, _ in labelled]
-    learned_hits = sum(p.tag == y for p, (_, y) in zip(learned, labelled))
-    best_hits = sum(p.best == y for p, (_, y) in zip(learned, labelled))
+    learned_hits = sum(t == y for t, (_, y) in zip(learned, labelled))
+    best_hits = sum(b == y for b, (_, y) in zip(best, labelled))
     keyword_hits = sum(k == y for k, (_, y) in zip(keyword, labelled))
-    confident = [(p, y) for p, (_, y) in zip(learned, labelled) if p.tag != UNKNOWN]
+    confident = [(t, y) for t, (_, y) in zip(learned, labelled) if t != UNKNOWN]
 
     def rate(k: int, m: int) -> dict:
         low, high = wilson_interval(k, m) if m else (0.0, 0.0)
@@ -406,7 +407,7 @@ def agreement(tagger: TextTagger, records: Sequence[QARecord], axis: str) -> dic
 
     return {"n": n, "learned": rate(learned_hits, n), "learned_argmax": rate(best_hits, n),
             "keyword": rate(keyword_hits, n), "coverage": len(confident) / n,
-            "learned_where_confident": rate(sum(p.tag == y for p, y in confident), len(confident))}
+            "learned_where_confident": rate(sum(t == y for t, y in confident), len(confident))}
 
 
 def train_tagger(sources: dict[str, list[QARecord]], settings: TaggerSettings) -> TextTagger:
