@@ -65,6 +65,21 @@ def test_tiny_suite_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert "| Family | Method | Params |" in md and "| birg vs lora-r16 |" in md
     for png in ("accuracy_vs_params.png", "perturbation.png"):
         assert (out / "report" / png).stat().st_size > 5000
+    assert "design_power" not in report and "## Design power" not in md  # opt-in: seconds to minutes
+    # --power: the design's minimum detectable difference, from these runs' own numbers
+    assert main(["report", str(out), "--power", "--power-simulations", "60", "--out", str(tmp_path / "r")]) == 0
+    design = json.loads((tmp_path / "r" / "report.json").read_text())["design_power"]
+    d = design["inputs"]
+    assert d["items"] == [b["n"] for b in pair["benchmarks"].values()] and d["seeds"] == 2
+    benches = pair["benchmarks"].values()
+    assert d["baseline"] == pytest.approx(sum(b["acc_b"] for b in benches) / 100 / len(benches))
+    assert d["discordance"] == pytest.approx((pair["wins"] + pair["losses"]) / pair["n"])
+    from medpeft.stats import PlanSettings, minimum_detectable_effect
+
+    assert design["minimum_detectable_effect_pp"] == pytest.approx(100 * minimum_detectable_effect(PlanSettings(**d)))
+    assert design["pairs_below"] == (["birg vs lora-r16"] if abs(pair["macro_delta"]) < design[
+        "minimum_detectable_effect_pp"] else [])
+    assert f"**{design['minimum_detectable_effect_pp']:.2f} pp**" in (tmp_path / "r" / "report.md").read_text()
     # routed methods get their routing audit (first seed), linked from the report
     assert (out / "birg" / "seed-0" / "audit" / "rank_usage.png").exists()
     assert not (out / "lora-r16" / "seed-0" / "audit").exists()

@@ -368,7 +368,10 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     out = _out_dir(args.out) if args.out else Path(args.root) / "report"
-    write_report(Path(args.root), out, compare=not args.no_compare)
+    if args.power_simulations < 20:
+        raise MedpeftError(f"--power-simulations must be >= 20, got {args.power_simulations}")
+    write_report(Path(args.root), out, compare=not args.no_compare, power=args.power,
+                 power_simulations=args.power_simulations)
     print((out / "report.md").read_text(encoding="utf-8"), end="")
     print(f"report.md, report.json and plots in {out}")
     return 0
@@ -552,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="a suite's output folder (or any folder holding run folders)")
     p.add_argument("--out", help="output folder (default: ROOT/report)")
     p.add_argument("--no-compare", action="store_true", help="skip the paired comparisons")
+    p.add_argument("--power", action="store_true", help="also the design's minimum detectable macro difference "
+                   "(medpeft plan's simulation on the runs' items, seeds, accuracy and discordance; seconds to minutes)")
+    p.add_argument("--power-simulations", type=int, default=400, help="simulated studies per power estimate "
+                   "(default 400)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("suite", help="train and evaluate every method x seed of a config (resumable), then report")

@@ -425,8 +425,42 @@ def plot_ablation_drops(rows: list[dict], full: str, path: Path, ablations: list
     return True
 
 
-def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
-    """report.md, report.json and PNG plots for every run below ``root``."""
+def design_power(pairs: list[dict], rows: list[dict], *, power: float = 0.8, alpha: float = 0.05,
+                 simulations: int = 400) -> dict | None:
+    """The smallest macro difference this suite's design detects with probability ``power``
+    (two-sided level ``alpha``), by ``medpeft plan``'s simulation (``stats.minimum_detectable_effect``)
+    with the design read from the runs: items per benchmark of the compared pairs, the
+    methods' training seeds (the median over trained methods), the median over pairs of B's
+    macro accuracy (baseline) and of the share of items the two score differently
+    (discordance), and the median seed-to-seed sd of the methods' macro accuracy. None
+    without a pair that differs on any item."""
+    import dataclasses
+    import statistics
+
+    from .stats import PlanSettings, minimum_detectable_effect
+
+    scored = [p for p in pairs if p["wins"] + p["losses"] > 0]
+    if not scored:
+        return None
+    trained = [r for r in rows if r["family"] != "Base model"] or rows
+    seeds = max(1, round(statistics.median(r["seeds"] for r in trained)))
+    sds = [r["macro"]["std"] for r in trained if r["seeds"] > 1]
+    baseline = statistics.median(statistics.mean(b["acc_b"] for b in p["benchmarks"].values()) / 100 for p in scored)
+    baseline = min(max(baseline, 0.01), 0.99)  # the simulation needs an accuracy inside (0, 1)
+    discordance = statistics.median((p["wins"] + p["losses"]) / p["n"] for p in scored)
+    discordance = min(discordance, 2 * baseline * (1 - baseline))  # the most two runs of that accuracy can differ
+    settings = PlanSettings(items=[b["n"] for b in scored[0]["benchmarks"].values()], seeds=seeds, baseline=baseline,
+                            discordance=discordance, seed_sd=statistics.median(sds) / 100 if sds and seeds > 1 else 0.0,
+                            alpha=alpha, power=power, simulations=simulations)
+    mde = 100 * minimum_detectable_effect(settings)
+    return {"inputs": dataclasses.asdict(settings), "minimum_detectable_effect_pp": mde,
+            "pairs_below": [f"{p['a']} vs {p['b']}" for p in pairs if abs(p["macro_delta"]) < mde]}
+
+
+def write_report(root: Path, out: Path, *, compare: bool = True, power: bool = False,
+                 power_simulations: int = 400) -> dict:
+    """report.md, report.json and PNG plots for every run below ``root``; with ``power`` (and
+    the comparisons) also the design's minimum detectable difference (:func:`design_power`)."""
     runs = collect_runs(root)
     if not runs:
         from .errors import MedpeftError
@@ -507,6 +541,17 @@ def write_report(root: Path, out: Path, *, compare: bool = True) -> dict:
             parts += ["### Per-stratum effects", "", "By specialty, operation and the benchmarks' metadata (department, "
                       "exam class, difficulty where present); strata under "
                       "20 paired items are listed in report.json, not tested.", ""] + plots + [""]
+        design = design_power(pairs, rows, simulations=power_simulations) if power else None
+        if design is not None:
+            d = design["inputs"]
+            parts += ["## Design power", "", f"With {d['items']} items per benchmark, {d['seeds']} training seed(s) per "
+                      f"method, a baseline of {100 * d['baseline']:.1f}%, {100 * d['discordance']:.1f}% discordant "
+                      f"items and a seed sd of {100 * d['seed_sd']:.2f} pp (read from these runs), a macro difference "
+                      f"of **{design['minimum_detectable_effect_pp']:.2f} pp** is detected with {100 * d['power']:.0f}% "
+                      f"power at a two-sided level of {d['alpha']} (`medpeft plan`'s simulation, "
+                      f"docs/statistics.md). {len(design['pairs_below'])} of {len(pairs)} observed differences are "
+                      "smaller: their intervals say little either way.", ""]
+            extras["design_power"] = design
     write_text(out / "report.md", "\n".join(parts) + "\n")
     report = {"root": str(root), "methods": rows, "comparisons": pairs, **extras}
     write_json(out / "report.json", report)
