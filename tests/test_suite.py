@@ -65,7 +65,7 @@ def test_tiny_suite_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert "| Family | Method | Params |" in md and "| birg vs lora-r16 |" in md
     for png in ("accuracy_vs_params.png", "perturbation.png"):
         assert (out / "report" / png).stat().st_size > 5000
-    assert "design_power" not in report and "## Design power" not in md  # opt-in: seconds to minutes
+    assert "design_power" not in report and "## Design power" not in md  # opt-in: seconds to a minute
     # --power: the design's minimum detectable difference, from these runs' own numbers
     assert main(["report", str(out), "--power", "--power-simulations", "60", "--out", str(tmp_path / "r")]) == 0
     design = json.loads((tmp_path / "r" / "report.json").read_text())["design_power"]

@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: ROOT/report)")
     p.add_argument("--no-compare", action="store_true", help="skip the paired comparisons")
     p.add_argument("--power", action="store_true", help="also the design's minimum detectable macro difference "
-                   "(medpeft plan's simulation on the runs' items, seeds, accuracy and discordance; seconds to minutes)")
+                   "(medpeft plan's simulation on the runs' items, seeds, accuracy and discordance; seconds to a minute)")
     p.add_argument("--power-simulations", type=int, default=400, help="simulated studies per power estimate "
                    "(default 400)")
     p.set_defaults(func=cmd_report)
