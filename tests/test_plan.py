@@ -55,3 +55,46 @@ def test_plan_command_reads_a_pilot_and_refuses_impossible_inputs(tmp_path, caps
     assert main(["plan", "--items", "300", "--baseline", "0.9", "--discordance", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "--discordance" in err and "Traceback" not in err
+
+
+def test_design_power_reads_accuracy_sets_only_and_says_why_when_it_cannot(tmp_path):
+    """The report's design: summarisation (ROUGE-scored) items are left out, the base model is
+    left out when two trained methods exist, single-run discordance (seed i vs seed i), the
+    fewest seeds; a design that cannot be read says why; an undetectable one is null, not inf."""
+    import json
+
+    import numpy as np
+
+    from medpeft.report import design_power
+
+    rng = np.random.default_rng(0)
+
+    def write(label: str, seed: int, correct: list[bool], rouge: list[float]) -> dict:
+        folder = tmp_path / label / f"seed-{seed}" / "eval"
+        folder.mkdir(parents=True)
+        rows = [{"id": str(i), "benchmark": "qa", "correct": bool(c)} for i, c in enumerate(correct)]
+        rows += [{"id": str(i), "benchmark": "sum", "score": float(r)} for i, r in enumerate(rouge)]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {"run_dir": str(folder.parent)}
+
+    truth = rng.random(80) < 0.6
+    flips = {("a", 0): 8, ("a", 1): 12, ("b", 0): 0, ("b", 1): 4, ("base", 0): 40}
+    runs, rows = {}, []
+    for (label, seed), k in flips.items():
+        correct = truth.copy()
+        correct[:k] = ~correct[:k]
+        runs.setdefault(label, {"seeds": []})["seeds"].append(write(label, seed, list(correct), rng.random(30)))
+    rows = [{"label": "a", "family": "LoRA"}, {"label": "b", "family": "LoRA"}, {"label": "base", "family": "Base model"}]
+    design = design_power(runs, rows, [], simulations=40)
+    d = design["inputs"]
+    assert design["benchmarks"] == ["qa"] and design["methods"] == ["a", "b"] and d["items"] == [80]
+    assert d["seeds"] == 2 and d["discordance"] == pytest.approx(np.mean([8 / 80, 8 / 80]))  # seed i vs seed i
+    assert design["minimum_detectable_effect_pp"] is not None and design["minimum_detectable_effect_pp"] > 0
+    rouge_only = {k: {"seeds": [write(f"r-{k}", 0, [], rng.random(30))]} for k in ("a", "b")}
+    assert "no accuracy benchmark" in design_power(rouge_only, rows, [], simulations=40)["skipped"]
+    same = {k: {"seeds": [write(f"s-{k}", 0, list(truth), [])]} for k in ("a", "b")}
+    assert "no discordant item" in design_power(same, rows, [], simulations=40)["skipped"]
+    tiny = {k: {"seeds": [write(f"t-{k}", 0, [True, k == "a", False], [])]} for k in ("a", "b")}
+    result = design_power(tiny, rows, [{"a": "a", "b": "b", "macro_delta": 33.3}], simulations=40)
+    assert result["minimum_detectable_effect_pp"] is None and result["pairs_below"] == ["a vs b"]
+    json.dumps(result, allow_nan=False)  # strict JSON

@@ -425,36 +425,79 @@ def plot_ablation_drops(rows: list[dict], full: str, path: Path, ablations: list
     return True
 
 
-def design_power(pairs: list[dict], rows: list[dict], *, power: float = 0.8, alpha: float = 0.05,
-                 simulations: int = 400) -> dict | None:
-    """The smallest macro difference this suite's design detects with probability ``power``
-    (two-sided level ``alpha``), by ``medpeft plan``'s simulation (``stats.minimum_detectable_effect``)
-    with the design read from the runs: items per benchmark of the compared pairs, the
-    methods' training seeds (the median over trained methods), the median over pairs of B's
-    macro accuracy (baseline) and of the share of items the two score differently
-    (discordance), and the median seed-to-seed sd of the methods' macro accuracy. None
-    without a pair that differs on any item."""
+def design_power(runs: dict[str, dict], rows: list[dict], pairs: list[dict], *, power: float = 0.8,
+                 alpha: float = 0.05, simulations: int = 400) -> dict:
+    """The smallest macro accuracy difference this suite's design detects with probability
+    ``power`` (two-sided level ``alpha``), by ``medpeft plan``'s simulation
+    (``stats.minimum_detectable_effect``), with the design read from the runs' per-seed
+    predictions on their accuracy benchmarks (items scored 0/1; summarisation sets are left
+    out): items per benchmark; the fewest training seeds of a method; the median over methods
+    of the macro accuracy (baseline); the median over method pairs of the share of items two
+    single runs (seed i of A vs seed i of B) score differently (discordance); the median
+    seed-to-seed sd of a method's macro accuracy. Trained methods only when there are two
+    (the base model differs from all of them on far more items). ``skipped`` says why when
+    the design cannot be read."""
     import dataclasses
+    import itertools
     import statistics
 
+    from .compare import load_correctness
     from .stats import PlanSettings, minimum_detectable_effect
 
-    scored = [p for p in pairs if p["wins"] + p["losses"] > 0]
-    if not scored:
-        return None
-    trained = [r for r in rows if r["family"] != "Base model"] or rows
-    seeds = max(1, round(statistics.median(r["seeds"] for r in trained)))
-    sds = [r["macro"]["std"] for r in trained if r["seeds"] > 1]
-    baseline = statistics.median(statistics.mean(b["acc_b"] for b in p["benchmarks"].values()) / 100 for p in scored)
-    baseline = min(max(baseline, 0.01), 0.99)  # the simulation needs an accuracy inside (0, 1)
-    discordance = statistics.median((p["wins"] + p["losses"]) / p["n"] for p in scored)
-    discordance = min(discordance, 2 * baseline * (1 - baseline))  # the most two runs of that accuracy can differ
-    settings = PlanSettings(items=[b["n"] for b in scored[0]["benchmarks"].values()], seeds=seeds, baseline=baseline,
-                            discordance=discordance, seed_sd=statistics.median(sds) / 100 if sds and seeds > 1 else 0.0,
+    families = {r["label"]: r["family"] for r in rows}
+    labels = [k for k in runs if families.get(k) != "Base model"]
+    labels = labels if len(labels) >= 2 else list(runs)
+    if len(labels) < 2:
+        return {"skipped": "fewer than two methods"}
+    scores = {k: [load_correctness(Path(seed["run_dir"]) / "eval" / "predictions.jsonl") for seed in runs[k]["seeds"]]
+              for k in labels}
+    every = [run for per_seed in scores.values() for run in per_seed]
+    keys = set.intersection(*(set(run) for run in every))
+    graded = {key[0] for run in every for key, value in run.items() if key in keys and value not in (0.0, 1.0)}
+    accuracy_benches = sorted({bench for bench, _ in keys} - graded)  # ROUGE-scored sets left out
+    keys = sorted(k for k in keys if k[0] in accuracy_benches)
+    if not keys:
+        return {"skipped": "no accuracy benchmark (items scored right or wrong) shared by the methods"}
+
+    def macro(run: dict) -> float:
+        return statistics.mean(statistics.mean(run[k] for k in keys if k[0] == b) for b in accuracy_benches)
+
+    seeds = min(len(per_seed) for per_seed in scores.values())
+    baseline = statistics.median(statistics.mean(macro(run) for run in per_seed) for per_seed in scores.values())
+    discordance = statistics.median(
+        statistics.mean(sum(ra[k] != rb[k] for k in keys) / len(keys) for ra, rb in zip(scores[a], scores[b]))
+        for a, b in itertools.combinations(labels, 2))
+    if discordance == 0 or not 0 < baseline < 1:
+        return {"skipped": "the methods score every item alike (no discordant item) or all right or all wrong"}
+    sds = [statistics.stdev(macro(run) for run in per_seed) for per_seed in scores.values() if len(per_seed) > 1]
+    settings = PlanSettings(items=[sum(1 for k in keys if k[0] == b) for b in accuracy_benches], seeds=seeds,
+                            baseline=baseline,
+                            # the simulation draws independent runs: at most 2b(1-b) of their items differ
+                            discordance=min(discordance, 2 * baseline * (1 - baseline)),
+                            seed_sd=statistics.median(sds) if sds and seeds > 1 else 0.0,
                             alpha=alpha, power=power, simulations=simulations)
     mde = 100 * minimum_detectable_effect(settings)
-    return {"inputs": dataclasses.asdict(settings), "minimum_detectable_effect_pp": mde,
-            "pairs_below": [f"{p['a']} vs {p['b']}" for p in pairs if abs(p["macro_delta"]) < mde]}
+    mde_pp = mde if mde != float("inf") else None  # not detected even at 50 pp: JSON has no infinity
+    return {"inputs": dataclasses.asdict(settings), "benchmarks": accuracy_benches, "methods": labels,
+            "minimum_detectable_effect_pp": mde_pp,
+            "pairs_below": [f"{p['a']} vs {p['b']}" for p in pairs
+                            if mde_pp is None or abs(p["macro_delta"]) < mde_pp]}
+
+
+def power_text(design: dict, n_pairs: int) -> list[str]:
+    """The report's Design power section."""
+    if "skipped" in design:
+        return ["## Design power", "", f"Not computed: {design['skipped']}.", ""]
+    d, mde = design["inputs"], design["minimum_detectable_effect_pp"]
+    found = (f"a macro difference of **{mde:.2f} pp** is detected with {100 * d['power']:.0f}% power"
+             if mde is not None else f"no macro difference up to 50 pp is detected with {100 * d['power']:.0f}% power")
+    below = (f" {len(design['pairs_below'])} of {n_pairs} observed differences are smaller: their intervals say "
+             "little either way." if n_pairs else "")
+    return ["## Design power", "", f"On the accuracy benchmarks ({', '.join(design['benchmarks'])}): with "
+            f"{d['items']} items per benchmark, {d['seeds']} training seed(s) per method, a baseline of "
+            f"{100 * d['baseline']:.1f}%, {100 * d['discordance']:.1f}% of items scored differently by two runs and "
+            f"a seed sd of {100 * d['seed_sd']:.2f} pp (read from these runs), {found} at a two-sided level of "
+            f"{d['alpha']} (`medpeft plan`'s simulation, docs/statistics.md).{below}", ""]
 
 
 def write_report(root: Path, out: Path, *, compare: bool = True, power: bool = False,
@@ -541,17 +584,10 @@ def write_report(root: Path, out: Path, *, compare: bool = True, power: bool = F
             parts += ["### Per-stratum effects", "", "By specialty, operation and the benchmarks' metadata (department, "
                       "exam class, difficulty where present); strata under "
                       "20 paired items are listed in report.json, not tested.", ""] + plots + [""]
-        design = design_power(pairs, rows, simulations=power_simulations) if power else None
-        if design is not None:
-            d = design["inputs"]
-            parts += ["## Design power", "", f"With {d['items']} items per benchmark, {d['seeds']} training seed(s) per "
-                      f"method, a baseline of {100 * d['baseline']:.1f}%, {100 * d['discordance']:.1f}% discordant "
-                      f"items and a seed sd of {100 * d['seed_sd']:.2f} pp (read from these runs), a macro difference "
-                      f"of **{design['minimum_detectable_effect_pp']:.2f} pp** is detected with {100 * d['power']:.0f}% "
-                      f"power at a two-sided level of {d['alpha']} (`medpeft plan`'s simulation, "
-                      f"docs/statistics.md). {len(design['pairs_below'])} of {len(pairs)} observed differences are "
-                      "smaller: their intervals say little either way.", ""]
-            extras["design_power"] = design
+    if power:
+        design = design_power(runs, rows, pairs, simulations=power_simulations)
+        parts += power_text(design, len(pairs))
+        extras["design_power"] = design
     write_text(out / "report.md", "\n".join(parts) + "\n")
     report = {"root": str(root), "methods": rows, "comparisons": pairs, **extras}
     write_json(out / "report.json", report)
