@@ -15,8 +15,8 @@ from medpeft.cli import main
 from medpeft.data import load_benchmark
 from medpeft.data.record import QARecord
 from medpeft.tagger import (CONFIG_FILE, WEIGHTS_FILE, TaggerSettings, TextTagger, fit_tagger, metadata_label,
-                            ngrams, tagger_text, train_tagger)
-from medpeft.tags import UNKNOWN, tag_record
+                            ngrams, train_tagger)
+from medpeft.tags import UNKNOWN, item_text, tag_record
 
 MEDMCQA = "medmcqa/dev.rows0-299.jsonl"
 
@@ -56,15 +56,15 @@ def test_numpy_inference_equals_scikit_learn(samples, sample):
     tagger = fit_tagger(train, settings)
     vec = TfidfVectorizer(analyzer=lambda t: ngrams(t, (1, 2), (1, 3), frozenset(ENGLISH_STOP_WORDS)),
                           lowercase=False, min_df=2, max_features=200_000, sublinear_tf=True)
-    x = vec.fit_transform([tagger_text(r) for r in train])
+    x = vec.fit_transform([item_text(r) for r in train])
     clf = LogisticRegression(C=10.0, max_iter=1000).fit(x, [metadata_label(r, "specialty") for r in train])
     assert (len(clf.classes_) == 2) == (sample == "binary")
-    expected = clf.predict_proba(vec.transform([tagger_text(r) for r in test]))
-    ours = np.stack([tagger.probabilities(tagger_text(r), "specialty") for r in test])
+    expected = clf.predict_proba(vec.transform([item_text(r) for r in test]))
+    ours = np.stack([tagger.probabilities(item_text(r), "specialty") for r in test])
     assert tagger.axes["specialty"].classes == list(clf.classes_)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
     assert [tagger.predict(r, "specialty").best for r in test] == list(clf.predict(vec.transform(
-        [tagger_text(r) for r in test])))
+        [item_text(r) for r in test])))
 
 
 def test_saved_tagger_round_trips_without_pickle(mixed, samples, tmp_path):
@@ -98,10 +98,10 @@ def test_answers_never_enter_features_or_labels(samples):
 def test_why_names_the_ngrams_that_pushed_the_tag_and_unknown_below_threshold(mixed, samples):
     r = samples["medmcqa"][0]
     p = mixed.predict(r, "specialty")
-    idx, values = mixed.features(tagger_text(r))
+    idx, values = mixed.features(item_text(r))
     k = mixed.axes["specialty"].classes.index(p.best)
     contribution = dict(zip((mixed.vocabulary[j] for j in idx), values * mixed.axes["specialty"].coef[k, idx]))
-    assert p.top_ngrams and set(p.top_ngrams) <= set(ngrams(tagger_text(r), stop_words=mixed.stop_words))
+    assert p.top_ngrams and set(p.top_ngrams) <= set(ngrams(item_text(r), stop_words=mixed.stop_words))
     assert [contribution[g] for g in p.top_ngrams] == sorted(contribution.values(), reverse=True)[:len(p.top_ngrams)]
     tags = tag_record(r, text_only=True, tagger=mixed)
     assert tags.specialty == p.tag and tags.why_specialty.startswith(f"learned: p={p.probability:.2f}")

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapters import family_of, load_trained, read_adapter_method, reads_tags, routing_state
 from .config import RunConfig
@@ -16,6 +17,9 @@ from .evaluate import Evaluator, evaluate_sets, set_results
 from .io import run_lock
 from .models import LoadedModel, load_model
 from .report import read_result_file
+
+if TYPE_CHECKING:
+    from .tagger import TextTagger
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
             from .io import write_text
 
             check_tagger_unchanged(cfg, run_dir)
-            write_text(run_dir / TAGGER_DIGEST, tagger.digest + "\n")
+            if processes().is_main:  # only the main process writes
+                write_text(run_dir / TAGGER_DIGEST, tagger.digest + "\n")
         return train(cfg, _loaded(cfg), train_set, resume=resume, force_resume=force_resume).summary
 
 

@@ -1,7 +1,7 @@
 """A learned, explainable text-only tagger: TF-IDF n-grams and multinomial logistic regression.
 
 Labels come from the releases' non-answer metadata through the same maps the metadata
-tagger uses (``tags._specialty_from_metadata`` / ``_operation_from_metadata``: MedMCQA
+tagger uses (``tags.specialty_from_metadata`` / ``operation_from_metadata``: MedMCQA
 ``subject_name``, CMB ``exam_class``/``exam_type``, CMExam departments and competency
 areas, MMLU/CMMLU subjects); features come from the stem and the options only (English
 word 1-2-grams, Chinese character 1-3-grams), never from the answer.
@@ -36,7 +36,8 @@ import numpy as np
 
 from .data.record import QARecord
 from .errors import MedpeftError
-from .tags import OPERATIONS, SPECIALTIES, UNKNOWN, _operation_from_metadata, _specialty_from_metadata, tag_record
+from .tags import (OPERATIONS, SPECIALTIES, UNKNOWN, item_text, operation_from_metadata, specialty_from_metadata,
+                   tag_record)
 
 FORMAT = "medpeft-tagger"
 VERSION = 1
@@ -49,11 +50,6 @@ TOP_NGRAMS = 3  # n-grams named in a tag's why
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _LETTER = rf"(?:(?![{_CJK}])[^\W_])"
 _TOKENS = re.compile(rf"([{_CJK}]+)|({_LETTER}+(?:['’-]{_LETTER}+)*)")
-
-
-def tagger_text(record: QARecord) -> str:
-    """What the tagger reads: the stem and the options (never the answer or metadata)."""
-    return record.question + "\n" + "\n".join(record.options.values())
 
 
 def ngrams(text: str, word_n: Sequence[int] = (1, 2), char_n: Sequence[int] = (1, 3),
@@ -87,7 +83,7 @@ def fingerprint(record: QARecord) -> int:
 
 def metadata_label(record: QARecord, axis: str) -> str | None:
     """The training label of ``record`` on ``axis`` from its metadata, or None."""
-    found = _specialty_from_metadata(record) if axis == "specialty" else _operation_from_metadata(record)
+    found = specialty_from_metadata(record) if axis == "specialty" else operation_from_metadata(record)
     return found[0] if found else None
 
 
@@ -171,7 +167,7 @@ class TextTagger:
         model = self.axes.get(axis)
         if model is None or (self.languages and record.language not in self.languages):
             return None
-        idx, values, p = self._scores(tagger_text(record), axis)
+        idx, values, p = self._scores(item_text(record), axis)
         if not len(idx):
             return Prediction(UNKNOWN, float(p.max()), model.classes[int(np.argmax(p))], (), known=0)
         k = int(np.argmax(p))
@@ -344,7 +340,7 @@ def fit_tagger(train: Sequence[QARecord], settings: TaggerSettings) -> TextTagge
     if not usable:
         raise MedpeftError("no training item has a specialty or operation label in its metadata (MedMCQA "
                            "subject_name, CMB exam_class/exam_type, CMExam departments, MMLU/CMMLU subjects)")
-    texts = [tagger_text(train[i]) for i in usable]
+    texts = [item_text(train[i]) for i in usable]
     vectorizer = TfidfVectorizer(analyzer=lambda t: ngrams(t, word_n, char_n, stop), lowercase=False,
                                  min_df=min(settings.min_df, len(texts)), max_features=settings.max_features,
                                  sublinear_tf=True, norm="l2", smooth_idf=True, dtype=np.float64)

@@ -106,7 +106,7 @@ def _hint(value: str, hints: tuple[tuple[str, str], ...]) -> str | None:
     return next((tag for needle, tag in hints if needle in value), None)
 
 
-def _specialty_from_metadata(rec: QARecord) -> tuple[str, str] | None:
+def specialty_from_metadata(rec: QARecord) -> tuple[str, str] | None:
     md = rec.metadata
     if rec.benchmark == "cmb" or "exam_type" in md:
         cls, typ, subj = str(md.get("exam_class", "")), str(md.get("exam_type", "")), str(md.get("exam_subject", ""))
@@ -129,7 +129,7 @@ def _specialty_from_metadata(rec: QARecord) -> tuple[str, str] | None:
     return None
 
 
-def _operation_from_metadata(rec: QARecord) -> tuple[str, str] | None:
+def operation_from_metadata(rec: QARecord) -> tuple[str, str] | None:
     value = str(rec.metadata.get("Competency Area", ""))
     if value and _hint(value, CMEXAM_COMPETENCY_HINTS):
         return _hint(value, CMEXAM_COMPETENCY_HINTS), f"metadata:Competency Area={value}"
@@ -215,6 +215,11 @@ def _first_rule(rules, text: str) -> tuple[str, str] | None:
     return None
 
 
+def item_text(record: QARecord) -> str:
+    """What the text-only taggers read: the stem and the options (never the answer or metadata)."""
+    return record.question + "\n" + "\n".join(record.options.values())
+
+
 def _learned(tagger: "TextTagger | None", record: QARecord, axis: str) -> tuple[str, str] | None:
     prediction = tagger.predict(record, axis) if tagger is not None else None
     return (prediction.tag, prediction.why) if prediction is not None else None
@@ -228,13 +233,13 @@ def tag_record(record: QARecord, *, text_only: bool = False, tagger: "TextTagger
     keyword rules. Reads only ``record.question``, ``record.options`` and
     ``record.metadata`` -- never ``record.answer``.
     """
-    text = record.question + "\n" + "\n".join(record.options.values())
+    text = item_text(record)
     stem = record.question
-    spec = None if text_only else _specialty_from_metadata(record)
+    spec = None if text_only else specialty_from_metadata(record)
     spec = spec or _learned(tagger, record, "specialty") or _first_rule(SPECIALTY_RULES, text) \
         or (UNKNOWN, "no rule matched")
     # Operations are asked by the stem; options often mention drugs or tests as distractors.
-    op = None if text_only else _operation_from_metadata(record)
+    op = None if text_only else operation_from_metadata(record)
     op = op or _learned(tagger, record, "operation") or _first_rule(OPERATION_RULES, ask_of(stem)) \
         or _first_rule(OPERATION_RULES, stem) or (UNKNOWN, "no rule matched")
     return Tags(spec[0], op[0], spec[1], op[1])
