@@ -22,6 +22,7 @@ import yaml
 from .adapters.registry import DEFAULT_PRESET, is_preset, method_from_dict, preset_config
 from .errors import ConfigError
 from .schema import from_dict, require, require_choice
+from .tagger import CONFIG_FILE as TAGGER_CONFIG_FILE, WEIGHTS_FILE as TAGGER_WEIGHTS_FILE, TaggerSettings
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
@@ -223,10 +224,9 @@ def validate_run_config(cfg: RunConfig) -> None:
     require(tc.save_every >= 0, "train.save_every", f"must be >= 0, got {tc.save_every}")
     require(tc.log_every >= 1, "train.log_every", f"must be >= 1, got {tc.log_every}")
     if cfg.data.tagger is not None:
-        from .tagger import CONFIG_FILE
-
-        require((Path(cfg.data.tagger) / CONFIG_FILE).is_file(), "data.tagger",
-                f"names {cfg.data.tagger!r}, which holds no {CONFIG_FILE} (write a tagger with 'medpeft tagger train')")
+        require((Path(cfg.data.tagger) / TAGGER_CONFIG_FILE).is_file(), "data.tagger",
+                f"names {cfg.data.tagger!r}, which holds no {TAGGER_CONFIG_FILE} (write a tagger with 'medpeft tagger "
+                "train')")
     require(cfg.data.max_length >= MIN_MAX_LENGTH, "data.max_length",
             f"must be >= {MIN_MAX_LENGTH} (shorter windows cut every prompt down to its options), "
             f"got {cfg.data.max_length}")
@@ -541,14 +541,12 @@ class TaggerConfig:
     # whose eval.benchmarks are all excluded; by id and normalized question text
     exclude: list[SourceConfig] = field(default_factory=list)
     exclude_runs: list[str] = field(default_factory=list)
-    model: Any = None  # TaggerSettings (built in load_tagger_config)
+    model: TaggerSettings = field(default_factory=TaggerSettings)
 
 
 def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) -> TaggerConfig:
     """Read and validate a tagger config; relative data paths are relative to the file, the
     ``output`` folder (like a run's ``output_dir``) to the working folder."""
-    from .tagger import CONFIG_FILE, TaggerSettings
-
     path = Path(name_or_path)
     if path.is_dir():
         raise ConfigError(f"tagger config {name_or_path!r} is a folder; give a YAML file")
@@ -566,9 +564,7 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
     resolve(raw, path.parent)
     raw = apply_overrides(raw, overrides or [])
     resolve(raw, Path.cwd())
-    cfg = from_dict(TaggerConfig, raw, special={"model": lambda v, key: from_dict(TaggerSettings, v, key)})
-    if cfg.model is None:
-        cfg.model = TaggerSettings()
+    cfg = from_dict(TaggerConfig, raw)
     m = cfg.model
     require(bool(cfg.sources), "sources", "is empty: name at least one metadata-labelled training source")
     from .data import BENCHMARKS
@@ -598,11 +594,10 @@ def load_tagger_config(name_or_path: str, overrides: list[str] | None = None) ->
     require(0 <= m.seed < 2**63, "model.seed", f"must be in 0..2^63-1, got {m.seed}")
     out = Path(cfg.output)
     require(not out.exists() or out.is_dir(), "output", f"{str(out)!r} is a file, not a folder")
-    from .tagger import WEIGHTS_FILE
-
+    tagger_files = {TAGGER_CONFIG_FILE, TAGGER_WEIGHTS_FILE}
     held = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    require(not held or held <= {CONFIG_FILE, WEIGHTS_FILE}, "output",
-            f"{str(out)!r} holds files other than a tagger's ({', '.join(sorted(held - {CONFIG_FILE, WEIGHTS_FILE}))}); "
+    require(not held or held <= tagger_files, "output",
+            f"{str(out)!r} holds files other than a tagger's ({', '.join(sorted(held - tagger_files))}); "
             "a tagger replaces only an earlier tagger")
     existing = next(p for p in [out, *out.resolve().parents] if p.exists())  # before minutes of fitting
     require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "output",
