@@ -233,39 +233,54 @@ def test_expert_representations_match_the_definition(gate_contrast):
     torch.testing.assert_close(reps, torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_stacked_contrastive_loss_equals_the_mean_of_per_module_losses():
-    """Modules of two shapes, each with its own partly filled queue: the stacked L_con is the
-    mean over modules of SupCon(own representations, expert labels, own queue), and each
-    module's representations are what it will push to its queue."""
+@pytest.mark.parametrize("queue_size", [7, 0])
+def test_stacked_contrastive_loss_equals_the_mean_of_per_module_losses(queue_size):
+    """Modules of three shapes and two expert counts (so two SupCon stacks), with or without
+    their own partly filled queues: the stacked L_con and its gradients (experts, router,
+    inputs) are those of the mean over modules of SupCon(own representations, expert labels,
+    own queue), and each module's representations are what it will push to its queue."""
     from types import SimpleNamespace
 
     state = RoutingState()
     torch.manual_seed(0)
-    layers = [LoraMixtureLinear(torch.nn.Linear(12, d_out), ranks=[4, 8, 2], alphas=[16.0] * 3, n_anchor=0,
+    shapes = [(10, [4, 8, 2]), (6, [4, 8, 2]), (10, [4, 8, 2]), (10, [4, 8])]  # (d_out, expert ranks)
+    layers = [LoraMixtureLinear(torch.nn.Linear(12, d_out), ranks=ranks, alphas=[16.0] * len(ranks), n_anchor=0,
                                 router="topk", top_k=2, init_tau=1.0, learn_tau=False, dropout=0.0, losses=("con",),
-                                gate_contrast=True, con_temperature=0.5, queue_size=7, state=state, name=f"l{i}")
-              for i, d_out in enumerate([10, 6, 10])]
+                                gate_contrast=True, con_temperature=0.5, queue_size=queue_size, state=state,
+                                name=f"l{i}")
+              for i, (d_out, ranks) in enumerate(shapes)]
     for i, layer in enumerate(layers):
         with torch.no_grad():
             layer.lora_B.normal_()
-        layer.queue.push(torch.randn(3 + i, layer.base.out_features), torch.tensor([0, 2, 1, 1, 0])[:3 + i])
+        if queue_size:
+            layer.queue.push(torch.randn(3 + i, layer.base.out_features),
+                             torch.tensor([0, 2, 1, 1, 0, 1])[:3 + i] % layer.n_spec)
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
     state.update(mask, torch.tensor([1, 5]), torch.tensor([0, 3]))
-    xs = [torch.randn(2, 4, 12) for _ in layers]
+    xs = [torch.randn(2, 4, 12, requires_grad=True) for _ in layers]
     for layer, x in zip(layers, xs):
         layer.train()(x)
     loss = moe_losses(state, SimpleNamespace(con_temperature=0.5))["con"]
+    wrt = [t for layer in layers for t in (layer.lora_A, layer.lora_B, layer.router.weight)] + xs
+    grads = torch.autograd.grad(loss, wrt)
 
-    labels = torch.tensor([0, 1, 2, 0, 1, 2])
     expected = []
     for layer, x in zip(layers, xs):
+        labels = torch.arange(layer.n_spec).repeat(2)
         h, gbar = layer.contrast_inputs(x, layer.gates(x)[0])
         reps = expert_representations(h[None], layer.lora_A[None], layer.lora_B[None], layer.spec_to_channel[None],
                                       gbar[None])[0]
-        expected.append(supcon(reps, labels, layer.queue.items, layer.queue.labels, 0.5))
-        torch.testing.assert_close(layer.pending_push[0], reps.detach())
-        assert layer.pending_push[1].tolist() == labels.tolist()
-    torch.testing.assert_close(loss, torch.stack(expected).mean())
+        queue = (layer.queue.items, layer.queue.labels) if queue_size else (None, None)
+        expected.append(supcon(reps, labels, *queue, 0.5))
+        if queue_size:
+            torch.testing.assert_close(layer.pending_push[0], reps.detach())
+            assert layer.pending_push[1].tolist() == labels.tolist()
+        else:
+            assert layer.pending_push is None
+    reference = torch.stack(expected).mean()
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(grads, torch.autograd.grad(reference, wrt)):
+        torch.testing.assert_close(got, want)
     assert all(layer.routing_out is None for layer in layers)  # consumed
 
 

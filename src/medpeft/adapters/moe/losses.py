@@ -78,9 +78,11 @@ def contrastive_losses(layers: list[LoraMixtureLinear], method) -> dict[str, tor
     """``L_con`` of the modules that kept contrast inputs in this forward, averaged over them.
 
     Modules of one shape (q, k/v, o, gate/up, down) go through :func:`expert_representations`
-    and the similarities among this batch's representations as one stack, so the term costs a
-    few kernels per shape and forward instead of per module (launch-bound on a GPU otherwise,
-    docs/performance.md); only the products with each module's queue stay per module.
+    and the similarities among this batch's representations as one stack; without queues, the
+    similarity stacks of all shapes with the same expert count then go through one SupCon (the
+    products depend on d_out, the loss over similarities does not), so the term costs a few kernels
+    per shape and one SupCon per forward instead of per module (launch-bound on a GPU
+    otherwise, docs/performance.md); only the products with each module's queue stay per module.
     In fp32, also under mixed precision (small products; normalised vectors over a temperature).
     """
     if not layers:
@@ -92,6 +94,7 @@ def contrastive_losses(layers: list[LoraMixtureLinear], method) -> dict[str, tor
                layer.queue.size if layer.queue is not None else 0)
         groups.setdefault(key, []).append(layer)
     total = 0.0
+    merged: dict[int, tuple[list, torch.Tensor]] = {}  # expert count -> queue-less similarity stacks, labels
     with torch.autocast(layers[0].lora_A.device.type, enabled=False):
         for members in groups.values():
             inputs = [m.routing_out["con"] for m in members]
@@ -100,19 +103,26 @@ def contrastive_losses(layers: list[LoraMixtureLinear], method) -> dict[str, tor
                 torch.stack([h for h, _ in inputs]).float(), torch.stack([m.lora_A for m in members]).float(),
                 torch.stack([m.lora_B for m in members]).float(), torch.stack([m.spec_to_channel for m in members]),
                 torch.stack(gbars).float() if gbars[0] is not None else None)
-            n_questions = inputs[0][0].shape[0]
-            labels = torch.arange(members[0].n_spec, device=reps.device).repeat(n_questions)  # expert index
-            sims, key_labels = torch.bmm(reps, reps.transpose(1, 2)), labels
-            if members[0].queue is not None:  # each module's memory queue: extra positives/negatives
-                # one product per module against its own queue: stacking the queues would copy
-                # all of them every micro-batch and keep the copy for backward (GBs at 8B)
-                banks = [m.queue.filled() for m in members]
-                sims = torch.cat([sims, torch.stack([r @ b.to(r.dtype).T for r, (b, _) in zip(reps, banks)])], dim=2)
-                key_labels = torch.cat([labels.expand(len(members), -1),
-                                        torch.stack([lab for _, lab in banks])], dim=1)
-                for m, r in zip(members, reps.detach()):
-                    m.pending_push = (r, labels)
+            n_spec, n_questions = members[0].n_spec, inputs[0][0].shape[0]
+            labels = torch.arange(n_spec, device=reps.device).repeat(n_questions)  # expert index
+            sims = torch.bmm(reps, reps.transpose(1, 2))
+            if members[0].queue is None:  # [M, n, n]: one SupCon for every shape with n_spec experts
+                merged.setdefault(n_spec, ([], labels))[0].append(sims)
+                continue
+            # each module's memory queue: extra positives/negatives. One product per module
+            # against its own queue: stacking the queues would copy all of them every
+            # micro-batch and keep the copy for backward (GBs at 8B). The [M, n, n + q] stacks
+            # stay per shape: concatenating them across shapes measured slower (a large copy)
+            banks = [m.queue.filled() for m in members]
+            sims = torch.cat([sims, torch.stack([r @ b.to(r.dtype).T for r, (b, _) in zip(reps, banks)])], dim=2)
+            key_labels = torch.cat([labels.expand(len(members), -1), torch.stack([lab for _, lab in banks])], dim=1)
+            for m, r in zip(members, reps.detach()):
+                m.pending_push = (r, labels)
             total = total + len(members) * supcon_from_similarities(sims, labels, key_labels, method.con_temperature)
+        for stacks, labels in merged.values():
+            sims = torch.cat(stacks) if len(stacks) > 1 else stacks[0]
+            # a mean over the stack's modules: weighted by their number, the mean over all modules
+            total = total + sims.shape[0] * supcon_from_similarities(sims, labels, labels, method.con_temperature)
     return {"con": total / len(layers)}
 
 
