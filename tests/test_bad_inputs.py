@@ -474,6 +474,59 @@ def test_resume_refuses_changed_training_data_and_tampered_counters(tmp_path, ca
         fails(capsys, args + ["--resume"], f"{state}: cannot resume")
 
 
+def test_a_finished_run_is_not_reused_after_its_data_files_change(tmp_path, capsys):
+    """``run --resume`` (and so a suite) reuses a finished run only while its training files are
+    the ones it was trained on (refused otherwise, the run untouched), and its evaluation only
+    while the evaluation files are unchanged (scored again otherwise)."""
+    import shutil
+
+    examples = Path(__file__).resolve().parents[1] / "src/medpeft/data/examples"
+    train, dev = tmp_path / "train.json", tmp_path / "dev.jsonl"
+    shutil.copy(examples / "cmb_train.json", train)
+    shutil.copy(examples / "medqa_dev.jsonl", dev)
+    run = tmp_path / "run"
+    args = ["run", "quickstart", f"output_dir={run}", "methods=[]", "train.steps=1", "data.max_length=128",
+            f"data.train=[{{benchmark: cmb, path: {train}}}]", f"eval.benchmarks=[{{benchmark: medqa, path: {dev}}}]"]
+    assert main(args) == 0
+    first = json.loads((run / "eval" / "results.json").read_text())
+    assert first["benchmarks"]["medqa"]["n"] == len(dev.read_text().splitlines())
+
+    lines = dev.read_text().splitlines()
+    dev.write_text("\n".join(lines[:4]) + "\n")  # fewer evaluation items: scored again on resume
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((run / "eval" / "results.json").read_text())["benchmarks"]["medqa"]["n"] == 4
+
+    adapter = {f: f.read_bytes() for f in run.rglob("*.safetensors")}
+    original = train.read_bytes()
+    train.write_text(json.dumps(json.loads(original)[:10], ensure_ascii=False))  # other training data: refused
+    capsys.readouterr()
+    fails(capsys, args + ["--resume"], str(run), "trained on other data", str(train))
+    assert {f: f.read_bytes() for f in run.rglob("*.safetensors")} == adapter
+    train.write_bytes(original)  # the same file again: reused
+    assert main(args + ["--resume"]) == 0
+
+
+def test_report_refuses_runs_scored_on_different_sets(tmp_path, capsys):
+    """Two finished runs, one re-evaluated on fewer sets: one line naming that run and the
+    missing set (no traceback, no Avg. over unlike sets), and nothing written."""
+    import shutil
+
+    root = tmp_path / "runs"
+    a = root / "a"
+    assert main(["run", "quickstart", f"output_dir={a}", "methods=[]", "train.steps=1", "data.max_length=128"]) == 0
+    shutil.copytree(a, root / "b")
+    sets = json.loads((a / "eval" / "results.json").read_text())["benchmarks"]
+    assert len(sets) >= 2
+    results = root / "b" / "eval" / "results.json"
+    data = json.loads(results.read_text())
+    dropped = sorted(sets)[-1]
+    del data["benchmarks"][dropped]
+    results.write_text(json.dumps(data))
+    capsys.readouterr()
+    fails(capsys, ["report", str(root)], str(root / "b"), f"not evaluated on {dropped}")
+    assert not (root / "report" / "report.md").exists()
+
+
 def test_a_diverged_run_stops_instead_of_reporting_results(tmp_path, capsys):
     fails(capsys, ["run", "quickstart", f"output_dir={tmp_path / 'r'}", "methods=[]", "train.lr=1e30",
                    "train.warmup_steps=0", "train.steps=4", "train.log_every=1", "data.max_length=128"],

@@ -47,6 +47,16 @@ def finished_run(cfg: RunConfig, run_dir: Path) -> dict | None:
     if differ:
         raise MedpeftError(f"{run_dir} holds a finished run of another config (it differs in {', '.join(differ[:6])}"
                            f"{', ...' if len(differ) > 6 else ''}); choose another output_dir or remove that run")
+    recorded = run_dir / TRAIN_FILES
+    if recorded.is_file():  # runs of medpeft before 2026-12-03 did not record them
+        files = read_result_file(recorded, ())
+        if not isinstance(files, dict):
+            raise MedpeftError(f"{recorded}: not a JSON object of file digests; re-run the training")
+        changed = changed_files(files, source_file_digests(cfg.data.train))
+        if changed:
+            raise MedpeftError(f"{run_dir} was trained on other data than {changed[0]} now holds"
+                               f"{f' (and {len(changed) - 1} more file(s))' if len(changed) > 1 else ''}; "
+                               "choose another output_dir or remove that run to train on the new data")
     return read_result_file(summary, ("method", "trainable_params", "steps", "train_time_s"))
 
 
@@ -102,6 +112,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
         # is made of (a library's routes) are checked; train() builds them again, cheaply
         family = family_of(cfg.method)
         family.parts(family.resolve(cfg.method, run_dir), train_set)
+        files = source_file_digests(cfg.data.train)  # as read now; written once training succeeded
         tagger = run_tagger(cfg)
         if tagger is not None:  # the tags this run routes on; evaluation refuses a tagger changed since
             from .io import write_text
@@ -109,10 +120,42 @@ def run_train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = Fals
             check_tagger_unchanged(cfg, run_dir)
             if processes().is_main:  # only the main process writes
                 write_text(run_dir / TAGGER_DIGEST, tagger.digest + "\n")
-        return train(cfg, _loaded(cfg), train_set, resume=resume, force_resume=force_resume).summary
+        summary = train(cfg, _loaded(cfg), train_set, resume=resume, force_resume=force_resume).summary
+        if processes().is_main:  # what finished_run compares a reuse with
+            from .io import write_json
+
+            write_json(run_dir / TRAIN_FILES, files)
+        return summary
 
 
 TAGGER_DIGEST = "tagger.sha256"  # in a run folder: the learned tagger (data.tagger) it was trained with
+TRAIN_FILES = "train_files.json"  # in a run folder: sha256 of the local training files it was trained on
+
+
+def source_file_digests(sources) -> dict[str, str]:
+    """sha256 of every local file the sources read (``path``, ``answer_file``, ``ground_truth``;
+    a folder: of its files, in name order), by the path as configured. Hub sources have none
+    (their dataset revision is the hub's business)."""
+    import hashlib
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if path.is_dir():
+                h.update(str(f.relative_to(path)).encode("utf-8", "surrogatepass") + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    return {f: digest(Path(f)) for src in sources for f in (src.path, src.answer_file, src.ground_truth)
+            if f and Path(f).exists()}
+
+
+def changed_files(recorded: dict, current: dict) -> list[str]:
+    """The paths whose recorded digest differs from (or is missing in) ``current``, and new ones."""
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
 
 def check_tagger_unchanged(cfg: RunConfig, run_dir: Path) -> None:
@@ -210,7 +253,8 @@ def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Pa
 
     meta = {"model": cfg.model.name, "model_revision": model_revision(cfg.model.name, evaluator.model),
             "method": cfg.method.name if run_dir is not None else "base",
-            "run_dir": str(run_dir) if run_dir is not None else None}
+            "run_dir": str(run_dir) if run_dir is not None else None,
+            "data_files": source_file_digests(cfg.eval.benchmarks)}
     protocols = set_protocols(cfg, eval_sets)
     meta["retention_margin"] = cfg.eval.retention_margin
     fields = {src.display_name: {"retention": src.is_retention} for src in cfg.eval.benchmarks}
@@ -366,8 +410,14 @@ def run_one_cell(cfg: RunConfig, variant: RunConfig, *, resume: bool = False, fo
     with run_lock(run_dir):
         summary = run_train(variant, resume=resume, force_resume=force_resume)
         done = run_dir / "eval" / "results.json"
-        results = (read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists()
-                   else run_eval(variant, run_dir=run_dir))
+        results = read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists() else None
+        recorded = results.get("data_files") if results is not None else None
+        if results is not None and changed_files(recorded if isinstance(recorded, dict) else {}, source_file_digests(
+                variant.eval.benchmarks)):  # an evaluation file changed since (or the results predate the record)
+            log.warning("%s: evaluation files changed since it was scored; evaluating again", run_dir)
+            results = None
+        if results is None:
+            results = run_eval(variant, run_dir=run_dir)
     if processes().is_main:
         print(f"trained {cell_label(cfg, variant)} ({summary['method']}): {summary['trainable_params']:,} trainable "
               f"parameters, {summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)

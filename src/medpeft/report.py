@@ -248,6 +248,15 @@ def method_table(runs: dict[str, dict]) -> tuple[str, list[dict]]:
     for r in runs.values():
         for s in r["seeds"]:
             benches += [b for b in s["results"]["benchmarks"] if b not in benches]
+    from .errors import MedpeftError
+
+    for label, r in runs.items():  # an Avg. over other sets, or a blank cell, would compare unlike with unlike
+        for s in r["seeds"]:
+            missing = [b for b in benches if b not in s["results"]["benchmarks"]]
+            if missing:
+                raise MedpeftError(f"{s.get('run_dir', label)}: not evaluated on {', '.join(missing[:3])}"
+                                   f"{', ...' if len(missing) > 3 else ''}, which other runs here were; evaluate "
+                                   "every run on the same sets (medpeft eval RUN) or report them separately")
     avg = macro_header([s["results"] for r in runs.values() for s in r["seeds"]], "Avg.")
     rows, lines = [], ["| Family | Method | Params | " + " | ".join(benches) + f" | {avg} | seeds |",
                        "|---" * (len(benches) + 5) + "|"]
