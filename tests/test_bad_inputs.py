@@ -649,3 +649,34 @@ def test_architectures_and_audits_that_cannot_work(tmp_path, capsys):
     fails(capsys, ["audit", str(run), "--data", f"gsm8k={gsm}"], "no multiple-choice questions")
     fails(capsys, ["eval", str(run), "eval.perturb_rates=[0.5]", "eval.perturb_seeds=[]", "--out", str(tmp_path / "e")],
           "config key 'eval.perturb_seeds'")
+
+
+def test_an_adapter_is_not_scored_on_another_base_model(tmp_path, capsys):
+    """``eval RUN model.name=OTHER`` is refused before loading (naming the key and the model the
+    run was trained on); the same local model folder moved is accepted (equal revision), and
+    the folder's model changed since training is refused once loaded -- results untouched."""
+    import shutil
+
+    from medpeft.models import TINY, load_model
+
+    base = tmp_path / "base"
+    loaded = load_model(TINY)
+    loaded.model.save_pretrained(base)
+    loaded.tokenizer.save_pretrained(base)
+    run = tmp_path / "run"
+    assert main(["run", "quickstart", f"output_dir={run}", f"model.name={base}", "methods=[]", "train.steps=1",
+                 "data.max_length=128"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["base_model"] == str(base) and summary["base_model_revision"].startswith("local:")
+    capsys.readouterr()
+    fails(capsys, ["eval", str(run), "model.name=tiny"], "config key 'model.name'", str(base))
+
+    moved = tmp_path / "moved"
+    shutil.move(base, moved)
+    assert main(["eval", str(run), f"model.name={moved}", "--out", str(tmp_path / "moved-eval")]) == 0
+    shutil.move(moved, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))  # the model changed in place
+    capsys.readouterr()
+    fails(capsys, ["eval", str(run)], str(run / "summary.json"), "changed since the run was trained")
+    fails(capsys, ["eval", str(run), f"model.name={moved}"], "config key 'model.name'")  # gone: not the same model

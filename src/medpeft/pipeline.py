@@ -174,10 +174,38 @@ def check_tagger_unchanged(cfg: RunConfig, run_dir: Path) -> None:
                            "evaluate with the tagger it was trained with")
 
 
+def check_base_model(cfg: RunConfig, run_dir: Path, model=None) -> None:
+    """An adapter is scored on the base model it was trained on (``summary.json`` records its
+    name and revision): another ``model.name`` is refused -- unless it is the same local folder
+    moved (equal revision) -- and so is a base model whose revision changed since training (a
+    local folder's before loading, a hub model's commit once loaded: ``model``). Runs of medpeft
+    before 2026-12-03 recorded no revision and are checked by name."""
+    from .models import model_revision
+
+    summary = Path(run_dir) / "summary.json"
+    if not summary.is_file():
+        return  # not a finished run: loading its adapter reports that
+    recorded = read_result_file(summary, ("method",))
+    name, revision = recorded.get("base_model"), recorded.get("base_model_revision")
+    known = isinstance(revision, str) and revision != "unknown"
+    now = model_revision(cfg.model.name, model)  # without the model: a local folder's or a built-in's only
+    same_weights = known and now == revision
+    if isinstance(name, str) and name != cfg.model.name and not same_weights:
+        raise MedpeftError(f"config key 'model.name': {run_dir} was trained on base model {name!r}, not "
+                           f"{cfg.model.name!r}; its adapter would be scored on another model "
+                           f"(evaluate with model.name={name})")
+    if known and now != "unknown" and not same_weights:
+        raise MedpeftError(f"{summary}: base model {cfg.model.name!r} changed since the run was trained on it "
+                           f"(revision {revision}, now {now}); its adapter would be scored on other weights")
+
+
 def load_run_model(cfg: RunConfig, run_dir: Path, loaded: LoadedModel | None = None) -> LoadedModel:
     """The base model of ``cfg`` (loaded once, or ``loaded``) with the trained adapter of
-    ``run_dir``; the adapter's own method must equal the config's."""
+    ``run_dir``; the adapter's own method must equal the config's, and the base model the one
+    it was trained on (:func:`check_base_model`)."""
+    check_base_model(cfg, run_dir)
     loaded = loaded or _loaded(cfg)
+    check_base_model(cfg, run_dir, loaded.model)
     model = load_trained(loaded.model, run_dir, expected=cfg.method)
     return LoadedModel(model, loaded.tokenizer, loaded.name, loaded.device)
 
@@ -235,6 +263,7 @@ def run_eval(cfg: RunConfig, *, run_dir: Path | None = None, out_dir: Path | Non
             raise MedpeftError(f"{Path(run_dir) / 'adapter'}: {err}") from None
     if run_dir is not None:
         check_tagger_unchanged(cfg, Path(run_dir))
+        check_base_model(cfg, Path(run_dir))
     eval_sets = load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg))
     set_protocols(cfg, eval_sets)
     loaded = _loaded(cfg)
@@ -372,6 +401,7 @@ def run_audit(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None):
                            "(its outputs do not depend on a per-question gate)")
     read_adapter_method(run_dir, cfg.method)  # before anything is loaded
     check_tagger_unchanged(cfg, run_dir)
+    check_base_model(cfg, run_dir)
     items = [t for sets in load_eval_sets(cfg.eval.benchmarks, run_tagger(cfg)).values() for t in sets
              if t.record.question_type != "open"]
     if not any(t.record.question_type != "summary" for t in items):

@@ -683,6 +683,14 @@ def resume_changes(cfg: RunConfig, run_dir: Path, *, force: bool = False) -> lis
     return differ
 
 
+def base_model_fields(cfg: RunConfig, loaded: LoadedModel) -> dict[str, str]:
+    """What a summary records of the base model the adapter was trained on: its name and what
+    identifies its weights (:func:`medpeft.models.model_revision`); evaluation refuses another."""
+    from .models import model_revision
+
+    return {"base_model": cfg.model.name, "base_model_revision": model_revision(cfg.model.name, loaded.model)}
+
+
 def train(
     cfg: RunConfig,
     loaded: LoadedModel,
@@ -842,7 +850,7 @@ def _train_locked(cfg: RunConfig, loaded: LoadedModel, train_set: list[TaggedRec
     if proc.is_main:
         save_trained(model, cfg.method, run_dir, built=method)
     summary = {
-        "method": cfg.method.name, "base_model": cfg.model.name, **params,
+        "method": cfg.method.name, **base_model_fields(cfg, loaded), **params,
         "loss_weights": {k: w for k, w in family_of(cfg.method).loss_weights(cfg.method).items() if w > 0},
         "steps": tc.steps, "batch_size": tc.batch_size, "train_examples": len(encoded),
         "truncated_prompts": n_truncated, "tokens": tokens_seen, "answer_tokens": answer_tokens_seen,
@@ -961,7 +969,7 @@ def _train_parts(cfg: RunConfig, method, parts: list, loaded: LoadedModel, run_d
     if proc.is_main:
         save_assembled(cfg.method, method, parts, run_dirs, run_dir)
     summary = {
-        "method": cfg.method.name, "base_model": cfg.model.name,
+        "method": cfg.method.name, **base_model_fields(cfg, loaded),
         "trainable_params": sum(s["trainable_params"] for s in summaries),
         "total_params": summaries[0]["total_params"] if summaries else 0,
         "loss_weights": {}, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
@@ -996,7 +1004,7 @@ def _build_untrained(cfg: RunConfig, method, loaded: LoadedModel, train_set: lis
     fitted = family_of(method).fit(model, method, train_set, loaded.tokenizer, cfg)  # the same on every rank
     if proc.is_main:
         save_trained(model, cfg.method, run_dir, built=method)
-    summary = {"method": cfg.method.name, "base_model": cfg.model.name, **params,
+    summary = {"method": cfg.method.name, **base_model_fields(cfg, loaded), **params,
                "loss_weights": {}, "steps": 0, "batch_size": cfg.train.batch_size,
                "train_examples": len(train_set) if fitted is not None else 0,
                "truncated_prompts": 0, "tokens": 0, "answer_tokens": 0,
