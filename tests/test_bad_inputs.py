@@ -680,3 +680,19 @@ def test_an_adapter_is_not_scored_on_another_base_model(tmp_path, capsys):
     capsys.readouterr()
     fails(capsys, ["eval", str(run)], str(run / "summary.json"), "changed since the run was trained")
     fails(capsys, ["eval", str(run), f"model.name={moved}"], "config key 'model.name'")  # gone: not the same model
+
+
+def test_eval_out_inside_another_run_is_refused(tmp_path, capsys):
+    """``eval A --out B/eval`` (B another run) and a base-model ``eval --out`` inside a run would
+    overwrite that run's results: one line naming it, nothing written; A's own folder is fine."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "quickstart", f"output_dir={a}", "methods=[]", "train.steps=1", "data.max_length=128"]) == 0
+    shutil.copytree(a, b)
+    capsys.readouterr()
+    fails(capsys, ["eval", str(a), "--out", str(b / "eval")], "--out", str(b.resolve()), "overwrite")
+    fails(capsys, ["eval", "tiny", "--out", str(b / "base-eval")], str(b.resolve()))
+    fails(capsys, ["audit", str(a), "--out", str(b)], str(b.resolve()))
+    assert main(["eval", str(a), "--out", str(a / "eval-again")]) == 0
+    assert (a / "eval-again" / "results.json").is_file()

@@ -31,11 +31,22 @@ def _add_skip_invalid(p: argparse.ArgumentParser) -> None:
                    help="skip malformed benchmark records (reported as counts per reason) instead of stopping")
 
 
-def _out_dir(value: str) -> Path:
-    """An ``--out`` folder: refused when a file is in the way (before any work)."""
+def _out_dir(value: str, results_of: Path | None = None, *, writes_results: bool = False) -> Path:
+    """An ``--out`` folder: refused when a file is in the way, and -- for a command that writes
+    results (``writes_results``) -- when it is, or is inside, a run folder other than
+    ``results_of``: that run's own results there would be overwritten. Before any work."""
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise MedpeftError(f"--out {value!r} is a file, not a folder")
+    if writes_results:
+        own = results_of.resolve() if results_of is not None else None
+        for folder in (path.resolve(), *path.resolve().parents):
+            if folder == own:
+                break
+            if (folder / "config.yaml").is_file() and any(
+                    (folder / part).exists() for part in ("summary.json", "adapter", "checkpoints")):
+                raise MedpeftError(f"--out {value!r} is inside the run folder {folder}, whose results it would "
+                                   "overwrite; choose a folder outside other runs")
     return path
 
 
@@ -109,12 +120,12 @@ def cmd_eval(args) -> int:
         raise MedpeftError(f"{target}: neither a run folder (no config.yaml) nor a model folder (no config.json)")
     if (target / "config.yaml").exists():
         cfg = _load_run_config(target, args.overrides, args.skip_invalid)
-        out = _out_dir(args.out) if args.out else target / "eval"
+        out = _out_dir(args.out, target, writes_results=True) if args.out else target / "eval"
         results = run_eval(cfg, run_dir=target, out_dir=out)
         label = f"{cfg.method.name} ({target.name})"
     else:  # a bare base model: hub id, local folder or 'tiny'
         cfg = _load(args.config or "quickstart", [f"model.name={args.target}", *args.overrides], args.skip_invalid)
-        out = _out_dir(args.out) if args.out else Path(cfg.output_dir) / "eval-base"
+        out = _out_dir(args.out, writes_results=True) if args.out else Path(cfg.output_dir) / "eval-base"
         results = run_eval(cfg, run_dir=None, out_dir=out)
         label = f"base ({args.target})"
     from .distributed import processes
@@ -249,7 +260,7 @@ def cmd_audit(args) -> int:
             sources.append({"benchmark": bench, "name": bench, "path": str(Path(path).resolve())})
         overrides.append(f"eval.benchmarks={json.dumps(sources, ensure_ascii=False)}")  # JSON is YAML: any path
     cfg = _load_run_config(run_dir, overrides, args.skip_invalid)
-    out = _out_dir(args.out) if args.out else run_dir / "audit"
+    out = _out_dir(args.out, run_dir, writes_results=True) if args.out else run_dir / "audit"
     result = run_audit(cfg, run_dir, out)
     print(result.headline)
     print(f"per-question routes, summary.json and usage heatmaps (PNG) in {out}")
