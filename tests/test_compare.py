@@ -102,3 +102,33 @@ def test_missing_items_are_an_error_unless_intersect(tmp_path, capsys):
     assert (pair["n"], pair["wins"], pair["losses"]) == (1, 1, 0)
     assert main(["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 2
     assert "--intersect" in capsys.readouterr().err
+
+
+def test_compare_refuses_items_paired_by_id_that_are_other_questions(tmp_path, capsys):
+    """MedQA's files have no ids (an item's id is its line): two runs scored on differently ordered
+    copies share every id but not the questions. compare refuses that in one line naming both
+    files, instead of pairing unrelated questions; the same copy again compares fine. Rows
+    without the content digest (older predictions) are still checked on their gold answer."""
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "src/medpeft/data/examples"
+    lines = (examples / "medqa_dev.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one" / "dev.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "two" / "dev.jsonl").write_text("\n".join(lines[::-1]) + "\n", encoding="utf-8")
+    for name, folder in (("a", "one"), ("b", "two"), ("c", "one")):
+        assert main(["eval", "tiny", "data.max_length=128", "--out", str(tmp_path / name / "eval"),
+                     f"eval.benchmarks=[{{benchmark: medqa, path: {tmp_path / folder / 'dev.jsonl'}}}]"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another question" in err and "Traceback" not in err, err
+    assert str(tmp_path / "a" / "eval" / "predictions.jsonl") in err and str(tmp_path / "b") in err
+    (pair,) = compare_runs([tmp_path / "a", tmp_path / "c"], n_resamples=100)
+    assert pair["n"] == len(lines) and pair["wins"] == pair["losses"] == 0  # the same model on the same items
+
+    write_preds(tmp_path / "old-a.jsonl", [{"id": "1", "benchmark": "x", "gold": "A", "correct": True}])
+    write_preds(tmp_path / "old-b.jsonl", [{"id": "1", "benchmark": "x", "gold": "C", "correct": False}])
+    with pytest.raises(MedpeftError, match="x/1 is another gold answer in old-b than in old-a"):
+        compare_runs([tmp_path / "old-a.jsonl", tmp_path / "old-b.jsonl"])

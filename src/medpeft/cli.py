@@ -296,9 +296,10 @@ def cmd_plan(args) -> int:
 
     items, baseline, discordance, source = args.items, args.baseline, args.discordance, "given"
     if args.pilot:
-        from .compare import load_correctness
+        from .compare import check_same_items, load_correctness
 
         a, b = (load_correctness(Path(p)) for p in args.pilot)
+        check_same_items([(f"--pilot {p}", Path(p)) for p in args.pilot])
         keys = sorted(set(a) & set(b))
         if not keys:
             raise MedpeftError(f"--pilot {args.pilot[0]} and {args.pilot[1]} share no items")

@@ -2,8 +2,9 @@
 
 Inputs are run folders (their ``eval/predictions.jsonl``), suite folders holding
 ``<method>/eval/predictions.jsonl`` or ``<method>/seed-<s>/eval/predictions.jsonl``, or
-prediction files. Items are paired by (benchmark, id); a missing or extra item is an error
-unless ``intersect`` is set. Differences are A - B in percentage points. A method with
+prediction files. Items are paired by (benchmark, id), and must be the same question (the
+rows' content digest ``item`` and ``gold``); a missing or extra item is an error unless
+``intersect`` is set. Differences are A - B in percentage points. A method with
 several training seeds is compared on its seed-averaged item scores, and with a two-level
 (seeds, then items) bootstrap interval beside the item-only one (docs/statistics.md).
 """
@@ -67,6 +68,37 @@ def load_strata(path: Path) -> dict[tuple[str, str], dict[str, str]]:
                 strata.update({k: str(v) for k, v in row["strata"].items()})
             out[(str(row["benchmark"]), str(row["id"]))] = strata
     return out
+
+
+def load_item_identity(path: Path) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+    """(benchmark, id) -> (the item's content digest ``item``, its ``gold``) as the row holds
+    them (None where absent: predictions of medpeft before 2026-12-03 have no ``item``)."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        if line.strip():
+            row = json.loads(line)
+            ident = tuple(str(row[k]) if isinstance(row.get(k), str) else None for k in ("item", "gold"))
+            out[(str(row["benchmark"]), str(row["id"]))] = ident
+    return out
+
+
+def check_same_items(files: list[tuple[str, Path]]) -> None:
+    """Every file holds the same question under a shared (benchmark, id): pairing by id alone
+    would silently compare unrelated questions when two runs were scored on different files
+    (or an id-less file reordered: its ids are line numbers). A differing content digest, or
+    a differing gold answer, is one line naming both files and the item."""
+    seen: dict[tuple[str, str], tuple[str, Path, tuple]] = {}
+    for label, path in files:
+        for key, ident in load_item_identity(path).items():
+            if key not in seen:
+                seen[key] = (label, path, ident)
+                continue
+            first_label, first_path, first = seen[key]
+            for j, what in enumerate(("question", "gold answer")):
+                if first[j] is not None and ident[j] is not None and first[j] != ident[j]:
+                    raise MedpeftError(f"{first_path} and {path}: item {key[0]}/{key[1]} is another {what} in "
+                                       f"{label} than in {first_label}; they were scored on different files "
+                                       "(compare runs evaluated on the same sets)")
 
 
 def stratum_effects(a: dict, b: dict, strata: dict, keys: list[tuple[str, str]], *, min_items: int = MIN_STRATUM_ITEMS,
@@ -281,6 +313,7 @@ def compare_labeled(runs: list[tuple[str, Path]], *, intersect: bool = False, n_
     if len(groups) < 2:
         raise MedpeftError("compare needs at least two runs")
     loaded = {label: [load_predictions(p) for p in paths] for label, paths in groups}
+    check_same_items([(label, p) for label, paths in groups for p in paths])
     scores = {label: _seed_average(label, [s for s, _ in per_seed], intersect) for label, per_seed in loaded.items()}
     calib = {label: {k: tuple(np.mean([c[k] for _, c in per_seed if k in c], axis=0))
                      for k in set.intersection(*(set(c) for _, c in per_seed))}

@@ -498,12 +498,12 @@ def item_strata(rec) -> dict[str, str]:
 def prediction_row(p: Prediction) -> dict:
     rec = p.item.record
     if rec.question_type == SUMMARY:  # per-item ROUGE F (``score``: ROUGE-L, what compare pairs) and the text
-        return {"id": rec.id, "benchmark": p.item.set_name, "score": round(p.scores["rougeL"], 6),
+        return {"id": rec.id, "benchmark": p.item.set_name, "item": rec.digest(), "score": round(p.scores["rougeL"], 6),
                 "rouge": {k: round(v, 6) for k, v in p.scores.items()}, "output": p.text, "gold": rec.answer_text,
                 "specialty": p.item.tags.specialty, "operation": p.item.tags.operation,
                 **({"strata": item_strata(rec)} if item_strata(rec) else {})}
     pred = "".join(sorted(p.pred)) if isinstance(p.pred, frozenset) else p.pred
-    row = {"id": rec.id, "benchmark": p.item.set_name, "pred": pred, "gold": rec.answer_text,
+    row = {"id": rec.id, "benchmark": p.item.set_name, "item": rec.digest(), "pred": pred, "gold": rec.answer_text,
            "correct": bool(p.correct), "specialty": p.item.tags.specialty, "operation": p.item.tags.operation}
     if p.scores is not None:
         row["scores"] = {k: round(v, 5) for k, v in p.scores.items()}

@@ -53,6 +53,16 @@ class QARecord:
         """Gold answer as the training target: sorted letters, e.g. ``"ACD"``."""
         return "".join(sorted(self.answer)) if self.answer else (self.reference or "")
 
+    def digest(self) -> str:
+        """What identifies the item's content in a prediction row (``item``): the first 16 hex
+        digits of sha256 over its question, options, gold letters and reference -- so that
+        comparisons pair equal items, not just equal ids (an id-less file's ids are line numbers)."""
+        import hashlib
+        import json
+
+        content = [self.question, sorted(self.options.items()), sorted(self.answer), self.reference]
+        return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
