@@ -408,6 +408,30 @@ def test_a_truncated_results_file_in_report(tmp_path, capsys):
     fails(capsys, ["report", str(tmp_path / "root")], f"{run / 'eval' / 'results.json'}: not valid JSON")
 
 
+@pytest.mark.parametrize("body", ['{"benchmarks": {"x": {"accuracy": NaN}}, "macro_accuracy": 0.5}',
+                                  '{"benchmarks": {"x": {"accuracy": 0.5}}, "macro_accuracy": NaN}',
+                                  '{"benchmarks": {"x": {"accuracy": 50.0}}, "macro_accuracy": 0.5}'])
+def test_a_results_file_with_impossible_numbers_in_report(tmp_path, capsys, body):
+    """Python's json reads NaN: a hand-edited or foreign results.json with a NaN or a
+    percentage accuracy is refused, not averaged into a table."""
+    run = tmp_path / "root" / "m"
+    (run / "eval").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"method": "lora", "trainable_params": 1, "steps": 1,
+                                                  "train_time_s": 1.0}))
+    (run / "eval" / "results.json").write_text(body)
+    fails(capsys, ["report", str(tmp_path / "root")], f"{run / 'eval' / 'results.json'}: field '")
+
+
+def test_compare_rejects_predictions_whose_correct_contradicts_pred_and_gold(tmp_path, capsys):
+    rows = [{"benchmark": "b", "id": str(i), "pred": p, "gold": "A", "correct": p == "A"}
+            for i, p in enumerate(["A", "B", "A", None])]
+    good = jsonl(tmp_path / "a.jsonl", rows)
+    edited = jsonl(tmp_path / "b.jsonl", rows[:2] + [{**rows[2], "correct": False}] + rows[3:])
+    fails(capsys, ["compare", str(good), str(edited)], f"{edited}: line 3: field 'correct'", "'A'")
+    unparsed = jsonl(tmp_path / "c.jsonl", rows[:3] + [{**rows[3], "correct": True}])  # no answer scored right
+    fails(capsys, ["compare", str(good), str(unparsed)], f"{unparsed}: line 4: field 'correct'")
+
+
 def test_a_truncated_checkpoint_names_the_file(tmp_path, capsys):
     args = _interrupted_run(tmp_path)
     weights = tmp_path / "run" / "checkpoints" / "step-0000002" / "trainable.safetensors"

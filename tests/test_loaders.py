@@ -58,12 +58,18 @@ def test_pubmedqa_native_dict_and_ground_truth(data_dir, tmp_path):
     # the JSONL container of the samples reads the same
     assert [r.answer for r in load_benchmark("pubmedqa", data_dir / "pubmedqa/pqal_nontest.first300.jsonl").records] \
         == [r.answer for r in recs]
-    # test_ground_truth.json selects PMIDs and provides their labels
+    # test_ground_truth.json selects PMIDs and provides their labels (the release's agree with final_decision)
     pmids = list(native)[:5]
     truth = tmp_path / "test_ground_truth.json"
-    truth.write_text(json.dumps({p: "maybe" for p in pmids}))
+    truth.write_text(json.dumps({p: native[p]["final_decision"] for p in pmids}))
     sub = load_benchmark("pubmedqa", ori, ground_truth=truth).records
-    assert [r.id for r in sub] == [f"pubmedqa/{p}" for p in pmids] and all(r.answer == {"C"} for r in sub)
+    assert [r.id for r in sub] == [f"pubmedqa/{p}" for p in pmids]
+    assert [r.answer_text for r in sub] == [r.answer_text for r in recs[:5]]
+    # a ground truth that contradicts the data's own label is a wrong pairing of files: refused
+    other = next(v for v in ("yes", "no", "maybe") if v != native[pmids[2]]["final_decision"])
+    truth.write_text(json.dumps({**{p: native[p]["final_decision"] for p in pmids}, pmids[2]: other}))
+    with pytest.raises(DataError, match=rf"record '{pmids[2]}'.*field 'final_decision'.*ground-truth file says '{other}'"):
+        load_benchmark("pubmedqa", ori, ground_truth=truth)
 
 
 def test_cmb_converted_format(data_dir):

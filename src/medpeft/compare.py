@@ -183,6 +183,11 @@ def load_predictions(path: Path) -> tuple[dict[tuple[str, str], float], dict[tup
                                    f"got {row['score']!r}")
         elif not isinstance(row["correct"], bool):
             raise MedpeftError(f"{path}: line {lineno}: field 'correct': must be true or false, got {row['correct']!r}")
+        elif isinstance(row.get("gold"), str) and "pred" in row and (row["pred"] is None or isinstance(row["pred"], str)) \
+                and row["correct"] != (row["pred"] == row["gold"]):  # medpeft writes correct == (pred == gold)
+            raise MedpeftError(f"{path}: line {lineno}: field 'correct': {str(row['correct']).lower()}, but pred "
+                               f"{row['pred']!r} and gold {row['gold']!r} say otherwise; the file was edited "
+                               "(evaluate again)")
         key = (str(row["benchmark"]), str(row["id"]))
         if key in out:
             raise MedpeftError(f"{path}: line {lineno}: field 'id': duplicate item {key[1]!r} in {key[0]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -230,11 +231,16 @@ def read_result_file(path: Path, fields: tuple[str, ...]) -> dict:
         if not isinstance(data, dict) or field not in data:
             raise MedpeftError(f"{path}: field '{field}': missing; re-run the step that writes it")
         kind = RESULT_FIELDS[field]
-        if isinstance(data[field], bool) or not isinstance(data[field], kind):
+        if isinstance(data[field], bool) or not isinstance(data[field], kind) \
+                or (isinstance(data[field], float) and not math.isfinite(data[field])):  # json reads NaN
             raise MedpeftError(f"{path}: field '{field}': {data[field]!r} is not what medpeft writes there")
     for name, bench in data.get("benchmarks", {}).items() if "benchmarks" in fields else ():
-        if not isinstance(bench, dict) or not isinstance(bench.get("score", bench.get("accuracy")), (int, float)):
-            raise MedpeftError(f"{path}: field 'benchmarks.{name}': expected an accuracy or a score")
+        value = bench.get("score", bench.get("accuracy")) if isinstance(bench, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
+            raise MedpeftError(f"{path}: field 'benchmarks.{name}': expected an accuracy or a score in [0, 1], "
+                               f"got {value!r}")
+    if "macro_accuracy" in fields and not 0 <= data["macro_accuracy"] <= 1:
+        raise MedpeftError(f"{path}: field 'macro_accuracy': {data['macro_accuracy']!r} is not in [0, 1]")
     return data
 
 

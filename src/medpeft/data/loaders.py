@@ -243,6 +243,10 @@ def _parse_pubmedqa(ctx: _Ctx, row: dict) -> QARecord | None:
     inverse = {v: k for k, v in PUBMEDQA_OPTIONS.items()}
     if label not in inverse:
         raise ctx.error("final_decision", f"{label!r} is not yes/no/maybe")
+    inline = row.get("final_decision")
+    if truth is not None and isinstance(inline, str) and inline.strip() and inline.strip().lower() != label:
+        # as with CMB's answer key: a file that contradicts its own labels is a wrong pairing, not a choice
+        raise ctx.error("final_decision", f"{inline.strip()!r} here, but the ground-truth file says {label!r}")
     contexts = row.get("CONTEXTS")
     if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
         raise ctx.error("CONTEXTS", "expected a non-empty list of abstract sections (text)"
