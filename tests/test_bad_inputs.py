@@ -720,3 +720,18 @@ def test_eval_out_inside_another_run_is_refused(tmp_path, capsys):
     fails(capsys, ["audit", str(a), "--out", str(b)], str(b.resolve()))
     assert main(["eval", str(a), "--out", str(a / "eval-again")]) == 0
     assert (a / "eval-again" / "results.json").is_file()
+
+
+def test_tag_reads_the_encoding_and_ground_truth_its_errors_point_to(tmp_path, capsys):
+    """The undecodable-file message tells ``medpeft tag`` users to pass --encoding, which exists
+    and reads the file; --ground-truth selects and labels PubMedQA's test PMIDs as in a config."""
+    f = tmp_path / "gbk.csv"
+    f.write_bytes("Question,Options,Answer\n".encode() + "问题,A 甲\\nB 乙,A\n".encode("gbk"))
+    fails(capsys, tag(f, "cmexam"), f"{f}: line 2", "--encoding")
+    assert main(tag(f, "cmexam", "--encoding", "gbk")) == 0
+    assert len((tmp_path / "tags.jsonl").read_text().splitlines()) == 1
+    data = _pubmedqa(tmp_path, "{" + GOOD_PMID.format(pmid=1) + ", " + GOOD_PMID.format(pmid=2) + "}")
+    truth = tmp_path / "test_ground_truth.json"
+    truth.write_text(json.dumps({"2": json.loads("{" + GOOD_PMID.format(pmid=2) + "}")["2"]["final_decision"]}))
+    assert main(tag(data, "pubmedqa", "--ground-truth", str(truth))) == 0
+    assert [json.loads(r)["id"] for r in (tmp_path / "tags.jsonl").read_text().splitlines()] == ["pubmedqa/2"]

@@ -164,8 +164,8 @@ def cmd_tag(args) -> int:
     if args.out and args.out != "-" and Path(args.out).resolve() == Path(args.file).resolve():
         raise MedpeftError(f"--out {args.out!r} is the input file; the tags would overwrite the data")
     tagger = TextTagger.load(args.tagger) if args.tagger else None
-    result = load_benchmark(args.benchmark, args.file, skip_invalid=args.skip_invalid,
-                            answer_file=args.answer_file, cop_base=args.cop_base)
+    result = load_benchmark(args.benchmark, args.file, skip_invalid=args.skip_invalid, encoding=args.encoding,
+                            answer_file=args.answer_file, ground_truth=args.ground_truth, cop_base=args.cop_base)
     rows = [tag_record(r, text_only=args.text_only, tagger=tagger).to_json(r.id) for r in result.records]
     if tagger is not None:
         seen = tagger.trained_on(result.records)
@@ -498,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records and report them")
     p.add_argument("--answer-file", help="CMB answer-key file")
     p.add_argument("--cop-base", type=int, default=1, choices=(0, 1), help="MedMCQA cop indexing (1 = original)")
+    p.add_argument("--ground-truth", help="PubMedQA test_ground_truth.json (keeps its PMIDs, labelled from it)")
+    p.add_argument("--encoding", default="utf-8", help="the file's text encoding, e.g. gbk (default utf-8)")
     p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("tagger", help="learned text-only taggers (docs/tags.md)")

@@ -72,7 +72,7 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         raise DataError(
             path, f"line {line}", None,
             f"cannot decode byte {err.start} as {encoding} ({err.reason}); "
-            "re-save the file as UTF-8 or set the source's 'encoding'",
+            "re-save the file as UTF-8 or give its encoding (the source's 'encoding'; medpeft tag: --encoding)",
         ) from None
 
 
