@@ -132,3 +132,23 @@ def test_compare_refuses_items_paired_by_id_that_are_other_questions(tmp_path, c
     write_preds(tmp_path / "old-b.jsonl", [{"id": "1", "benchmark": "x", "gold": "C", "correct": False}])
     with pytest.raises(MedpeftError, match="x/1 is another gold answer in old-b than in old-a"):
         compare_runs([tmp_path / "old-a.jsonl", tmp_path / "old-b.jsonl"])
+
+
+def test_runs_of_one_name_in_different_folders_get_distinct_labels(tmp_path):
+    """``compare a/lora b/lora`` (and two suites with one method name) labels them by their parent
+    folders instead of refusing; one method's seeds still share their label."""
+    rows = lambda flip: [{"id": str(i), "benchmark": "x", "correct": (i % 3 == 0) != flip} for i in range(30)]  # noqa: E731
+    write_preds(tmp_path / "a" / "lora" / "eval" / "predictions.jsonl", rows(False))
+    write_preds(tmp_path / "b" / "lora" / "eval" / "predictions.jsonl", rows(True))
+    (pair,) = compare_runs([tmp_path / "a" / "lora", tmp_path / "b" / "lora"], n_resamples=100)
+    assert (pair["a"], pair["b"]) == ("a/lora", "b/lora") and pair["losses"] == 20
+    for suite in ("s1", "s2"):
+        for seed in (0, 1):
+            write_preds(tmp_path / suite / "lora" / f"seed-{seed}" / "eval" / "predictions.jsonl", rows(suite == "s2"))
+    (pair,) = compare_runs([tmp_path / "s1", tmp_path / "s2"], n_resamples=100)
+    assert (pair["a"], pair["b"], pair["seeds_a"], pair["seeds_b"]) == ("s1/lora", "s2/lora", 2, 2)
+    deep = [tmp_path / "x" / "same" / "lora", tmp_path / "y" / "same" / "lora"]  # the parent alone does not tell
+    for folder in deep:
+        write_preds(folder / "eval" / "predictions.jsonl", rows(False))
+    (pair,) = compare_runs(deep, n_resamples=100)
+    assert (pair["a"], pair["b"]) == ("x/same/lora", "y/same/lora")

@@ -275,6 +275,35 @@ def protocol_predictions(path: Path) -> list[tuple[str, Path]]:
         [(_file_label(p), p) for p in extra]
 
 
+def _unit(path: Path) -> Path:
+    """What one label stands for: a method's folder of seeds, a run folder, or a file."""
+    if path.parent.name == "eval":
+        run = path.parent.parent
+        return run.parent if run.name.startswith("seed-") else run
+    return path
+
+
+def distinct_labels(runs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """Labels that name one input each: where two inputs share a label (``a/lora`` and
+    ``b/lora``), each is prefixed with as many of its parent folders as tell them apart
+    (``a/lora``, ``b/lora``); the seeds of one method keep their shared label."""
+    units: dict[str, set[Path]] = {}
+    for label, path in runs:
+        units.setdefault(label, set()).add(_unit(Path(path)).resolve())
+    out = []
+    for label, path in runs:
+        unit = _unit(Path(path)).resolve()
+        if len(units[label]) > 1:
+            others = units[label]
+            for depth in range(1, len(unit.parts)):
+                prefix = lambda u: "/".join(u.parts[-1 - depth:-1])  # noqa: E731
+                if len({prefix(u) for u in others}) == len(others):
+                    label = f"{prefix(unit)}/{label}"
+                    break
+        out.append((label, path))
+    return out
+
+
 def _grouped(runs: list[tuple[str, Path]]) -> list[tuple[str, list[Path]]]:
     """(label, files): the training seeds of one method (``<label>/seed-<s>/eval/...``) under one
     label; any other label appearing twice is an error."""
@@ -306,7 +335,7 @@ def compare_runs(paths: list[Path], *, intersect: bool = False, n_resamples: int
     if len(paths) == 1 and protocol_predictions(paths[0]):
         return compare_labeled(protocol_predictions(paths[0]), intersect=True, n_resamples=n_resamples, seed=seed,
                                min_stratum_items=min_stratum_items)
-    return compare_labeled([item for p in paths for item in find_predictions(p)], intersect=intersect,
+    return compare_labeled(distinct_labels([item for p in paths for item in find_predictions(p)]), intersect=intersect,
                            n_resamples=n_resamples, seed=seed, min_stratum_items=min_stratum_items)
 
 
