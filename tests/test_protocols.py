@@ -318,6 +318,17 @@ def test_results_record_protocol_hash_revision_and_failures(tmp_path):
     across = {(p["a"], p["b"]): p for p in compare_runs([out])}
     assert set(across) == {("ev", "ev:cot"), ("ev", "ev:lm-eval"), ("ev:cot", "ev:lm-eval")}
     assert across[("ev", "ev:lm-eval")]["macro_delta"] == pytest.approx(pairs[0]["macro_delta"])
+    # evaluated again into the same folder with one protocol and one set: the dropped protocol's
+    # folder and the dropped sets' plots go (compare would otherwise pair stale predictions)
+    plots = sorted(p.name for p in out.glob("reliability-*.png"))
+    assert plots == ["reliability-cmexam-examples.png", "reliability-medmcqa-examples.png",
+                     "reliability-medqa-examples.png"]
+    assert main(["eval", "tiny", "--config", "quickstart", "--out", str(out), "eval.extra_protocols=[lm-eval]",
+                 "eval.benchmarks=[{benchmark: medqa, name: medqa-examples, path: 'pkg:medqa_dev.jsonl'}]"]) == 0
+    assert sorted(p.name for p in out.glob("protocol-*")) == ["protocol-lm-eval"]
+    assert sorted(p.name for p in out.glob("reliability-*.png")) == ["reliability-medqa-examples.png"]
+    assert set(json.loads((out / "protocol-lm-eval" / "results.json").read_text())["benchmarks"]) == {"medqa-examples"}
+    assert [(p["a"], p["b"]) for p in compare_runs([out])] == [("ev", "ev:lm-eval")]
 
 
 def test_a_protocol_that_defines_no_task_for_a_set_is_refused_before_loading(tmp_path, capsys):

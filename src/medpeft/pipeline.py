@@ -313,7 +313,36 @@ def _evaluate(cfg: RunConfig, evaluator: Evaluator, eval_sets: dict, run_dir: Pa
                                                    protocols)
     if processes().is_main and (extra or cfg.eval.permute_options != "none"):
         write_json(Path(out) / "results.json", results)  # with the extra protocols and robustness
+    if processes().is_main:
+        remove_stale_outputs(Path(out), results)
     return results
+
+
+def remove_stale_outputs(out: Path, results: dict) -> None:
+    """Outputs an earlier evaluation into ``out`` wrote and this one did not (a protocol folder,
+    a set's reliability plot, robustness or perturbation numbers): left there, ``compare RUN``
+    would pair a dropped protocol's old predictions and a reader would take old plots for new."""
+    import shutil
+
+    kept_protocols = {f"protocol-{name}" for name in results.get("extra_protocols", {})}
+    for folder in out.glob("protocol-*"):
+        if folder.is_dir() and folder.name not in kept_protocols and (folder / "results.json").is_file():
+            shutil.rmtree(folder)
+    for folder in [out, *(out / name for name in kept_protocols)]:
+        plotted = {f"reliability-{safe_name(name)}.png" for name, bench in read_sets(folder).items()
+                   if bench.get("calibration", {}).get("n")}
+        for plot in folder.glob("reliability-*.png"):
+            if plot.name not in plotted:
+                plot.unlink()
+    for name, key in (("robustness.json", "robustness"), ("perturbation.json", "perturbation")):
+        if key not in results and (out / name).is_file():
+            (out / name).unlink()
+
+
+def read_sets(folder: Path) -> dict:
+    """The ``benchmarks`` of the results.json in ``folder`` ({} when there is none)."""
+    path = folder / "results.json"
+    return read_result_file(path, ("benchmarks",))["benchmarks"] if path.is_file() else {}
 
 
 def write_reliability_plots(results: dict, out: Path) -> None:
