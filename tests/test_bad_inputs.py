@@ -526,8 +526,10 @@ def test_a_finished_run_is_not_reused_after_its_data_files_change(tmp_path, caps
     capsys.readouterr()
     fails(capsys, args + ["--resume"], str(run), "trained on other data", str(train))
     assert {f: f.read_bytes() for f in run.rglob("*.safetensors")} == adapter
-    train.write_bytes(original)  # the same file again: reused
+    train.write_bytes(original)  # the same file again: reused, and said so
     assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "reused run (" in err and "trained run (" not in err, err
 
 
 def test_report_refuses_runs_scored_on_different_sets(tmp_path, capsys):

@@ -467,6 +467,7 @@ def run_one_cell(cfg: RunConfig, variant: RunConfig, *, resume: bool = False, fo
     """Train then evaluate one run config (a finished one reused with ``resume``)."""
     run_dir = Path(variant.output_dir)
     with run_lock(run_dir):
+        reused = resume and (run_dir / "summary.json").is_file()  # run_train reuses it, or refuses another config
         summary = run_train(variant, resume=resume, force_resume=force_resume)
         done = run_dir / "eval" / "results.json"
         results = read_result_file(done, ("benchmarks", "macro_accuracy")) if resume and done.exists() else None
@@ -478,7 +479,8 @@ def run_one_cell(cfg: RunConfig, variant: RunConfig, *, resume: bool = False, fo
         if results is None:
             results = run_eval(variant, run_dir=run_dir)
     if processes().is_main:
-        print(f"trained {cell_label(cfg, variant)} ({summary['method']}): {summary['trainable_params']:,} trainable "
+        print(f"{'reused' if reused else 'trained'} {cell_label(cfg, variant)} ({summary['method']}): "
+              f"{summary['trainable_params']:,} trainable "
               f"parameters, {summary['steps']} steps, {summary['train_time_s']:.1f}s", file=sys.stderr)
     return results
 
