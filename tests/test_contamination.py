@@ -44,7 +44,8 @@ def test_planted_paraphrases_are_found_and_clean_accuracy_recomputed(tmp_path, d
     eval_dir.mkdir(parents=True)  # an evaluated run below output_dir: every item correct except the planted ones
     ids = [r.id for r in load_benchmark("medqa", EXAMPLES / "medqa_dev.jsonl").records]
     eval_dir.joinpath("predictions.jsonl").write_text("".join(
-        json.dumps({"id": i, "benchmark": "medqa-examples", "pred": "A", "gold": "A", "correct": k in planted}) + "\n"
+        json.dumps({"id": i, "benchmark": "medqa-examples", "pred": "A" if k in planted else "B", "gold": "A",
+                    "correct": k in planted}) + "\n"
         for k, i in enumerate(ids)))
     (out / "summary.json").write_text("{}")
     config = tmp_path / "c.yaml"
