@@ -42,7 +42,7 @@ def test_plan_command_reads_a_pilot_and_refuses_impossible_inputs(tmp_path, caps
     b = rng.random(400) < 0.6
     a = np.where(rng.random(400) < 0.15, ~b, b)
     for name, flags in (("a", a), ("b", b)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": str(i), "benchmark": "x", "pred": "A",
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": str(i), "benchmark": "x", "pred": "AB"[not c],
                                                                     "gold": "A", "correct": bool(c)}) + "\n"
                                                         for i, c in enumerate(flags)))
     assert main(["plan", "--pilot", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--simulations", "60",

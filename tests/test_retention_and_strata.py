@@ -72,10 +72,10 @@ def test_per_stratum_effects_find_the_planted_one_and_control_false_discoveries(
         for i in range(n):
             base = rng.random() < 0.4
             better = base or rng.random() < effect
-            common = {"id": f"{specialty}/{i}", "benchmark": "set", "pred": "A", "gold": "A",
+            common = {"id": f"{specialty}/{i}", "benchmark": "set", "gold": "A",
                       "specialty": specialty, "operation": "diagnosis", "strata": {"Difficulty Level": "hard"}}
-            rows_a.append({**common, "correct": bool(better)})
-            rows_b.append({**common, "correct": bool(base)})
+            rows_a.append({**common, "pred": "AB"[not better], "correct": bool(better)})
+            rows_b.append({**common, "pred": "AB"[not base], "correct": bool(base)})
     for name, rows in (("a", rows_a), ("b", rows_b)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (pair,) = compare_runs([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], n_resamples=2000)

@@ -79,7 +79,8 @@ def test_compare_groups_seed_runs_and_reports_both_intervals(tmp_path):
         for s in range(3):
             folder = tmp_path / label / f"seed-{s}" / "eval"
             folder.mkdir(parents=True)
-            rows = [{"id": f"{name}/{i}", "benchmark": name, "pred": "A", "gold": "A", "correct": bool(data[name][s, i])}
+            rows = [{"id": f"{name}/{i}", "benchmark": name, "pred": "AB"[not data[name][s, i]], "gold": "A",
+                     "correct": bool(data[name][s, i])}
                     for name in data for i in range(data[name].shape[1])]
             (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (pair,) = compare_runs([tmp_path], n_resamples=2000)
